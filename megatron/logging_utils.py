@@ -1,0 +1,62 @@
+"""Megatron's log line grammar (``key: value |``) and TensorBoard scalars with Megatron's names."""
+from __future__ import annotations
+
+import datetime
+import math
+import sys
+
+
+def print_rank0(ps, *args, **kwargs) -> None:
+    if ps is None or ps.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def iteration_line(iteration: int, train_iters: int, fields: list[tuple[str, str]]) -> str:
+    head = f" iteration {iteration:8d}/{train_iters:8d} |"
+    return head + "".join(f" {k}: {v} |" for k, v in fields)
+
+
+def validation_line(iteration: int, split: str, values: dict) -> str:
+    label = "validation" if split == "valid" else "test"
+    body = f" {label} loss at iteration {iteration} |"
+    for k, v in values.items():
+        body += f" {k} value: {v:.6E} |"
+        if k == "lm loss":
+            body += f" {k} PPL: {math.exp(min(v, 20)):.6E} |"
+    return body
+
+
+class TensorBoard:
+    """A SummaryWriter on rank 0 only (no-op elsewhere or without --tensorboard-dir)."""
+
+    def __init__(self, log_dir, ps):
+        self.writer = None
+        if log_dir and ps.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # pragma: no cover
+                print("WARNING: tensorboard is not installed; --tensorboard-dir ignored", file=sys.stderr)
+                return
+            self.writer = SummaryWriter(log_dir=log_dir, max_queue=1000)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def histogram(self, name: str, values, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(name, values, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

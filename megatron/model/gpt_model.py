@@ -1,0 +1,93 @@
+"""GPT model: learned positions, pre-LN transformer, tied input/output embeddings, MoE per layer.
+
+Shapes: B batch, T sequence, H hidden, V padded vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megatron.model.fused import layer_norm
+from megatron.model.moe.experts import init_std_for_output
+from megatron.model.moe.layer import MoELayer
+from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg, ep_rank: int = 0, ep_size: int = 1):
+        """``cfg``: ModelConfig. ``ep_rank/ep_size`` say which experts this rank holds (layout only)."""
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, H)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H)
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        layers = []
+        for i, num_experts in enumerate(cfg.moe.experts_per_layer(cfg.num_layers)):
+            if num_experts > 1:
+                mlp = MoELayer(cfg.moe, H, cfg.ffn_hidden_size, num_experts, layer_number=i,
+                               ep_rank=ep_rank, ep_size=ep_size,
+                               dense_mlp_factory=lambda: MLP(H, cfg.ffn_hidden_size))
+            else:
+                mlp = DenseMLPBlock(H, cfg.ffn_hidden_size)
+            layers.append(TransformerLayer(cfg, i, mlp))
+        self.layers = nn.ModuleList(layers)
+        self.final_layernorm = layer_norm(H, cfg.layernorm_epsilon)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Megatron init: N(0, std) weights, output layers N(0, std / sqrt(2 L)), zero biases, unit norms.
+
+        Dense parameters draw from one generator in a fixed order; experts from their own
+        generators, so initial weights are the same under any expert-parallel layout.
+        """
+        std = self.cfg.init_method_std
+        out_std = init_std_for_output(std, self.cfg.num_layers)
+        g = torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "FusedLayerNorm":
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.copy_(torch.empty_like(module.weight).normal_(0.0, std, generator=g))
+            elif isinstance(module, nn.Linear):
+                s = out_std if getattr(module, "is_output_layer", False) else std
+                module.weight.copy_(torch.empty_like(module.weight).normal_(0.0, s, generator=g))
+                if module.bias is not None:
+                    module.bias.zero_()
+        for layer in self.moe_layers():
+            layer.experts.init_weights(seed, layer.layer_number, std, out_std)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None, position_ids=None,
+                token_mask: Optional[torch.Tensor] = None, kv_caches: Optional[list] = None, position_offset: int = 0):
+        """tokens [B, T] -> (logits [B, T, V] or, with labels, per-token loss [B, T] fp32; moe stats list).
+
+        ``token_mask`` [B, T] bool marks real tokens: padding is kept out of MoE routing and capacity.
+        """
+        B, T = tokens.shape
+        if position_ids is None:
+            position_ids = torch.arange(position_offset, position_offset + T, device=tokens.device)[None, :]
+        h = self.word_embeddings(tokens) + self.position_embeddings(position_ids)  # [B, T, H]
+        h = self.embedding_dropout(h)
+        stats = []
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
+                h, s = checkpoint(layer, h, token_mask, cache, use_reentrant=False)
+            else:
+                h, s = layer(h, token_mask, cache)
+            if s is not None:
+                stats.append(s)
+        h = self.final_layernorm(h)
+        logits = F.linear(h, self.word_embeddings.weight)  # [B, T, V] (tied output layer)
+        if labels is None:
+            return logits, stats
+        loss = F.cross_entropy(logits.float().view(B * T, -1), labels.reshape(-1), reduction="none").view(B, T)
+        return loss, stats

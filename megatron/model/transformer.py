@@ -1,0 +1,79 @@
+"""GPT-3 style transformer layer: pre-LayerNorm, causal SDPA attention, GeLU MLP (or MoE).
+
+Shapes: B batch, T sequence, H hidden, nh heads, hd head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron.model.fused import layer_norm
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.proj.is_output_layer = True
+        self.attention_dropout = attention_dropout
+
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        # x: [B, T, H]; kv_cache: optional dict holding "k", "v" [B, nh, T_past, hd] (updated in place)
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, T, hd]
+        causal = True
+        if kv_cache is not None:
+            if "k" in kv_cache:
+                k = torch.cat([kv_cache["k"], k], dim=2)  # [B, nh, T_past + T, hd]
+                v = torch.cat([kv_cache["v"], v], dim=2)
+            kv_cache["k"], kv_cache["v"] = k, v
+            causal = k.shape[2] == T  # new tokens attend to all cached ones
+            if not causal and T > 1:
+                raise NotImplementedError("multi-token append to a non-empty KV cache")
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0,
+                                           is_causal=causal)  # [B, nh, T, hd]
+        return self.proj(y.transpose(1, 2).reshape(B, T, H))  # [B, T, H]
+
+
+class MLP(nn.Module):
+    """Dense GeLU MLP H -> F -> H. Returns (output, None) like the MoE layer returns (output, stats)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+        self.fc2.is_output_layer = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DenseMLPBlock(nn.Module):
+    """The MLP slot of a dense layer: same (output, stats) interface as :class:`MoELayer`."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.mlp = MLP(hidden_size, ffn_hidden_size)
+
+    def forward(self, x: torch.Tensor, token_mask=None):
+        return self.mlp(x), None
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg, layer_number: int, mlp: nn.Module):
+        super().__init__()
+        self.layer_number = layer_number
+        self.input_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.attention = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout)
+        self.post_attention_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.mlp = mlp  # DenseMLPBlock or MoELayer: forward(x, token_mask) -> (y, stats | None)
+        self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, token_mask=None, kv_cache=None):
+        # x: [B, T, H] -> ([B, T, H], moe stats or None)
+        x = x + self.hidden_dropout(self.attention(self.input_layernorm(x), kv_cache))
+        y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
+        return x + self.hidden_dropout(y), stats

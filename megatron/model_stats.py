@@ -1,0 +1,85 @@
+"""Parameter counts (total / active per token / expert) and FLOPs per token from a ModelConfig.
+
+Computed analytically from the config (so the counts hold for any EP layout and for models too
+big to build), and checked against a built model in the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParamCounts:
+    total: int
+    active: int  # parameters a token passes through (top-k experts per MoE layer)
+    expert: int  # all expert parameters
+    embedding: int
+
+    @property
+    def dense(self) -> int:
+        return self.total - self.expert
+
+
+def count_parameters(cfg) -> ParamCounts:
+    H, F, V, P, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.max_position_embeddings, cfg.num_layers
+    ln = 2 * H
+    attn = 3 * H * H + 3 * H + H * H + H
+    mlp = H * F + F + F * H + H
+    embedding = V * H + P * H
+    total = embedding + ln  # final layernorm
+    active = embedding + ln
+    expert = 0
+    for e in cfg.moe.experts_per_layer(L):
+        base = 2 * ln + attn
+        if e <= 1:
+            total += base + mlp
+            active += base + mlp
+            continue
+        router = H * e
+        layer_expert = e * mlp
+        residual = (mlp + 2 * H + 2) if cfg.moe.mlp_type == "residual" else 0
+        total += base + router + layer_expert + residual
+        active += base + router + min(cfg.moe.topk, e) * mlp + residual
+        expert += layer_expert
+    return ParamCounts(total=total, active=active, expert=expert, embedding=embedding)
+
+
+def flops_per_token(cfg, training: bool = True) -> float:
+    """Model FLOPs per token: 2 x active matmul params (+ output layer) + attention scores, x3 for training."""
+    counts = count_parameters(cfg)
+    matmul_params = counts.active - counts.embedding + cfg.vocab_size * cfg.hidden_size
+    attention = 2 * 2 * cfg.num_layers * cfg.seq_length * cfg.hidden_size  # QK^T and AV, causal not discounted
+    fwd = 2 * matmul_params + attention
+    return 3.0 * fwd if training else float(fwd)
+
+
+KNOWN_PEAK_TFLOPS = {  # dense bf16/fp16 tensor-core peak per GPU
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "V100": 125.0, "L40": 181.0,
+}
+
+
+def device_peak_tflops(device, dtype) -> float | None:
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, val in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return val if dtype in (torch.bfloat16, torch.float16) else val / 2  # TF32 ~ half
+        return None
+    return measure_matmul_tflops(dtype)
+
+
+def measure_matmul_tflops(dtype, n: int = 512, reps: int = 8) -> float:
+    """Achievable matmul TFLOP/s of this CPU (a stand-in for the peak in the MFU estimate)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    dt = time.perf_counter() - t0
+    return 2 * n**3 * reps / dt / 1e12

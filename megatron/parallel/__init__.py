@@ -1,0 +1,1 @@
+"""All communication lives here: expert all-to-all, gradient reduction, gradient norm."""

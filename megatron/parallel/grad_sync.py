@@ -1,0 +1,103 @@
+"""Gradient reduction and the global gradient norm for dense + expert parameters.
+
+Dense grads: all-reduce over DP, divided by DP. Expert grads: all-reduce over EDP (ranks holding
+the same experts), divided by the full DP size (the all-to-all already summed the EP group's
+contributions). The norm counts every parameter exactly once across all ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megatron.optimizer import is_expert
+
+BUCKET_BYTES = 32 * 1024 * 1024
+
+
+def split_params(model: torch.nn.Module):
+    dense, expert = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (expert if is_expert(p) else dense).append(p)
+    return dense, expert
+
+
+def _ensure_grads(params):
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def _allreduce_bucketed(grads, group, scale: float) -> None:
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= BUCKET_BYTES):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            flat.mul_(scale)
+            for t, s in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(s)
+            bucket, size = [], 0
+
+
+def allreduce_gradients(model: torch.nn.Module, ps) -> None:
+    dense, expert = split_params(model)
+    _ensure_grads(dense + expert)
+    if not ps.distributed:
+        return
+    _allreduce_bucketed([p.grad for p in dense], ps.dp_group, 1.0 / ps.dp_size)
+    if expert:
+        if ps.edp_size > 1:
+            _allreduce_bucketed([p.grad for p in expert], ps.edp_group, 1.0 / ps.dp_size)
+        elif ps.dp_size > 1:
+            for p in expert:
+                p.grad.mul_(1.0 / ps.dp_size)
+
+
+def global_grad_norm(model: torch.nn.Module, ps) -> float:
+    """sqrt(sum over dense params once + every expert once across the EP group)."""
+    dense, expert = split_params(model)
+    dev = dense[0].device if dense else torch.device("cpu")
+    dense_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for p in dense:
+        if p.grad is not None:
+            dense_sq += p.grad.detach().double().square().sum()
+    expert_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for p in expert:
+        if p.grad is not None:
+            expert_sq += p.grad.detach().double().square().sum()
+    if ps.distributed and ps.ep_size > 1:
+        dist.all_reduce(expert_sq, group=ps.ep_group)
+    return float((dense_sq + expert_sq).sqrt())
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float, total_norm: float) -> None:
+    if max_norm > 0 and total_norm > max_norm:
+        coef = max_norm / (total_norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
+def scale_gradients(model: torch.nn.Module, factor: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def all_reduce_sum(t: torch.Tensor, ps, group=None) -> torch.Tensor:
+    if ps.distributed:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def any_rank(flag: bool, ps) -> bool:
+    if not ps.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ps.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,92 @@
+"""Process groups for data (DP), expert (EP) and expert-data (EDP) parallelism in one object.
+
+Built once in ``initialize`` and passed explicitly; no module reads global process groups.
+EP groups are consecutive blocks of ``ep`` ranks; EDP groups hold the ranks with the same EP rank.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelState:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    dp_size: int = 1
+    dp_rank: int = 0
+    dp_group: Optional[Any] = None
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Optional[Any] = None
+    edp_size: int = 1
+    edp_rank: int = 0
+    edp_group: Optional[Any] = None
+    tp_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def choose_device(use_cpu: bool, local_rank: int) -> torch.device:
+    if not use_cpu and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device, backend_groups=True) -> ParallelState:
+    """Create the EP and EDP groups (every rank calls new_group for every group, in one order)."""
+    ps = ParallelState(rank=rank, world_size=world_size, device=device, dp_size=world_size, dp_rank=rank,
+                       ep_size=ep_size, ep_rank=rank % ep_size, edp_size=world_size // ep_size, edp_rank=rank // ep_size)
+    if world_size == 1:
+        return ps
+    ps.dp_group = dist.group.WORLD
+    for start in range(0, world_size, ep_size):
+        ranks = list(range(start, start + ep_size))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            ps.ep_group = g
+    for j in range(ep_size):
+        ranks = list(range(j, world_size, ep_size))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            ps.edp_group = g
+    return ps
+
+
+def initialize(parallel_cfg, ep_size: int) -> ParallelState:
+    """Start torch.distributed from torchrun's environment (or run as one process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = choose_device(parallel_cfg.use_cpu, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = parallel_cfg.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=30), **kwargs)
+    ps = build_groups(rank, world_size, ep_size, device)
+    ps.local_rank = local_rank
+    return ps
+
+
+def destroy(ps: ParallelState) -> None:
+    if ps.distributed and dist.is_initialized():
+        dist.destroy_process_group()
