@@ -131,17 +131,25 @@ def main(argv=None) -> int:
     else:
         _init_worker(args)
         pool, results = None, map(_encode, docs)
-    for encoded, nbytes in results:
-        for key, ids in encoded.items():
-            if ids:
-                builders[key].add_document(ids)
-                total_tokens += len(ids)
-        n_docs += 1
-        total_bytes += nbytes
-        if not args.quiet and n_docs % args.log_interval == 0:
-            dt = time.time() - t0
-            print(f"\rprocessed {n_docs} documents | {total_bytes / 1e6:.1f} MB | {total_bytes / 1e6 / dt:.2f} MB/s | "
-                  f"{total_tokens / dt:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
+    try:
+        for encoded, nbytes in results:
+            for key, ids in encoded.items():
+                if ids:
+                    builders[key].add_document(ids)
+                    total_tokens += len(ids)
+            n_docs += 1
+            total_bytes += nbytes
+            if not args.quiet and n_docs % args.log_interval == 0:
+                dt = time.time() - t0
+                print(f"\rprocessed {n_docs} documents | {total_bytes / 1e6:.1f} MB | {total_bytes / 1e6 / dt:.2f} MB/s | "
+                      f"{total_tokens / dt:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for b in builders.values():
+            b.abort()
+        raise
     if pool is not None:
         pool.close()
         pool.join()

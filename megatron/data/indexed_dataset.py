@@ -59,6 +59,12 @@ class IndexedDatasetBuilder:
         self.sizes.extend(lengths)
         self.doc_idx.append(len(self.sizes))
 
+    def abort(self) -> None:
+        """Drop the partial output (nothing at the final path is touched)."""
+        self._bin.close()
+        if os.path.exists(self._tmp_bin):
+            os.remove(self._tmp_bin)
+
     def finalize(self) -> None:
         self._bin.close()
         sizes = np.asarray(self.sizes, dtype=np.int32)
