@@ -1,0 +1,19 @@
+"""Timing helpers: interleaved repeats so that noisy machines affect all contenders alike."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def interleaved_median(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Run each callable ``warmup`` times, then ``repeats`` rounds of all of them; median seconds each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
