@@ -14,7 +14,8 @@ import torch
 
 from megatron.data.builder import build_datasets
 from megatron.model.gpt_model import GPTModel
-from megatron.training import pretrain, run_main
+from megatron.errors import run_cli
+from megatron.training import pretrain
 
 
 def model_provider(cfg, ps):
@@ -65,4 +66,4 @@ def main(argv=None, cfg=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(lambda: main() is None)  # exit status 0 once training returns its summary

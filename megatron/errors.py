@@ -14,3 +14,18 @@ def check(condition: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise UserError(message)
+
+
+def run_cli(main) -> None:
+    """Run an entry point: a UserError becomes ``error: <message>`` on stderr and exit status 2."""
+    import os
+    import sys
+
+    try:
+        code = main()
+    except UserError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        sys.exit(UserError.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

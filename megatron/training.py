@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -401,14 +399,3 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
             save(iteration, consumed)
     tb.close()
     return result
-
-
-def run_main(fn) -> None:
-    """Run an entry point: a UserError becomes one line on stderr and exit status 2."""
-    try:
-        fn()
-    except UserError as e:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)

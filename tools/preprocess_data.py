@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype  # noqa: E402
-from megatron.errors import UserError  # noqa: E402
+from megatron.errors import UserError, run_cli  # noqa: E402
 from megatron.tokenizer import build_tokenizer  # noqa: E402
 
 _TOKENIZER = None
@@ -164,8 +164,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

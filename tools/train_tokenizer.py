@@ -14,7 +14,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.errors import UserError  # noqa: E402
+from megatron.errors import UserError, run_cli  # noqa: E402
 from megatron.tokenizer.sentencepiece_tokenizer import train_sentencepiece  # noqa: E402
 
 
@@ -51,8 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
