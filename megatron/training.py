@@ -389,7 +389,8 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
             return {"iteration": iteration, "losses": history, "valid": last_valid, "exit": exit_reason}
 
     train_time = time.time() - train_t0
-    result = {"iteration": iteration, "losses": history, "train_time": train_time}
+    result = {"iteration": iteration, "losses": history, "train_time": train_time, "skipped": skipped_total,
+              "loss_scale": scaler.scale}
     if valid_ds is not None and cfg.train.eval_iters > 0:
         result["valid"] = run_eval(iteration, "valid", valid_ds)
     if test_ds is not None and cfg.train.eval_iters > 0:
