@@ -227,7 +227,7 @@ def namespace_to_config(a: argparse.Namespace) -> Config:
             no_load_rng=a.no_load_rng, finetune=a.finetune, reset_iteration=a.reset_iteration,
             no_save_optim=a.no_save_optim,
         ),
-        logging=LoggingConfig(tensorboard_dir=a.tensorboard_dir, log_interval=a.log_interval, peak_tflops=a.peak_tflops),
+        logging=LoggingConfig(tensorboard_dir=a.tensorboard_dir, peak_tflops=a.peak_tflops),
     )
     if a.mock_data and not a.vocab_size and cfg.data.tokenizer_type == "NullTokenizer":
         raise UserError("--mock-data needs --vocab-size (or a real tokenizer via --tokenizer-type)")

@@ -88,14 +88,10 @@ def _tuplify(x):
 
 
 def _expert_modules(model):
-    """(MoE layer index, StackedExperts module, its qualified name) for every MoE layer."""
+    """(MoE layer index, StackedExperts module) for every MoE layer."""
     from megatron.model.moe.layer import MoELayer
 
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, MoELayer):
-            out.append((m.layer_number, m.experts, name + ".experts"))
-    return out
+    return [(m.layer_number, m.experts) for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def _optimizer_state_by_param(optimizer):
@@ -129,7 +125,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **extra}
         _save(common, os.path.join(tmp, "common.pt"))
     if ps.edp_rank == 0:  # one replica of each expert writes it
-        for layer, experts, qual in _expert_modules(model):
+        for layer, experts in _expert_modules(model):
             for i in range(experts.num_local):
                 g = experts.first_expert + i
                 blob = {}
@@ -211,7 +207,7 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps,
             if n in optim_dense:
                 st = optim_dense[n]
                 new_state[p] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": st["step"]}
-        for layer, experts, qual in _expert_modules(model):
+        for layer, experts in _expert_modules(model):
             params = dict(experts.named_parameters(recurse=False))
             slices = {k: {"exp_avg": [], "exp_avg_sq": [], "step": None} for k in params}
             for i in range(experts.num_local):

@@ -310,7 +310,6 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = None
-    log_interval: int = 100
     peak_tflops: Optional[float] = None  # for the MFU estimate; None -> known GPU or measured CPU matmul peak
 
 
@@ -364,25 +363,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict) -> "Config":
-        d = dict(d)
-        kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-        classes = {"model": ModelConfig, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
-                   "precision": PrecisionConfig, "train": TrainConfig, "data": DataConfig,
-                   "checkpoint": CheckpointConfig, "logging": LoggingConfig}
-        out = {}
-        for name in kinds:
-            if name not in d:
-                continue
-            cls = classes.get(name)
-            if cls is None:
-                out[name] = d[name]
-                continue
-            known = {f.name for f in dataclasses.fields(cls)}
-            out[name] = cls(**{k: v for k, v in d[name].items() if k in known})
-        return Config(**out)
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:

@@ -53,10 +53,6 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.add_histogram(name, values, step)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

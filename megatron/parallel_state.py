@@ -51,7 +51,7 @@ def choose_device(use_cpu: bool, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device, backend_groups=True) -> ParallelState:
+def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device) -> ParallelState:
     """Create the EP and EDP groups (every rank calls new_group for every group, in one order)."""
     ps = ParallelState(rank=rank, world_size=world_size, device=device, dp_size=world_size, dp_rank=rank,
                        ep_size=ep_size, ep_rank=rank % ep_size, edp_size=world_size // ep_size, edp_rank=rank // ep_size)

@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ import torch
 from megatron.arguments import parse_args
 from megatron.checkpointing import load_checkpoint, save_checkpoint
 from megatron.config import pad_vocab_size
-from megatron.errors import UserError
 from megatron.logging_utils import TensorBoard, fmt_eta, iteration_line, print_rank0, validation_line
 from megatron.loss_scaler import build_loss_scaler
 from megatron.lr_scheduler import build_scheduler
@@ -245,7 +244,6 @@ def pretrain(train_valid_test_datasets_provider, model_provider, forward_step_fn
 def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward_step_fn):
     t_start = time.time()
     cfg.validate_world(ps.world_size)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if cfg.data.tokenizer_type == "NullTokenizer":
         tokenizer = build_tokenizer("NullTokenizer", vocab_size=cfg.model.vocab_size)
     else:

@@ -1,7 +1,6 @@
 import os
 import shutil
 
-import pytest
 import torch
 
 import pretrain_gpt_moe

@@ -2,7 +2,6 @@
 import os
 
 import pytest
-import torch
 
 from tests.dist_utils import run_distributed
 from tests.runs import mock_args, train

@@ -1,6 +1,4 @@
 """MoE equivalences on one process: the backbone of the MoE implementation."""
-import math
-
 import pytest
 import torch
 

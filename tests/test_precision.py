@@ -1,5 +1,3 @@
-import pytest
-
 import pretrain_gpt_moe
 from tests.runs import mock_args
 

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 
 from megatron.config import OptimizerConfig

@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 from megatron.errors import UserError

@@ -9,7 +9,6 @@ import argparse
 import importlib
 import inspect
 import json
-import pkgutil
 import sys
 import warnings
 

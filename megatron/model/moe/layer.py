@@ -30,8 +30,6 @@ class MoELayer(nn.Module):
         if self.residual:
             self.residual_mlp = dense_mlp_factory()
             self.coefficient = nn.Linear(hidden_size, 2)
-        # Optional hook: priority keys for random token selection ([S] floats); None -> torch.rand.
-        self.priority_fn = None
 
     def capacity(self, num_tokens: int) -> int:
         cf = self.cfg.train_capacity_factor if self.training else self.cfg.eval_capacity_factor
@@ -59,7 +57,7 @@ class MoELayer(nn.Module):
             cap = self.experts.agree_capacity(cap)
             priority = None
             if self.training and self.cfg.token_dropping:
-                priority = self.priority_fn(S, x.device) if self.priority_fn is not None else torch.rand(S, device=x.device)
+                priority = torch.rand(S, device=x.device)  # random token selection
             plan = plan_capacity(routing.indices, routing.weights, self.num_experts, cap, priority, renormalize=renorm)
             buf = dispatch(x, plan, self.num_experts)  # [E, C, H]
             y = combine(self.experts(buf), plan, S)  # [S, H]
