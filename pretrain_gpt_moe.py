@@ -11,8 +11,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from megatron.data.builder import build_datasets
+from megatron.distillation import build_teacher, kd_loss, teacher_logits
 from megatron.model.gpt_model import GPTModel
 from megatron.errors import run_cli
 from megatron.training import pretrain
@@ -35,12 +37,22 @@ def get_batch(data_iterator, device):
     return tokens, labels, loss_mask
 
 
-def loss_func(loss_mask, moe_cfg, output):
-    """lm loss (token mean) + moe_loss_coeff * sum of aux losses (+ z-loss); logged apart."""
-    per_token, stats = output
-    lm_loss = torch.sum(per_token * loss_mask) / loss_mask.sum()
+def loss_func(loss_mask, cfg, output):
+    """lm loss (token mean) + moe_loss_coeff * sum of aux losses (+ z-loss); logged apart.
+
+    With a teacher (output holds a third item, the per-token KD term T^2 * KL): alpha * lm loss
+    + beta * kd loss + moe loss; "lm loss" stays the student's plain cross-entropy.
+    """
+    per_token, stats, *kd = output
+    moe_cfg = cfg.model.moe
+    denom = loss_mask.sum()
+    lm_loss = torch.sum(per_token * loss_mask) / denom
     loss = lm_loss
     logs = {"lm loss": lm_loss.detach()}
+    if kd:
+        kd_term = cfg.kd.beta_ce * torch.sum(kd[0] * loss_mask) / denom
+        loss = cfg.kd.alpha_ce * lm_loss + kd_term
+        logs["kd loss"] = kd_term.detach()
     if stats:
         moe_loss = moe_cfg.loss_coeff * torch.stack([s["aux_loss"] for s in stats]).sum()
         if moe_cfg.z_loss_coeff > 0:
@@ -51,18 +63,33 @@ def loss_func(loss_mask, moe_cfg, output):
     return loss, logs
 
 
-def forward_step(cfg, data_iterator, model):
+def teacher_provider(cfg, ps):
+    """The frozen teacher of --kd / --mos, built from its checkpoint's config."""
+    return build_teacher(cfg.kd, cfg.model, ps)
+
+
+def forward_step(cfg, data_iterator, model, teacher=None):
     device = next(model.parameters()).device
     tokens, labels, loss_mask = get_batch(data_iterator, device)
-    output = model(tokens, labels)
-    return output, partial(loss_func, loss_mask, cfg.model.moe)
+    if teacher is None:
+        output = model(tokens, labels)  # (per-token loss [B, T], moe stats)
+    else:
+        logits, stats = model(tokens)  # [B, T, V]
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        output = (per_token, stats, kd_loss(logits, teacher_logits(teacher, tokens), cfg.kd.temperature))
+    return output, partial(loss_func, loss_mask, cfg)
 
 
 def main(argv=None, cfg=None):
     from megatron.arguments import parse_args
 
     cfg = cfg or parse_args(argv)
-    return pretrain(train_valid_test_datasets_provider, model_provider, partial(forward_step, cfg), cfg=cfg)
+    if cfg.dry_run:
+        from megatron.dry_run import dry_run
+
+        return dry_run(cfg, cfg.dry_run_world_size)
+    return pretrain(train_valid_test_datasets_provider, model_provider, partial(forward_step, cfg), cfg=cfg,
+                    teacher_provider=teacher_provider)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ launch scripts work unchanged. ``parse_args(argv)`` returns a ``Config``; nothin
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Optional, Sequence
 
 from megatron.config import (
-    CheckpointConfig, Config, DataConfig, LoggingConfig, ModelConfig, MoEConfig, OptimizerConfig,
+    CheckpointConfig, Config, DataConfig, KDConfig, LoggingConfig, ModelConfig, MoEConfig, OptimizerConfig,
     ParallelConfig, PrecisionConfig, TrainConfig,
 )
 from megatron.errors import UserError
@@ -143,6 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", type=str, default=None)
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s of one device for the MFU estimate (default: known GPUs, else a measured matmul peak)")
+
+    g = p.add_argument_group("knowledge distillation / mixture of students")
+    g.add_argument("--mos", action="store_true", help="Mixture-of-Students: distil an MoE student from --load-teacher")
+    g.add_argument("--kd", action="store_true", help="plain knowledge distillation from --load-teacher")
+    g.add_argument("--load-teacher", type=str, default=None)
+    g.add_argument("--num-layers-teacher", type=int, default=None)
+    g.add_argument("--hidden-size-teacher", type=int, default=None)
+    g.add_argument("--num-attention-heads-teacher", type=int, default=None)
+    g.add_argument("--ffn-hidden-size-teacher", type=int, default=None)
+    g.add_argument("--num-experts-teacher", type=int, nargs="+", default=None)
+    g.add_argument("--expert-interval-teacher", type=int, default=None)
+    g.add_argument("--mlp-type-teacher", type=str, default=None)
+    g.add_argument("--topk-teacher", type=int, default=None)
+    g.add_argument("--kd-alpha-ce", type=float, default=1.0, help="weight of the LM cross-entropy")
+    g.add_argument("--kd-beta-ce", type=float, default=1.0, help="weight of the distillation KL term")
+    g.add_argument("--kd-temp", type=float, default=1.0, help="distillation temperature T (the KL term is scaled by T^2)")
+    g.add_argument("--kd-stop-iters", type=int, default=None,
+                   help="staged KD: stop distilling at this iteration, free the teacher, train on LM loss only")
+
+    g = p.add_argument_group("dry run")
+    g.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device, print parameters, FLOPs and the per-GPU memory plan, exit")
+    g.add_argument("--dry-run-world-size", type=int, default=None,
+                   help="GPUs the dry run plans for (default: $WORLD_SIZE or 1)")
     return p
 
 
@@ -228,7 +253,19 @@ def namespace_to_config(a: argparse.Namespace) -> Config:
             no_save_optim=a.no_save_optim,
         ),
         logging=LoggingConfig(tensorboard_dir=a.tensorboard_dir, peak_tflops=a.peak_tflops),
+        kd=KDConfig(
+            kd=a.kd, mos=a.mos, load_teacher=a.load_teacher, num_layers_teacher=a.num_layers_teacher,
+            hidden_size_teacher=a.hidden_size_teacher, num_attention_heads_teacher=a.num_attention_heads_teacher,
+            ffn_hidden_size_teacher=a.ffn_hidden_size_teacher, num_experts_teacher=a.num_experts_teacher,
+            expert_interval_teacher=a.expert_interval_teacher, mlp_type_teacher=a.mlp_type_teacher,
+            topk_teacher=a.topk_teacher, alpha_ce=a.kd_alpha_ce, beta_ce=a.kd_beta_ce, temperature=a.kd_temp,
+            stop_iters=a.kd_stop_iters,
+        ),
+        dry_run=a.dry_run,
+        dry_run_world_size=a.dry_run_world_size or int(os.environ.get("WORLD_SIZE", "1")),
     )
+    if cfg.dry_run_world_size < 1:
+        raise UserError("--dry-run-world-size must be >= 1")
     if a.mock_data and not a.vocab_size and cfg.data.tokenizer_type == "NullTokenizer":
         raise UserError("--mock-data needs --vocab-size (or a real tokenizer via --tokenizer-type)")
     return cfg

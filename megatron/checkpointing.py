@@ -52,13 +52,13 @@ def _save(obj, path: str) -> None:
     torch.save(obj, path)
 
 
-def _load(path: str):
+def _load(path: str, flag: str = "--load"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"--load: checkpoint file {path} is missing; the checkpoint is incomplete") from None
+        raise UserError(f"{flag}: checkpoint file {path} is missing; the checkpoint is incomplete") from None
     except Exception as e:  # corrupt file
-        raise UserError(f"--load: cannot read {path} ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
+        raise UserError(f"{flag}: cannot read {path} ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
 
 
 def rng_state() -> dict:
@@ -152,7 +152,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     return final
 
 
-def read_tracker(load_dir: str):
+def read_tracker(load_dir: str, flag: str = "--load"):
     path = os.path.join(load_dir, TRACKER)
     if not os.path.isfile(path):
         return None
@@ -162,7 +162,7 @@ def read_tracker(load_dir: str):
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"--load: {path} holds {text!r}, not an iteration number; fix or delete the file") from None
+        raise UserError(f"{flag}: {path} holds {text!r}, not an iteration number; fix or delete the file") from None
 
 
 def check_architecture(stored_model_cfg: dict, model_cfg, what: str = "--load") -> None:
@@ -176,32 +176,43 @@ def check_architecture(stored_model_cfg: dict, model_cfg, what: str = "--load") 
                         f"pass the flags it was trained with")
 
 
-def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps, load_optim=True, load_rng=True,
-                    strict_arch=True):
-    """Returns the checkpoint's common dict (iteration, consumed samples, ...) or None if there is none."""
+def locate_checkpoint(load_dir: str, flag: str = "--load"):
+    """(iteration directory, common dict) of the latest checkpoint in ``load_dir``, or None if there is none."""
     if not os.path.isdir(load_dir):
-        raise UserError(f"--load {load_dir}: no such directory")
-    iteration = read_tracker(load_dir)
+        raise UserError(f"{flag} {load_dir}: no such directory")
+    iteration = read_tracker(load_dir, flag)
     if iteration is None:
         return None
     path = os.path.join(load_dir, iter_dir_name(iteration))
     if not os.path.isdir(path):
-        raise UserError(f"--load: {TRACKER} names iteration {iteration} but {path} is missing")
-    common = _load(os.path.join(path, "common.pt"))
+        raise UserError(f"{flag}: {TRACKER} names iteration {iteration} but {path} is missing")
+    return path, _load(os.path.join(path, "common.pt"), flag)
+
+
+def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps, load_optim=True, load_rng=True,
+                    strict_arch=True, flag: str = "--load"):
+    """Returns the checkpoint's common dict (iteration, consumed samples, ...) or None if there is none.
+
+    ``cfg`` needs only ``.model`` (the architecture to check) when optimizer, scheduler and scaler are None.
+    """
+    found = locate_checkpoint(load_dir, flag)
+    if found is None:
+        return None
+    path, common = found
     if strict_arch:
-        check_architecture(common["config"]["model"], cfg.model)
+        check_architecture(common["config"]["model"], cfg.model, flag)
     named = dict(model.named_parameters())
-    dense = _load(os.path.join(path, "model_dense.pt"))
-    optim_dense = _load(os.path.join(path, "optim_dense.pt")) if load_optim and optimizer is not None else {}
+    dense = _load(os.path.join(path, "model_dense.pt"), flag)
+    optim_dense = _load(os.path.join(path, "optim_dense.pt"), flag) if load_optim and optimizer is not None else {}
     new_state = {}
     with torch.no_grad():
         for n, p in named.items():
             if is_expert(p):
                 continue
             if n not in dense:
-                raise UserError(f"--load: parameter {n} is missing from {path}; the checkpoint does not match the model")
+                raise UserError(f"{flag}: parameter {n} is missing from {path}; the checkpoint does not match the model")
             if dense[n].shape != p.shape:
-                raise UserError(f"--load: {n} has shape {tuple(dense[n].shape)} in the checkpoint but {tuple(p.shape)} in "
+                raise UserError(f"{flag}: {n} has shape {tuple(dense[n].shape)} in the checkpoint but {tuple(p.shape)} in "
                                 f"the model; pass the flags it was trained with")
             p.copy_(dense[n])
             if n in optim_dense:
@@ -211,7 +222,7 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps,
             params = dict(experts.named_parameters(recurse=False))
             slices = {k: {"exp_avg": [], "exp_avg_sq": [], "step": None} for k in params}
             for i in range(experts.num_local):
-                blob = _load(os.path.join(path, expert_file(layer, experts.first_expert + i)))
+                blob = _load(os.path.join(path, expert_file(layer, experts.first_expert + i)), flag)
                 for k, p in params.items():
                     p[i].copy_(blob[k])
                     if f"optim.{k}.exp_avg" in blob:
@@ -232,7 +243,7 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps,
     if load_rng:
         rng_path = os.path.join(path, "rng", f"rank_{ps.rank:05d}.pt")
         if os.path.isfile(rng_path):
-            set_rng_state(_load(rng_path))
+            set_rng_state(_load(rng_path, flag))
         elif ps.is_main:
             print(f"WARNING: no RNG state for rank {ps.rank} in {path} (saved with fewer ranks); RNG not restored",
                   flush=True)

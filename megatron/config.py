@@ -154,10 +154,12 @@ class ParallelConfig:
     distributed_backend: Optional[str] = None  # None -> nccl on GPU, gloo on CPU
     use_cpu: bool = False
 
-    def validate(self) -> None:
+    def validate(self, dry_run: bool = False) -> None:
+        check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         check(
-            self.tensor_model_parallel_size == 1,
-            "--tensor-model-parallel-size > 1 is not implemented yet: use 1 (data and expert parallelism work)",
+            dry_run or self.tensor_model_parallel_size == 1,
+            "--tensor-model-parallel-size > 1 is not implemented yet: use 1 (data and expert parallelism work; "
+            "--dry-run plans TP layouts)",
         )
         check(
             self.distributed_backend in (None, "gloo", "nccl"),
@@ -308,6 +310,56 @@ class CheckpointConfig:
 
 
 @dataclass
+class KDConfig:
+    """Knowledge distillation (--kd) and Mixture-of-Students (--mos) from a loaded teacher (SPEC §4).
+
+    Teacher architecture fields left None are taken from the teacher checkpoint's stored config;
+    the ones given are checked against it.
+    """
+
+    kd: bool = False
+    mos: bool = False
+    load_teacher: Optional[str] = None
+    num_layers_teacher: Optional[int] = None
+    hidden_size_teacher: Optional[int] = None
+    num_attention_heads_teacher: Optional[int] = None
+    ffn_hidden_size_teacher: Optional[int] = None
+    num_experts_teacher: Optional[list[int]] = None
+    expert_interval_teacher: Optional[int] = None
+    mlp_type_teacher: Optional[str] = None
+    topk_teacher: Optional[int] = None
+    alpha_ce: float = 1.0
+    beta_ce: float = 1.0
+    temperature: float = 1.0
+    stop_iters: Optional[int] = None  # staged KD: LM loss only from this iteration on
+
+    @property
+    def enabled(self) -> bool:
+        return self.kd or self.mos
+
+    def teacher_overrides(self) -> dict:
+        """ModelConfig / MoEConfig field -> value for the teacher flags that were given."""
+        names = {"num_layers": self.num_layers_teacher, "hidden_size": self.hidden_size_teacher,
+                 "num_attention_heads": self.num_attention_heads_teacher,
+                 "ffn_hidden_size": self.ffn_hidden_size_teacher, "num_experts": self.num_experts_teacher,
+                 "expert_interval": self.expert_interval_teacher, "mlp_type": self.mlp_type_teacher,
+                 "topk": self.topk_teacher}
+        return {k: v for k, v in names.items() if v is not None}
+
+    def validate(self) -> None:
+        if not self.enabled:
+            check(self.load_teacher is None, "--load-teacher needs --kd or --mos")
+            return
+        check(self.load_teacher is not None,
+              f"--{'mos' if self.mos else 'kd'} needs --load-teacher DIR (the teacher's checkpoint directory)")
+        check(self.temperature > 0, f"--kd-temp must be > 0 (got {self.temperature})")
+        check(self.alpha_ce >= 0 and self.beta_ce >= 0, "--kd-alpha-ce and --kd-beta-ce must be >= 0")
+        check(self.alpha_ce + self.beta_ce > 0, "--kd-alpha-ce and --kd-beta-ce are both 0: nothing to train on")
+        if self.stop_iters is not None:
+            check(self.stop_iters >= 0, "--kd-stop-iters must be >= 0")
+
+
+@dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     peak_tflops: Optional[float] = None  # for the MFU estimate; None -> known GPU or measured CPU matmul peak
@@ -323,17 +375,20 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
     dry_run: bool = False
+    dry_run_world_size: int = 1  # the number of GPUs the dry run plans memory for
 
     def validate(self) -> "Config":
         self.model.validate()
-        self.parallel.validate()
+        self.parallel.validate(self.dry_run)
         self.optimizer.validate()
         self.precision.validate()
         self.train.validate()
         if not self.dry_run:
             self.data.validate()
         self.checkpoint.validate()
+        self.kd.validate()
         return self
 
     def validate_world(self, world_size: int) -> None:

@@ -7,9 +7,11 @@ clipping, the LR schedule, evaluation, logging, checkpoints and exit conditions.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import random
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ import torch
 from megatron.arguments import parse_args
 from megatron.checkpointing import load_checkpoint, save_checkpoint
 from megatron.config import pad_vocab_size
+from megatron.errors import UserError
 from megatron.logging_utils import TensorBoard, fmt_eta, iteration_line, print_rank0, validation_line
 from megatron.loss_scaler import build_loss_scaler
 from megatron.lr_scheduler import build_scheduler
@@ -118,14 +121,18 @@ def _accumulate_moe(acc: list, stats: list) -> list:
     return acc
 
 
-def train_step(forward_step_fn, data_iterator, model, optimizer, scaler, ps, cfg, num_micro: int, autocast) -> StepResult:
+def train_step(forward_step_fn, data_iterator, model, optimizer, scaler, ps, cfg, num_micro: int, autocast,
+               teacher=None) -> StepResult:
     for p in model.parameters():
         p.grad = None
     sums: dict = defaultdict(float)
     moe_acc: list = []
     for _ in range(num_micro):
         with autocast():
-            output, loss_fn = forward_step_fn(data_iterator, model)
+            if teacher is None:
+                output, loss_fn = forward_step_fn(data_iterator, model)
+            else:
+                output, loss_fn = forward_step_fn(data_iterator, model, teacher=teacher)
             loss, logs = loss_fn(output)
         (loss * (scaler.scale / num_micro)).backward()
         for k, v in logs.items():
@@ -229,19 +236,43 @@ def setup_model_and_optimizer(model_provider, cfg, ps):
     return model, optimizer
 
 
+def setup_teacher(cfg, ps, teacher_provider, iteration: int):
+    """The frozen teacher while distillation lasts, else None."""
+    kd = cfg.kd
+    if not kd.enabled or cfg.train.skip_train:
+        return None
+    if teacher_provider is None:
+        raise UserError("--kd / --mos: this training script provides no teacher (pass teacher_provider to pretrain)")
+    if kd.stop_iters is not None and iteration >= kd.stop_iters:
+        print_rank0(ps, f"> iteration {iteration} is past --kd-stop-iters {kd.stop_iters}: no teacher, LM loss only")
+        return None
+    teacher = teacher_provider(cfg, ps)
+    n = sum(p.numel() for p in teacher.parameters())
+    tc = teacher.cfg
+    print_rank0(ps, f"> {'MoS' if kd.mos else 'KD'} teacher from {kd.load_teacher}: {tc.num_layers} layers, hidden "
+                    f"{tc.hidden_size}, experts {tc.moe.experts_per_layer(tc.num_layers)}, {n} parameters on this rank; "
+                    f"frozen, eval mode; loss = {kd.alpha_ce} * lm + {kd.beta_ce} * T^2 KL (T = {kd.temperature})"
+                    + (f" until iteration {kd.stop_iters}" if kd.stop_iters is not None else ""))
+    return teacher
+
+
 def pretrain(train_valid_test_datasets_provider, model_provider, forward_step_fn, argv=None, cfg=None,
-             extra_args_provider=None):
-    """Parse flags, build everything, train, evaluate, save. Returns a dict of final figures."""
+             extra_args_provider=None, teacher_provider=None):
+    """Parse flags, build everything, train, evaluate, save. Returns a dict of final figures.
+
+    ``teacher_provider(cfg, ps)`` builds the frozen teacher for --kd / --mos; ``forward_step_fn`` is then
+    called with ``teacher=`` while distillation lasts (until --kd-stop-iters).
+    """
     if cfg is None:
         cfg = parse_args(argv, extra_args_provider)
     ps = initialize(cfg.parallel, cfg.model.moe.expert_parallel_size)
     try:
-        return _pretrain(cfg, ps, train_valid_test_datasets_provider, model_provider, forward_step_fn)
+        return _pretrain(cfg, ps, train_valid_test_datasets_provider, model_provider, forward_step_fn, teacher_provider)
     finally:
         destroy(ps)
 
 
-def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward_step_fn):
+def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward_step_fn, teacher_provider=None):
     t_start = time.time()
     cfg.validate_world(ps.world_size)
     if cfg.data.tokenizer_type == "NullTokenizer":
@@ -277,6 +308,8 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
             iteration, consumed = int(common["iteration"]), int(common["consumed_samples"])
             print_rank0(ps, f"> resumed from {ck.load} at iteration {iteration} ({consumed} consumed samples)")
     scheduler.apply(optimizer)
+    teacher = setup_teacher(cfg, ps, teacher_provider, iteration)
+    teacher_ref = weakref.ref(teacher) if teacher is not None else None
 
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     eval_micro = gbs // (mbs * ps.dp_size)
@@ -310,6 +343,8 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
     model.train()
     data_iter = MicroBatchIterator(train_ds, consumed, mbs, ps.dp_rank, ps.dp_size) if train_ds is not None else None
     interval_sums: dict = defaultdict(float)
+    interval_counts: dict = defaultdict(int)
+    kd_history: list = []
     interval_iters = skipped_total = 0
     interval_moe: list = []
     interval_t0 = time.time()
@@ -321,15 +356,24 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
     while iteration < train_iters and not cfg.train.skip_train:
         num_micro = schedule.num_micro_batches(consumed)
         batch = num_micro * mbs * ps.dp_size
-        res = train_step(forward_step_fn, data_iter, model, optimizer, scaler, ps, cfg, num_micro, autocast)
+        res = train_step(forward_step_fn, data_iter, model, optimizer, scaler, ps, cfg, num_micro, autocast, teacher)
         iteration += 1
         consumed += batch
         if not res.skipped:
             scheduler.step(batch, optimizer)
         skipped_total += int(res.skipped)
         history.append(res.logs.get("lm loss", float("nan")))
+        kd_history.append(res.logs.get("kd loss"))
         for k, v in res.logs.items():
             interval_sums[k] += v
+            interval_counts[k] += 1
+        if teacher is not None and cfg.kd.stop_iters is not None and iteration >= cfg.kd.stop_iters:
+            teacher = None  # staged KD: free the teacher, LM loss only from here on
+            gc.collect()
+            if ps.device.type == "cuda":
+                torch.cuda.empty_cache()
+            print_rank0(ps, f"> knowledge distillation stopped at iteration {iteration} (--kd-stop-iters); "
+                            f"teacher freed, training on the LM loss only")
         interval_moe = _accumulate_moe(interval_moe, res.moe) if res.moe else interval_moe
         interval_iters += 1
         interval_tokens += batch * cfg.model.seq_length
@@ -341,7 +385,7 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
             fields = [("consumed samples", f"{consumed:12d}"), ("elapsed time per iteration (ms)", f"{1000 * per_iter:.1f}"),
                       ("learning rate", f"{optimizer.param_groups[0]['lr']:.3E}"), ("global batch size", f"{batch:5d}")]
             for k in sorted(interval_sums):
-                fields.append((k, f"{interval_sums[k] / interval_iters:.6E}"))
+                fields.append((k, f"{interval_sums[k] / interval_counts[k]:.6E}"))
             fields += [("loss scale", f"{scaler.scale:.1f}"), ("grad norm", f"{res.grad_norm:.3f}"),
                        ("number of skipped iterations", f"{skipped_total:3d}"), ("tokens per second", f"{tps:.1f}")]
             if peak:
@@ -351,7 +395,7 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
             tb.scalar("learning-rate", optimizer.param_groups[0]["lr"], iteration)
             tb.scalar("batch-size", batch, iteration)
             for k in interval_sums:
-                tb.scalar(k, interval_sums[k] / interval_iters, iteration)
+                tb.scalar(k, interval_sums[k] / interval_counts[k], iteration)
             tb.scalar("loss-scale", scaler.scale, iteration)
             tb.scalar("grad-norm", res.grad_norm, iteration)
             tb.scalar("iteration-time", per_iter, iteration)
@@ -364,6 +408,7 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
                     tb.scalar(f"moe/layer{s['layer']}/load-cv", s["cv"], iteration)
                     tb.histogram(f"moe/layer{s['layer']}/tokens-per-expert", s["counts"], iteration)
             interval_sums.clear()
+            interval_counts.clear()
             interval_moe = []
             interval_iters, interval_tokens = 0, 0
             interval_t0 = time.time()
@@ -384,11 +429,15 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
                 save(iteration, consumed)
             print_rank0(ps, f"> exiting at iteration {iteration}: {exit_reason}")
             tb.close()
-            return {"iteration": iteration, "losses": history, "valid": last_valid, "exit": exit_reason}
+            return {"iteration": iteration, "losses": history, "kd_losses": kd_history, "valid": last_valid,
+                    "exit": exit_reason}
 
     train_time = time.time() - train_t0
-    result = {"iteration": iteration, "losses": history, "train_time": train_time, "skipped": skipped_total,
-              "loss_scale": scaler.scale}
+    teacher = None
+    gc.collect()
+    result = {"iteration": iteration, "losses": history, "kd_losses": kd_history, "train_time": train_time,
+              "skipped": skipped_total, "loss_scale": scaler.scale,
+              "teacher_released": teacher_ref is not None and teacher_ref() is None}
     if valid_ds is not None and cfg.train.eval_iters > 0:
         result["valid"] = run_eval(iteration, "valid", valid_ds)
     if test_ds is not None and cfg.train.eval_iters > 0:

@@ -28,8 +28,16 @@ class StackedExperts(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(num_local, ffn_hidden_size))  # [E, F]
         self.w2 = nn.Parameter(torch.empty(num_local, ffn_hidden_size, hidden_size))  # [E, F, H]
         self.b2 = nn.Parameter(torch.zeros(num_local, hidden_size))  # [E, H]
-        for p in self.parameters():
-            p.is_expert = True
+        self._mark_expert_parameters()
+
+    def _mark_expert_parameters(self) -> None:
+        for p in self.parameters(recurse=False):
+            p.is_expert = True  # read by grad sync, the optimizer groups and checkpointing
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._mark_expert_parameters()  # moving off the meta device replaces the Parameter objects
+        return out
 
     @torch.no_grad()
     def init_weights(self, seed: int, layer_number: int, std: float, out_std: float) -> None:

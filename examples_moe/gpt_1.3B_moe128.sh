@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# 1.3B+MoE-128 (paper: 52B): 128 experts on every other layer, top-1, EP 64 over 64 GPUs.
+source "$(dirname "$0")/common.sh"
+NAME=gpt_1.3B_moe128; NNODES=${NNODES:-8}
+MODEL_ARGS=(--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --init-method-std 0.014
+  --micro-batch-size 8 --global-batch-size 512 --tensor-model-parallel-size 1
+  --lr 1.2e-4 --min-lr 1.0e-6)
+MOE_ARGS=(--num-experts 128 --expert-interval 2 --topk 1 --mlp-type standard --moe-expert-parallel-size 64 "${MOE_COMMON[@]}")
+paper_args 300000000000
+launch "$@"

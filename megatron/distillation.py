@@ -1,0 +1,102 @@
+"""Knowledge distillation from a frozen teacher (--kd) and Mixture-of-Students (--mos), SPEC §4.
+
+The teacher is built from its OWN full config, read from its checkpoint (flags given for it are
+checked against that config), placed with the student's expert-parallel layout, loaded, frozen,
+and run in eval mode under no_grad: no dropout, no random token selection, no gate noise.
+
+Loss per token: alpha * CE(student, labels) + beta * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from megatron.checkpointing import load_checkpoint, locate_checkpoint
+from megatron.config import ModelConfig, MoEConfig
+from megatron.errors import UserError
+
+TEACHER_FLAGS = {"num_layers": "--num-layers-teacher", "hidden_size": "--hidden-size-teacher",
+                 "num_attention_heads": "--num-attention-heads-teacher", "ffn_hidden_size": "--ffn-hidden-size-teacher",
+                 "num_experts": "--num-experts-teacher", "expert_interval": "--expert-interval-teacher",
+                 "mlp_type": "--mlp-type-teacher", "topk": "--topk-teacher"}
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, T, V] x 2 -> per-token T^2 * KL(softmax(teacher / T) || softmax(student / T)) [B, T], fp32."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+    log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [B, T, V]
+    log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # [B, T, V]
+    kl = torch.sum(log_p_teacher.exp() * (log_p_teacher - log_p_student), dim=-1)  # [B, T]
+    return kl * (temperature * temperature)
+
+
+def teacher_model_config(kd_cfg, student_cfg: ModelConfig) -> ModelConfig:
+    """The teacher's ModelConfig from its checkpoint; teacher flags must agree with it."""
+    found = locate_checkpoint(kd_cfg.load_teacher, "--load-teacher")
+    if found is None:
+        raise UserError(f"--load-teacher {kd_cfg.load_teacher}: no checkpoint there (latest_checkpointed_iteration.txt "
+                        f"is missing); train the teacher first or point at its --save directory")
+    _, common = found
+    stored = dict(common["config"]["model"])
+    moe = MoEConfig(**stored.pop("moe"))
+    teacher = ModelConfig(**{k: v for k, v in stored.items() if k in ModelConfig.__dataclass_fields__}, moe=moe)
+    for field, value in kd_cfg.teacher_overrides().items():
+        if field in MoEConfig.__dataclass_fields__:
+            have = teacher.moe.num_experts if field == "num_experts" else getattr(teacher.moe, field)
+            if field == "num_experts":  # compare per layer: "8" and "8 8" mean the same
+                probe = dataclasses.replace(teacher.moe, num_experts=list(value))
+                same = probe.experts_per_layer(teacher.num_layers) == teacher.moe.experts_per_layer(teacher.num_layers)
+            else:
+                same = have == value
+        else:
+            have = getattr(teacher, field)
+            same = have == value
+        if not same:
+            raise UserError(f"{TEACHER_FLAGS[field]} {_fmt(value)} does not match the teacher checkpoint in "
+                            f"{kd_cfg.load_teacher} ({_fmt(have)}): fix the flag or drop it (the checkpoint's config is used)")
+    if teacher.vocab_size != student_cfg.vocab_size:
+        raise UserError(f"--load-teacher: the teacher's padded vocabulary ({teacher.vocab_size}) differs from the "
+                        f"student's ({student_cfg.vocab_size}): use the teacher's tokenizer")
+    if teacher.max_position_embeddings < student_cfg.seq_length:
+        raise UserError(f"--seq-length {student_cfg.seq_length} exceeds the teacher's max position embeddings "
+                        f"({teacher.max_position_embeddings}): shorten --seq-length")
+    teacher.hidden_dropout = teacher.attention_dropout = 0.0
+    teacher.checkpoint_activations = False
+    return teacher
+
+
+def _fmt(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def build_teacher(kd_cfg, student_cfg: ModelConfig, ps, model_provider=None) -> torch.nn.Module:
+    """The frozen teacher on ``ps.device`` with the student's expert-parallel layout, weights loaded."""
+    from types import SimpleNamespace
+
+    from megatron.model.gpt_model import GPTModel
+    from megatron.parallel.expert_parallel import apply_expert_parallel
+
+    tcfg = teacher_model_config(kd_cfg, student_cfg)
+    for e in tcfg.moe.experts_per_layer(tcfg.num_layers):
+        if e > 1 and e % ps.ep_size:
+            raise UserError(f"--moe-expert-parallel-size {ps.ep_size} does not divide a teacher layer's {e} experts: "
+                            f"the teacher uses the student's EP layout, so choose an EP size that divides both")
+    tcfg.moe.expert_parallel_size = ps.ep_size
+    with torch.device("meta"):  # every weight comes from the checkpoint: skip the random init
+        teacher = GPTModel(tcfg, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
+    teacher = teacher.to_empty(device=ps.device)
+    load_checkpoint(kd_cfg.load_teacher, teacher, None, None, None, SimpleNamespace(model=tcfg), ps,
+                    load_optim=False, load_rng=False, flag="--load-teacher")
+    apply_expert_parallel(teacher, ps)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+def teacher_logits(teacher: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [B, T] -> teacher logits [B, T, V] (eval mode, no grad)."""
+    with torch.no_grad():
+        logits, _ = teacher(tokens)
+    return logits

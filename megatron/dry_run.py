@@ -1,0 +1,146 @@
+"""``--dry-run``: build the model on the meta device, print its size, FLOPs and per-GPU memory plan.
+
+No data, no process group, no GPU: a launch script is checked on a laptop in seconds. The
+parameter counts come from the built (meta) model and are cross-checked against the analytical
+counts of :mod:`megatron.model_stats`.
+
+Memory plan (per GPU, bytes): weights are fp32 master parameters (4 B; autocast casts per op),
+gradients fp32 (4 B), Adam moments fp32 (8 B, divided by the data-parallel size for dense
+parameters and by the expert-data-parallel size for experts when the optimizer is sharded).
+Dense parameters split over TP ranks; experts split over EP ranks and are replicated over TP
+(parallelism-coordinated all-to-all). Activations follow Korthikanti et al. 2022 ("Reducing
+activation recomputation"), with a flash / fused attention kernel (no [T, T] score tensor kept):
+34·s·b·h bytes per layer at 2-byte precision (×2 in fp32), divided by TP; an MoE layer replaces
+the MLP's 19·s·b·h by 19·s·b·h·k·cf plus its dispatch buffers (4·s·b·h·k·cf). With activation
+checkpointing only each layer's input (s·b·h elements) is kept, plus one layer's working set.
+The logits add s·b·V elements at the compute precision, an fp32 copy and its fp32 gradient.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron.config import pad_vocab_size
+from megatron.errors import UserError
+from megatron.model_stats import count_parameters, flops_per_token
+
+GPT2_VOCAB = 50257
+GiB = 1024**3
+
+
+def resolve_vocab_size(cfg) -> int:
+    """Padded vocabulary for a dry run: --vocab-size, else the tokenizer files if present, else GPT-2's 50257."""
+    d = cfg.data
+    tp = cfg.parallel.tensor_model_parallel_size
+    if cfg.model.vocab_size:
+        raw = cfg.model.vocab_size
+    elif d.tokenizer_type in (None, "GPT2BPETokenizer"):
+        raw = GPT2_VOCAB
+    elif d.tokenizer_type == "SentencePieceTokenizer" and d.tokenizer_model and os.path.isfile(d.tokenizer_model):
+        from megatron.tokenizer import build_tokenizer
+
+        raw = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model).vocab_size
+    else:
+        raise UserError("--dry-run cannot tell the vocabulary size: give --vocab-size N (or an existing --tokenizer-model)")
+    return pad_vocab_size(raw, d.make_vocab_size_divisible_by, tp)
+
+
+def built_counts(model_cfg) -> tuple[int, int]:
+    """(total, expert) parameters of the model built on the meta device with every expert local."""
+    from megatron.model.gpt_model import GPTModel
+
+    with torch.device("meta"):
+        model = GPTModel(model_cfg, ep_rank=0, ep_size=1)
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for p in model.parameters() if getattr(p, "is_expert", False))
+    return total, expert
+
+
+def activation_bytes(cfg, checkpointing: bool) -> int:
+    """Activation memory of one micro-batch on one GPU (see the module docstring)."""
+    m, moe = cfg.model, cfg.model.moe
+    s, b, h, V = m.seq_length, cfg.train.micro_batch_size, m.hidden_size, m.vocab_size
+    tp = cfg.parallel.tensor_model_parallel_size
+    half = cfg.precision.fp16 or cfg.precision.bf16
+    scale = 1.0 if half else 2.0  # the 34·s·b·h figure is for 2-byte activations
+    ffn_ratio = m.ffn_hidden_size / (4 * h)
+    per_layer = []
+    for e in moe.experts_per_layer(m.num_layers):
+        mlp = 19 * ffn_ratio
+        if e > 1:
+            k_cf = min(moe.topk, e) * (moe.train_capacity_factor if moe.token_dropping else 1.0)
+            mlp = mlp * k_cf + 4 * k_cf + (19 * ffn_ratio if moe.mlp_type == "residual" else 0)
+        per_layer.append(s * b * h * (15 + mlp) * scale / tp)
+    elem = 2 if half else 4
+    logits = s * b * V / tp * (elem + 4 + 4)
+    if checkpointing:
+        kept = len(per_layer) * s * b * h * elem + max(per_layer)
+    else:
+        kept = sum(per_layer)
+    return int(kept + logits)
+
+
+def memory_plan(cfg, world_size: int) -> dict:
+    """Per-GPU bytes of weights, gradients, optimizer state and activations for this layout."""
+    counts = count_parameters(cfg.model)
+    tp = cfg.parallel.tensor_model_parallel_size
+    ep = cfg.model.moe.expert_parallel_size
+    dp = max(world_size // tp, 1)
+    edp = max(dp // ep, 1)
+    dense_local = counts.dense / tp
+    expert_local = counts.expert / ep
+    params = dense_local + expert_local
+    return {
+        "world": world_size, "tp": tp, "ep": ep, "dp": dp, "edp": edp,
+        "params": int(params),
+        "weights": int(4 * params),
+        "grads": int(4 * params),
+        "optimizer": int(8 * params),
+        "optimizer_sharded": int(8 * (dense_local / dp + expert_local / edp)),
+        "activations": activation_bytes(cfg, checkpointing=False),
+        "activations_ckpt": activation_bytes(cfg, checkpointing=True),
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def dry_run(cfg, world_size: int) -> dict:
+    """Print the dry-run report; returns its figures."""
+    cfg.model.vocab_size = resolve_vocab_size(cfg)
+    cfg.validate_world(world_size)
+    counts = count_parameters(cfg.model)
+    total, expert = built_counts(cfg.model)
+    if (total, expert) != (counts.total, counts.expert):  # a bug, not a user mistake
+        raise AssertionError(f"built model has {total} / {expert} parameters, analytical count {counts.total} / {counts.expert}")
+    plan = memory_plan(cfg, world_size)
+    m = cfg.model
+    fpt = flops_per_token(m)
+    steady = plan["weights"] + plan["grads"] + plan["optimizer"]
+    act = plan["activations_ckpt"] if m.checkpoint_activations else plan["activations"]
+    lines = [
+        f"> dry run: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, ffn {m.ffn_hidden_size}, "
+        f"seq {m.seq_length}, vocab {m.vocab_size}, experts per layer {m.moe.experts_per_layer(m.num_layers)}, "
+        f"mlp-type {m.moe.mlp_type if m.moe.enabled else 'standard'}, top-{m.moe.topk}",
+        f"total parameters: {counts.total}",
+        f"active parameters: {counts.active}",
+        f"expert parameters: {counts.expert}",
+        f"dense parameters: {counts.dense}",
+        f"training FLOPs per token: {fpt:.4e} (forward {fpt / 3:.4e})",
+        f"> memory plan per GPU: world {world_size} = TP {plan['tp']} x DP {plan['dp']} (EP {plan['ep']}, "
+        f"expert-DP {plan['edp']}), micro batch {cfg.train.micro_batch_size}",
+        f"  parameters on one GPU:      {plan['params']}",
+        f"  weights (fp32):             {_gib(plan['weights'])}",
+        f"  gradients (fp32):           {_gib(plan['grads'])}",
+        f"  Adam state (fp32 m, v):     {_gib(plan['optimizer'])} "
+        f"(sharded over DP / expert-DP: {_gib(plan['optimizer_sharded'])})",
+        f"  activations per micro-batch: {_gib(plan['activations'])} without checkpointing, "
+        f"{_gib(plan['activations_ckpt'])} with --checkpoint-activations",
+        f"  total (this configuration): {_gib(steady + act)} "
+        f"(with a sharded optimizer: {_gib(steady - plan['optimizer'] + plan['optimizer_sharded'] + act)})",
+    ]
+    print("\n".join(lines), flush=True)
+    return {"total": counts.total, "active": counts.active, "expert": counts.expert, "flops_per_token": fpt,
+            "memory": plan, "memory_total": steady + act}
