@@ -81,7 +81,26 @@ def activation_bytes(cfg, checkpointing: bool) -> int:
     return int(kept + logits)
 
 
-def memory_plan(cfg, world_size: int) -> dict:
+def teacher_config(cfg):
+    """The --kd / --mos teacher's ModelConfig: from its checkpoint when it exists, else from the teacher flags."""
+    import dataclasses
+
+    from megatron.checkpointing import TRACKER
+    from megatron.distillation import teacher_model_config
+
+    kd = cfg.kd
+    if kd.load_teacher and os.path.isfile(os.path.join(kd.load_teacher, TRACKER)):
+        return teacher_model_config(kd, cfg.model)
+    over = kd.teacher_overrides()
+    moe_keys = {k: over.pop(k) for k in list(over) if k in ("num_experts", "expert_interval", "mlp_type", "topk")}
+    if "hidden_size" in over and "ffn_hidden_size" not in over:
+        over["ffn_hidden_size"] = 4 * over["hidden_size"]
+    tcfg = dataclasses.replace(cfg.model, **over, moe=dataclasses.replace(cfg.model.moe, **moe_keys))
+    tcfg.validate()
+    return tcfg
+
+
+def memory_plan(cfg, world_size: int, teacher_cfg=None) -> dict:
     """Per-GPU bytes of weights, gradients, optimizer state and activations for this layout."""
     counts = count_parameters(cfg.model)
     tp = cfg.parallel.tensor_model_parallel_size
@@ -91,6 +110,11 @@ def memory_plan(cfg, world_size: int) -> dict:
     dense_local = counts.dense / tp
     expert_local = counts.expert / ep
     params = dense_local + expert_local
+    teacher = 0
+    if teacher_cfg is not None:  # frozen fp32 weights, same layout; no_grad activations: logits and log-softmax
+        tc = count_parameters(teacher_cfg)
+        m = cfg.model
+        teacher = 4 * (tc.dense / tp + tc.expert / ep) + 8 * m.seq_length * cfg.train.micro_batch_size * m.vocab_size / tp
     return {
         "world": world_size, "tp": tp, "ep": ep, "dp": dp, "edp": edp,
         "params": int(params),
@@ -100,6 +124,7 @@ def memory_plan(cfg, world_size: int) -> dict:
         "optimizer_sharded": int(8 * (dense_local / dp + expert_local / edp)),
         "activations": activation_bytes(cfg, checkpointing=False),
         "activations_ckpt": activation_bytes(cfg, checkpointing=True),
+        "teacher": int(teacher),
     }
 
 
@@ -115,10 +140,11 @@ def dry_run(cfg, world_size: int) -> dict:
     total, expert = built_counts(cfg.model)
     if (total, expert) != (counts.total, counts.expert):  # a bug, not a user mistake
         raise AssertionError(f"built model has {total} / {expert} parameters, analytical count {counts.total} / {counts.expert}")
-    plan = memory_plan(cfg, world_size)
+    tcfg = teacher_config(cfg) if cfg.kd.enabled else None
+    plan = memory_plan(cfg, world_size, tcfg)
     m = cfg.model
     fpt = flops_per_token(m)
-    steady = plan["weights"] + plan["grads"] + plan["optimizer"]
+    steady = plan["weights"] + plan["grads"] + plan["optimizer"] + plan["teacher"]
     act = plan["activations_ckpt"] if m.checkpoint_activations else plan["activations"]
     lines = [
         f"> dry run: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, ffn {m.ffn_hidden_size}, "
@@ -138,6 +164,15 @@ def dry_run(cfg, world_size: int) -> dict:
         f"(sharded over DP / expert-DP: {_gib(plan['optimizer_sharded'])})",
         f"  activations per micro-batch: {_gib(plan['activations'])} without checkpointing, "
         f"{_gib(plan['activations_ckpt'])} with --checkpoint-activations",
+    ]
+    if tcfg is not None:
+        tc = count_parameters(tcfg)
+        lines.insert(6, f"teacher: {tcfg.num_layers} layers, hidden {tcfg.hidden_size}, experts per layer "
+                        f"{tcfg.moe.experts_per_layer(tcfg.num_layers)}, {tc.total} parameters "
+                        f"({100.0 * counts.total / tc.total:.1f}% of it in the student); training FLOPs per token with "
+                        f"the teacher's forward: {fpt + flops_per_token(tcfg, training=False):.4e}")
+        lines.append(f"  teacher (fp32, frozen) + its logits: {_gib(plan['teacher'])}")
+    lines += [
         f"  total (this configuration): {_gib(steady + act)} "
         f"(with a sharded optimizer: {_gib(steady - plan['optimizer'] + plan['optimizer_sharded'] + act)})",
     ]

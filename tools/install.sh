@@ -17,7 +17,10 @@ if ! $PY -c "import torch" 2>/dev/null; then
       || $PIP "torch==$TORCH_VERSION"
   fi
 fi
-$PIP -r requirements.txt 2>&1 | grep -v -E "^WARNING: (Location|Running pip)" || true
+quiet() {  # pip's own failure still fails the script; only its location / root warnings are hidden
+  "$@" 2>&1 | { grep -v -E "^WARNING: (Location|Running pip)" || true; }
+}
+quiet $PIP -r requirements.txt
 if [ "${1:-}" = "test" ]; then
-  $PIP pytest 2>&1 | grep -v -E "^WARNING: (Location|Running pip)" || true
+  quiet $PIP -r tests/requirements.txt
 fi

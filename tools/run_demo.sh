@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# The README's main job: build a corpus from text that ships with Python, train an 8k SentencePiece
+# The README's main job: build a corpus from text that ships with Python, train a 4k SentencePiece
 # tokenizer on it, preprocess, train a small MoE GPT (8 experts every other layer) for a few
 # minutes on CPU, print validation loss / perplexity and the expert load, save a checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
 OUT=${DEMO_DIR:-demo}
-mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-[ -f "$OUT/corpus.jsonl" ] || $PY tools/make_demo_corpus.py --output "$OUT/corpus.jsonl"
-[ -f "$OUT/spm.model" ] || $PY tools/train_tokenizer.py --input "$OUT/corpus.jsonl" --model-prefix "$OUT/spm" --vocab-size 4096
-[ -f "$OUT/corpus_text_document.idx" ] || $PY tools/preprocess_data.py --input "$OUT/corpus.jsonl" --json-keys text \
-  --output-prefix "$OUT/corpus" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/spm.model" \
-  --append-eod --workers 2 --quiet
+bash tools/prepare_demo_data.sh "$OUT"
 $PY pretrain_gpt_moe.py \
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
   --num-experts 8 --expert-interval 2 --topk 1 --moe-loss-coeff 0.01 \

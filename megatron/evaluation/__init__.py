@@ -1,0 +1,1 @@
+"""Zero-shot evaluation through lm-evaluation-harness (see tools/eval_harness.py)."""

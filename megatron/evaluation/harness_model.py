@@ -1,0 +1,104 @@
+"""Our checkpoints as an lm-eval 0.4 model, registered as ``megatron-moe``.
+
+loglikelihood: requests sorted by length (longest first), batched by micro-batch size, padded
+on the right only to the batch's longest sequence; padding is masked out of MoE routing and
+capacity (``token_mask``), and causal attention keeps it out of every real token. No token is
+dropped unless ``moe_eval_capacity_factor`` is given. generate_until: greedy with a KV cache and
+stop strings.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from megatron.inference import load_model
+from megatron.text_generation import generate
+
+
+@register_model("megatron-moe")
+class MegatronMoELM(TemplateLM):
+    def __init__(self, load: str = None, micro_batch_size: int = 8, moe_eval_capacity_factor=None, device=None,
+                 max_length: int = None, vocab_file=None, merge_file=None, tokenizer_model=None, loaded=None, **kwargs):
+        super().__init__()
+        cf = None if moe_eval_capacity_factor in (None, "", "None") else float(moe_eval_capacity_factor)
+        self.lm = loaded or load_model(load, device, cf, None, vocab_file, merge_file, tokenizer_model)
+        self.model, self.tokenizer_ = self.lm.model, self.lm.tokenizer
+        self._device = next(self.model.parameters()).device
+        self.batch_size = int(micro_batch_size)
+        self.max_length = int(max_length or self.lm.cfg.max_position_embeddings)
+        self.vocab_size = self.lm.cfg.vocab_size
+
+    # ---- tokenization
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer_.eod
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        return self.tokenizer_.tokenize(string)
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer_.detokenize(list(tokens))
+
+    # ---- scoring
+    @torch.no_grad()
+    def score_batch(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Right-padded forward of token lists -> log-probs [B, T_max, V] (fp32); padding masked out of routing."""
+        T = max(len(s) for s in seqs)
+        tokens = torch.zeros(len(seqs), T, dtype=torch.long, device=self._device)
+        mask = torch.zeros(len(seqs), T, dtype=torch.bool, device=self._device)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = True
+        logits, _ = self.model(tokens, token_mask=mask)  # [B, T, V]
+        return F.log_softmax(logits.float(), dim=-1)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        # each request: ((context, continuation), context_enc, continuation_enc)
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        results: list = [None] * len(requests)
+        for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
+            idx = order[start: start + self.batch_size]
+            seqs, conts = [], []
+            for i in idx:
+                _, ctx, cont = requests[i]
+                whole = (ctx + cont)[-(self.max_length + 1):]  # truncate on the left
+                seqs.append(whole[:-1])
+                conts.append(cont)
+            logp = self.score_batch(seqs)  # [B, T, V]
+            for b, i in enumerate(idx):
+                n, L = len(conts[b]), len(seqs[b])
+                lp = logp[b, L - n: L]  # [n, V] predictions of the continuation tokens
+                target = torch.tensor(conts[b], device=self._device)
+                results[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="loglikelihood_rolling"):
+            windows = [(None,) + lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                context_len=1)]
+            out.append(sum(ll for ll, _ in self._loglikelihood_tokens(windows, disable_tqdm=True)))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="generate_until"):
+            kw = dict(gen_kwargs or {})
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.get("max_gen_toks", 256))
+            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
+            prompt = self.tok_encode(context)[-(self.max_length - max_new):] if max_new < self.max_length else []
+            stop = (lambda ids: any(s in self.tok_decode(ids) for s in until)) if until else None
+            ids = generate(self.model, prompt or [self.eot_token_id], max_new, temperature=temperature,
+                           eod=self.eot_token_id, stop=stop)
+            text = self.tok_decode([t for t in ids if t != self.eot_token_id])
+            for s in until:
+                text = text.split(s)[0]
+            out.append(text)
+        return out

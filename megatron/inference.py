@@ -1,0 +1,91 @@
+"""Load a training checkpoint for inference: config, tokenizer and model from the checkpoint alone.
+
+Used by tools/eval_harness.py, tools/generate_text.py and tools/checkpoint_util.py. Experts are
+keyed by global id on disk, so a checkpoint saved at any expert-parallel size loads here on one
+device with every expert local.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from megatron.checkpointing import load_checkpoint, locate_checkpoint
+from megatron.config import ModelConfig, MoEConfig
+from megatron.errors import UserError
+from megatron.parallel_state import ParallelState
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    cfg: ModelConfig
+    tokenizer: object
+    iteration: int
+    config: dict  # the checkpoint's full stored config
+    path: str
+
+
+def stored_model_config(config: dict) -> ModelConfig:
+    model = dict(config["model"])
+    moe = MoEConfig(**{k: v for k, v in model.pop("moe").items() if k in MoEConfig.__dataclass_fields__})
+    return ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}, moe=moe)
+
+
+def read_checkpoint_config(load_dir: str, flag: str = "--load") -> tuple[str, dict]:
+    found = locate_checkpoint(load_dir, flag)
+    if found is None:
+        raise UserError(f"{flag} {load_dir}: no checkpoint there (latest_checkpointed_iteration.txt is missing)")
+    return found
+
+
+def build_tokenizer_from_config(config: dict, vocab_file=None, merge_file=None, tokenizer_model=None):
+    """The tokenizer the checkpoint was trained with (paths as stored, unless overridden)."""
+    from megatron.tokenizer import build_tokenizer
+
+    d = config["data"]
+    kind = d.get("tokenizer_type")
+    if kind == "NullTokenizer":
+        return build_tokenizer("NullTokenizer", vocab_size=config["model"]["vocab_size"])
+    vocab_file, merge_file = vocab_file or d.get("vocab_file"), merge_file or d.get("merge_file")
+    tokenizer_model = tokenizer_model or d.get("tokenizer_model")
+    needed = {"GPT2BPETokenizer": (("--vocab-file", vocab_file), ("--merge-file", merge_file)),
+              "SentencePieceTokenizer": (("--tokenizer-model", tokenizer_model),)}.get(kind, ())
+    for flag, path in needed:
+        if path and not os.path.isfile(path):
+            raise UserError(f"{flag} {path}: the checkpoint's tokenizer file is not found (paths are stored as given at "
+                            f"training time); pass {flag} with its location")
+    return build_tokenizer(kind, vocab_file, merge_file, tokenizer_model)
+
+
+def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor: Optional[float] = None,
+               dtype: Optional[torch.dtype] = None, vocab_file=None, merge_file=None, tokenizer_model=None,
+               flag: str = "--load") -> LoadedModel:
+    """The model in eval mode on ``device``. No token is dropped unless ``eval_capacity_factor`` is given."""
+    from megatron.model.gpt_model import GPTModel
+
+    path, common = read_checkpoint_config(load_dir, flag)
+    cfg = stored_model_config(common["config"])
+    cfg.hidden_dropout = cfg.attention_dropout = 0.0
+    cfg.checkpoint_activations = False
+    cfg.moe.expert_parallel_size = 1
+    if eval_capacity_factor is None:
+        cfg.moe.token_dropping = False
+    else:
+        cfg.moe.token_dropping = True
+        cfg.moe.eval_capacity_factor = eval_capacity_factor
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    model = model.to_empty(device=dev)
+    load_checkpoint(load_dir, model, None, None, None, SimpleNamespace(model=cfg), ParallelState(device=dev),
+                    load_optim=False, load_rng=False, flag=flag)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    tokenizer = build_tokenizer_from_config(common["config"], vocab_file, merge_file, tokenizer_model)
+    return LoadedModel(model=model, cfg=cfg, tokenizer=tokenizer, iteration=int(common["iteration"]),
+                       config=common["config"], path=path)

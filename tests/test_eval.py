@@ -1,0 +1,173 @@
+"""Zero-shot evaluation, generation and checkpoint conversion on tiny checkpoints trained here."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pretrain_gpt_moe
+from megatron.errors import UserError
+from megatron.inference import load_model
+from megatron.text_generation import generate
+from tests.conftest import require_shared, shared_path
+from tests.runs import mock_args
+
+RUN = ["--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "3", "--seq-length", "32"]
+MOE = ["--num-experts", "4", "--mlp-type", "residual", "--topk", "2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for name, extra in (("dense", []), ("moe", MOE)):
+        out[name] = str(d / name)
+        pretrain_gpt_moe.main(mock_args(RUN + extra + ["--save", out[name]]))
+    return out
+
+
+def harness_lm(path, mbs=3):
+    pytest.importorskip("lm_eval")
+    from megatron.evaluation.harness_model import MegatronMoELM
+
+    return MegatronMoELM(load=path, micro_batch_size=mbs, device="cpu")
+
+
+def direct_loglikelihood(model, ctx, cont):
+    tokens = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logits, _ = model(tokens[:, :-1])
+    logp = F.log_softmax(logits.float(), -1)[0, len(ctx) - 1:]
+    return float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
+
+
+REQUESTS = [(("", ""), [5, 6, 7, 8, 9, 10, 11], [12, 13]), (("", ""), [3], [4]), (("", ""), [1, 2, 3, 4], [5, 6, 7]),
+            (("", ""), [20] * 15, [21, 22, 23, 24]), (("", ""), [9, 8], [7])]
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_loglikelihood_equals_direct_forward(checkpoints, kind):
+    lm = harness_lm(checkpoints[kind])
+    got = lm._loglikelihood_tokens(REQUESTS, disable_tqdm=True)  # batches of 3, padded to each batch's longest
+    for (_, ctx, cont), (ll, greedy) in zip(REQUESTS, got):
+        assert abs(ll - direct_loglikelihood(lm.model, ctx, cont)) < 1e-4
+        assert isinstance(greedy, bool)
+
+
+def test_padding_changes_neither_routing_nor_loglikelihood(checkpoints):
+    lm = harness_lm(checkpoints["moe"])
+    short, long = [3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    model = lm.model
+
+    def counts(seqs):
+        T = max(map(len, seqs))
+        tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+        mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
+        with torch.no_grad():
+            logits, stats = model(tokens, token_mask=mask)
+        return logits, [s["counts"] for s in stats]
+
+    logits_pair, c_pair = counts([short, long])
+    logits_short, c_short = counts([short])
+    _, c_long = counts([long])
+    torch.testing.assert_close(logits_pair[0, :len(short)], logits_short[0], rtol=1e-5, atol=1e-5)
+    for a, b, c in zip(c_pair, c_short, c_long):  # the padded slots were routed nowhere
+        assert torch.equal(a, b + c) and a.sum() == 2 * (len(short) + len(long))  # top-2
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_generation_with_kv_cache_equals_without(checkpoints, kind):
+    lm = load_model(checkpoints[kind], "cpu")
+    prompt = [5, 17, 9, 33, 2]
+    with_cache = generate(lm.model, prompt, 20, use_cache=True)
+    without = generate(lm.model, prompt, 20, use_cache=False)
+    assert len(with_cache) == 20 and with_cache == without
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s1 = generate(lm.model, prompt, 10, temperature=1.0, top_k=20, top_p=0.9, generator=g1)
+    s2 = generate(lm.model, prompt, 10, temperature=1.0, top_k=20, top_p=0.9, use_cache=False, generator=g2)
+    assert s1 == s2
+
+
+def test_generation_stops_at_the_context_limit(checkpoints):
+    lm = load_model(checkpoints["dense"], "cpu")
+    out = generate(lm.model, list(range(1, 30)), 100)
+    assert len(out) == 32 - 29  # --seq-length 32 = max positions
+
+
+def test_six_tasks_end_to_end_through_lm_eval(tmp_path):
+    pytest.importorskip("lm_eval")
+    data = require_shared("eval")
+    vocab, merges = require_shared("gpt2", "gpt2-vocab.json"), shared_path("gpt2", "gpt2-merges.txt")
+    ck = str(tmp_path / "gpt2tok")
+    pretrain_gpt_moe.main(mock_args(RUN + MOE + ["--num-layers", "2", "--seq-length", "256", "--tokenizer-type",
+                                                 "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges,
+                                                 "--save", ck]))
+    from tools import eval_harness
+
+    res_path = str(tmp_path / "results.json")
+    out = eval_harness.main(["--load", ck, "--eval-data-dir", data, "--limit", "2", "--micro-batch-size", "4",
+                             "--results-path", res_path, "--bootstrap-iters", "0"])
+    res = out["results"][ck]
+    for task, metric in (("lambada", "acc,none"), ("piqa", "acc,none"), ("boolq", "acc,none"), ("race", "acc,none"),
+                         ("triviaqa", "exact_match,remove_whitespace"), ("webqs", "exact_match,none")):
+        v = res[f"local_{task}"][metric]
+        assert 0.0 <= v <= 1.0, (task, v)
+    assert out["table"].splitlines()[0] == "| checkpoint | LAMBADA | PIQA | BoolQ | RACE-h | TriviaQA | WebQs |"
+    assert json.load(open(res_path))[ck]["results"]["local_piqa"]["alias"] == "local_piqa"
+
+
+def test_eval_harness_user_errors(tmp_path, checkpoints):
+    pytest.importorskip("lm_eval")
+    from tools import eval_harness
+
+    with pytest.raises(UserError, match="--task-list: unknown task"):
+        eval_harness.main(["--load", checkpoints["dense"], "--task-list", "mmlu", "--eval-data-dir", str(tmp_path)])
+    with pytest.raises(UserError, match="--eval-data-dir .*no such directory"):
+        eval_harness.main(["--load", checkpoints["dense"], "--eval-data-dir", str(tmp_path / "nope")])
+    with pytest.raises(UserError, match="--load .*no checkpoint there"):
+        eval_harness.main(["--load", str(tmp_path), "--eval-data-dir", str(tmp_path)])
+
+
+def test_export_hf_gives_the_same_logits(checkpoints, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tools import checkpoint_util
+
+    out = str(tmp_path / "hf")
+    checkpoint_util.main(["export-hf", "--load", checkpoints["dense"], "--save", out])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ours = load_model(checkpoints["dense"], "cpu").model
+    tokens = torch.randint(0, 127, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens)[0], rtol=1e-4, atol=1e-4)
+    moe_out = str(tmp_path / "moe")
+    checkpoint_util.main(["export-hf", "--load", checkpoints["moe"], "--save", moe_out])
+    cfg = json.load(open(os.path.join(moe_out, "config.json")))
+    assert cfg["format"] == "megatron-moe" and cfg["experts_per_layer"] == [1, 4, 1, 4]
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(moe_out, "model.safetensors"))
+    moe_model = load_model(checkpoints["moe"], "cpu").model
+    for n, p in moe_model.named_parameters():
+        assert torch.equal(state[n], p.detach())
+
+
+def test_reshard_round_trip_and_inspect(checkpoints, tmp_path, capsys):
+    from tools import checkpoint_util
+
+    a, b = str(tmp_path / "ep2"), str(tmp_path / "ep1")
+    checkpoint_util.main(["reshard", "--load", checkpoints["moe"], "--save", a, "--target-expert-parallel-size", "2"])
+    checkpoint_util.main(["reshard", "--load", a, "--save", b, "--target-expert-parallel-size", "1"])
+    src, back = load_model(checkpoints["moe"], "cpu"), load_model(b, "cpu")
+    assert load_model(a, "cpu").config["model"]["moe"]["expert_parallel_size"] == 2
+    for (n, p), (_, q) in zip(src.model.named_parameters(), back.model.named_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(UserError, match="--target-expert-parallel-size 3 does not divide"):
+        checkpoint_util.main(["reshard", "--load", a, "--save", str(tmp_path / "x"), "--target-expert-parallel-size", "3"])
+    info = checkpoint_util.main(["inspect", "--load", a])
+    assert info["iteration"] == 3 and "total parameters:" in capsys.readouterr().out
+    # training resumes from the resharded checkpoint
+    out = pretrain_gpt_moe.main(mock_args(RUN + MOE + ["--train-iters", "4", "--load", a]))
+    assert out["iteration"] == 4

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Checkpoint conversion and inspection.
+
+    python tools/checkpoint_util.py inspect --load CKPT
+    python tools/checkpoint_util.py export-hf --load CKPT --save OUT_DIR
+    python tools/checkpoint_util.py reshard --load CKPT --save OUT_DIR --target-expert-parallel-size N
+
+export-hf: a dense checkpoint becomes a Hugging Face GPT-2 model (model.safetensors + config.json)
+that ``transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)`` loads with the same logits. An MoE
+checkpoint becomes model.safetensors with our parameter names (experts stacked [E, H, F]) plus a
+config.json describing the layout (experts per layer, mlp type, top-k, tensor names and shapes).
+
+reshard: our checkpoints store every expert (weights and Adam state) under its global id, so one
+saved at any EP size already loads at any other (training with --load and a new
+--moe-expert-parallel-size reshards on the fly). The offline command checks that N divides every MoE
+layer's expert count and writes a copy (atomically) whose stored config records EP N; the tensors are
+copied unchanged. It exists for scripts that expect an explicit conversion step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron.checkpointing import TRACKER, _atomic_write_text, iter_dir_name  # noqa: E402
+from megatron.errors import UserError, argument_parser, run_cli  # noqa: E402
+from megatron.inference import load_model, read_checkpoint_config, stored_model_config  # noqa: E402
+from megatron.model_stats import count_parameters  # noqa: E402
+
+
+def parse(argv=None):
+    p = argument_parser(description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=type(p))
+    s = sub.add_parser("inspect", help="print config, iteration, parameter counts and files")
+    s.add_argument("--load", required=True)
+    s = sub.add_parser("export-hf", help="write safetensors + config.json (dense: a transformers GPT-2 model)")
+    s.add_argument("--load", required=True)
+    s.add_argument("--save", required=True)
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty --save directory")
+    s = sub.add_parser("reshard", help="copy a checkpoint for another expert-parallel size")
+    s.add_argument("--load", required=True)
+    s.add_argument("--save", required=True)
+    s.add_argument("--target-expert-parallel-size", type=int, required=True)
+    return p.parse_args(argv)
+
+
+def _prepare_out(path: str, force: bool = False) -> str:
+    if os.path.exists(path) and os.listdir(path) and not force:
+        raise UserError(f"--save {path} exists and is not empty: choose a new directory (or --force)")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, "." + os.path.basename(os.path.abspath(path)) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _publish(tmp: str, path: str) -> None:
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def inspect(a) -> dict:
+    path, common = read_checkpoint_config(a.load)
+    cfg = stored_model_config(common["config"])
+    counts = count_parameters(cfg)
+    files = []
+    for root, _, names in os.walk(path):
+        for n in names:
+            files.append((os.path.relpath(os.path.join(root, n), path), os.path.getsize(os.path.join(root, n))))
+    n_expert_files = sum(1 for f, _ in files if f.startswith("experts" + os.sep))
+    has_optim = any(f == "optim_dense.pt" for f, _ in files)
+    print(f"checkpoint: {path}\niteration: {common['iteration']}\nconsumed samples: {common.get('consumed_samples')}")
+    print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, ffn "
+          f"{cfg.ffn_hidden_size}, vocab {cfg.vocab_size}, max positions {cfg.max_position_embeddings}")
+    print(f"experts per layer: {cfg.moe.experts_per_layer(cfg.num_layers)} (mlp-type "
+          f"{cfg.moe.mlp_type if cfg.moe.enabled else 'standard'}, top-{cfg.moe.topk}); saved with EP "
+          f"{cfg.moe.expert_parallel_size}, loadable at any EP size dividing every layer's experts")
+    print(f"total parameters: {counts.total}\nactive parameters: {counts.active}\nexpert parameters: {counts.expert}")
+    print(f"files: {len(files)} ({n_expert_files} expert files), {sum(s for _, s in files) / 2**20:.1f} MiB; "
+          f"optimizer state: {'yes' if has_optim else 'no'}")
+    print(f"tokenizer: {common['config']['data'].get('tokenizer_type')}")
+    return {"iteration": common["iteration"], "total": counts.total, "active": counts.active, "files": len(files)}
+
+
+def hf_gpt2_state(model) -> dict:
+    """Our dense GPT -> transformers GPT2LMHeadModel state (Conv1D weights are [in, out])."""
+    sd = {"transformer.wte.weight": model.word_embeddings.weight, "transformer.wpe.weight": model.position_embeddings.weight,
+          "transformer.ln_f.weight": model.final_layernorm.weight, "transformer.ln_f.bias": model.final_layernorm.bias}
+    for i, layer in enumerate(model.layers):
+        h = f"transformer.h.{i}."
+        mlp = layer.mlp.mlp
+        sd.update({
+            h + "ln_1.weight": layer.input_layernorm.weight, h + "ln_1.bias": layer.input_layernorm.bias,
+            h + "attn.c_attn.weight": layer.attention.qkv.weight.t(), h + "attn.c_attn.bias": layer.attention.qkv.bias,
+            h + "attn.c_proj.weight": layer.attention.proj.weight.t(), h + "attn.c_proj.bias": layer.attention.proj.bias,
+            h + "ln_2.weight": layer.post_attention_layernorm.weight, h + "ln_2.bias": layer.post_attention_layernorm.bias,
+            h + "mlp.c_fc.weight": mlp.fc1.weight.t(), h + "mlp.c_fc.bias": mlp.fc1.bias,
+            h + "mlp.c_proj.weight": mlp.fc2.weight.t(), h + "mlp.c_proj.bias": mlp.fc2.bias,
+        })
+    return {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
+
+
+def hf_gpt2_config(cfg, tokenizer_eod: int) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_position_embeddings, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
+        "n_head": cfg.num_attention_heads, "n_inner": cfg.ffn_hidden_size, "activation_function": "gelu",
+        "layer_norm_epsilon": cfg.layernorm_epsilon, "initializer_range": cfg.init_method_std,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
+        "tie_word_embeddings": True, "bos_token_id": tokenizer_eod, "eos_token_id": tokenizer_eod,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(a) -> dict:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("export-hf needs the safetensors package: pip install safetensors") from None
+    lm = load_model(a.load, "cpu")
+    cfg = lm.cfg
+    tmp = _prepare_out(a.save, a.force)
+    if not cfg.moe.enabled:
+        state = hf_gpt2_state(lm.model)
+        config = hf_gpt2_config(cfg, lm.tokenizer.eod)
+        kind = "Hugging Face GPT-2 (transformers.GPT2LMHeadModel)"
+    else:
+        state = {n: p.detach().float().contiguous().cpu() for n, p in lm.model.named_parameters()}
+        config = {"format": "megatron-moe", "model": {k: v for k, v in lm.config["model"].items()},
+                  "experts_per_layer": cfg.moe.experts_per_layer(cfg.num_layers),
+                  "mlp_type": cfg.moe.mlp_type, "topk": cfg.moe.topk, "activation": "gelu",
+                  "layout": "pre-LayerNorm GPT, learned positions, tied output embedding; an MoE layer's experts are "
+                            "stacked: experts.w1 [E, H, F], b1 [E, F], w2 [E, F, H], b2 [E, H]; router.wg [E, H]; "
+                            "Residual-MoE adds residual_mlp (fc1, fc2) and coefficient [2, H]",
+                  "tensors": {n: list(t.shape) for n, t in state.items()}}
+        kind = "safetensors with our parameter names + layout config (MoE has no transformers class)"
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    _publish(tmp, a.save)
+    print(f"> exported iteration {lm.iteration} of {a.load} to {a.save}: {kind}; {len(state)} tensors")
+    return {"path": a.save, "moe": cfg.moe.enabled}
+
+
+def reshard(a) -> dict:
+    path, common = read_checkpoint_config(a.load)
+    cfg = stored_model_config(common["config"])
+    n = a.target_expert_parallel_size
+    if n < 1:
+        raise UserError("--target-expert-parallel-size must be >= 1")
+    bad = sorted({e for e in cfg.moe.experts_per_layer(cfg.num_layers) if e > 1 and e % n})
+    if bad:
+        raise UserError(f"--target-expert-parallel-size {n} does not divide the expert count(s) {bad} of this "
+                        f"checkpoint: choose a divisor of every layer's experts")
+    if os.path.abspath(a.save) == os.path.abspath(a.load):
+        raise UserError("--save must differ from --load (the source checkpoint is never modified)")
+    tmp = _prepare_out(a.save)
+    name = iter_dir_name(int(common["iteration"]))
+    shutil.copytree(path, os.path.join(tmp, name))
+    common["config"]["model"]["moe"]["expert_parallel_size"] = n
+    common_path = os.path.join(tmp, name, "common.pt")
+    torch.save(common, common_path + ".tmp")
+    os.replace(common_path + ".tmp", common_path)
+    _atomic_write_text(os.path.join(tmp, TRACKER), str(common["iteration"]))
+    _publish(tmp, a.save)
+    print(f"> {a.load} (iteration {common['iteration']}, EP {cfg.moe.expert_parallel_size}) -> {a.save} (EP {n})")
+    return {"path": a.save, "ep": n}
+
+
+def main(argv=None):
+    a = parse(argv)
+    return {"inspect": inspect, "export-hf": export_hf, "reshard": reshard}[a.command](a)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main() and 0)

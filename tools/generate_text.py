@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Generate text from a checkpoint (dense, MoE, PR-MoE, MoS; saved at any EP size).
+
+    python tools/generate_text.py --load CKPT --prompt "The history of" [--prompt ...] \\
+        [--prompt-file prompts.txt] [--max-new-tokens 64] [--temperature 0.8 --top-k 50 --top-p 0.9] \\
+        [--no-kv-cache] [--seed 1] [--moe-eval-capacity-factor CF]
+
+Greedy when --temperature is 0 (the default). Prints each continuation and the tokens per second.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron.errors import UserError, argument_parser, run_cli  # noqa: E402
+from megatron.inference import load_model  # noqa: E402
+from megatron.text_generation import generate  # noqa: E402
+
+
+def parse(argv=None):
+    p = argument_parser(description=__doc__)
+    p.add_argument("--load", required=True, help="checkpoint directory (the --save of training)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step (slower)")
+    p.add_argument("--moe-eval-capacity-factor", type=float, default=None,
+                   help="drop tokens at this capacity factor (default: no token is dropped)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--vocab-file"), p.add_argument("--merge-file"), p.add_argument("--tokenizer-model")
+    a = p.parse_args(argv)
+    if a.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if a.temperature < 0 or not (0.0 <= a.top_p <= 1.0) or a.top_k < 0:
+        raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in [0, 1]")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    prompts = list(a.prompt)
+    if a.prompt_file:
+        if not os.path.isfile(a.prompt_file):
+            raise UserError(f"--prompt-file {a.prompt_file}: file not found")
+        prompts += [line.rstrip("\n") for line in open(a.prompt_file, encoding="utf-8") if line.strip()]
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompt-file")
+    lm = load_model(a.load, a.device, a.moe_eval_capacity_factor, torch.bfloat16 if a.bf16 else None,
+                    a.vocab_file, a.merge_file, a.tokenizer_model)
+    tok = lm.tokenizer
+    g = torch.Generator().manual_seed(a.seed)
+    outputs, n_tokens, t0 = [], 0, time.perf_counter()
+    for prompt in prompts:
+        ids = generate(lm.model, tok.tokenize(prompt), a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                       top_p=a.top_p, eod=tok.eod, use_cache=not a.no_kv_cache, generator=g)
+        n_tokens += len(ids)
+        text = tok.detokenize([i for i in ids if i != tok.eod])
+        outputs.append(text)
+        print(f"--- prompt: {prompt}\n{prompt}{text}", flush=True)
+    dt = time.perf_counter() - t0
+    print(f"> {n_tokens} tokens in {dt:.2f} s: {n_tokens / dt:.1f} tokens/s "
+          f"({'no ' if a.no_kv_cache else ''}KV cache, iteration {lm.iteration} of {a.load})")
+    return {"outputs": outputs, "tokens_per_second": n_tokens / dt}
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main() and 0)
