@@ -22,8 +22,6 @@ DEEPSPEED_ONLY_FLAGS = {
     "--deepspeed-config": "drop the DeepSpeed JSON; give its settings as flags (--micro-batch-size, --global-batch-size, --fp16/--bf16, --clip-grad)",
     "--deepspeed-activation-checkpointing": "use --checkpoint-activations",
     "--no-pipeline-parallel": "drop it: there is no pipeline parallelism here",
-    "--zero-stage": "ZeRO is not implemented yet (issue: scale-out); drop --zero-stage",
-    "--use-distributed-optimizer": "the sharded optimizer is not implemented yet (issue: scale-out); drop the flag",
     "--pipeline-model-parallel-size": "pipeline parallelism is not supported: drop the flag (use expert/data parallelism)",
 }
 
@@ -94,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--optimizer", type=str, default="adam", choices=["adam"])
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="ZeRO stage 1: shard Adam state over data-parallel ranks (experts over expert-data-parallel ranks)")
+    g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
+                   help="DeepSpeed-style synonym: 1 = --use-distributed-optimizer, 0 = off")
 
     g = p.add_argument_group("mixed precision")
     g.add_argument("--fp16", action="store_true")
@@ -228,6 +230,7 @@ def namespace_to_config(a: argparse.Namespace) -> Config:
             lr_warmup_fraction=a.lr_warmup_fraction, lr_decay_iters=a.lr_decay_iters,
             lr_decay_samples=a.lr_decay_samples, lr_decay_tokens=a.lr_decay_tokens, weight_decay=a.weight_decay,
             adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, clip_grad=a.clip_grad,
+            use_distributed_optimizer=a.use_distributed_optimizer or a.zero_stage == 1,
         ),
         precision=PrecisionConfig(
             fp16=a.fp16, bf16=a.bf16, loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale,
@@ -264,6 +267,9 @@ def namespace_to_config(a: argparse.Namespace) -> Config:
         dry_run=a.dry_run,
         dry_run_world_size=a.dry_run_world_size or int(os.environ.get("WORLD_SIZE", "1")),
     )
+    if a.zero_stage in (2, 3):
+        raise UserError(f"--zero-stage {a.zero_stage} is not implemented: use --zero-stage 1 (or --use-distributed-optimizer), "
+                        f"which shards the Adam state; gradients and parameters stay replicated")
     if cfg.dry_run_world_size < 1:
         raise UserError("--dry-run-world-size must be >= 1")
     if a.mock_data and not a.vocab_size and cfg.data.tokenizer_type == "NullTokenizer":

@@ -25,6 +25,7 @@ import torch
 
 from megatron.errors import UserError
 from megatron.optimizer import is_expert
+from megatron.parallel.tensor_parallel import full_shape, gather_tp, is_tp_sharded, shard_tp
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -95,7 +96,15 @@ def _expert_modules(model):
 
 
 def _optimizer_state_by_param(optimizer):
+    """Per-parameter Adam state; the ZeRO-1 optimizer all-gathers its shards (collective)."""
+    if hasattr(optimizer, "state_by_param"):
+        return optimizer.state_by_param()
     return {p: optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"]}
+
+
+def _full(t: torch.Tensor, p, ps) -> torch.Tensor:
+    """The full (TP-gathered) CPU tensor of parameter p's local tensor t (collective over TP if sharded)."""
+    return (gather_tp(t, p, ps) if is_tp_sharded(p) else t).detach().cpu()
 
 
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, scaler, cfg, ps, extra: dict,
@@ -110,21 +119,22 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     ps.barrier()
     opt_state = _optimizer_state_by_param(optimizer) if save_optim else {}
     named = dict(model.named_parameters())
+    if ps.dp_rank == 0:  # the TP ranks of the first replica gather full tensors; rank 0 writes them
+        dense = {n: _full(p, p, ps) for n, p in named.items() if not is_expert(p)}
+        optim = {}
+        for n, p in named.items():
+            st = opt_state.get(p, {})
+            if save_optim and not is_expert(p) and "exp_avg" in st:
+                optim[n] = {"exp_avg": _full(st["exp_avg"], p, ps), "exp_avg_sq": _full(st["exp_avg_sq"], p, ps),
+                            "step": float(st["step"])}
     if ps.is_main:
-        dense = {n: p.detach().cpu() for n, p in named.items() if not is_expert(p)}
         _save(dense, os.path.join(tmp, "model_dense.pt"))
         if save_optim:
-            optim = {}
-            for n, p in named.items():
-                st = opt_state.get(p, {})
-                if not is_expert(p) and "exp_avg" in st:
-                    optim[n] = {"exp_avg": st["exp_avg"].cpu(), "exp_avg_sq": st["exp_avg_sq"].cpu(),
-                                "step": float(st["step"])}
             _save(optim, os.path.join(tmp, "optim_dense.pt"))
         common = {"format": FORMAT_VERSION, "iteration": iteration, "config": cfg.to_dict(),
                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **extra}
         _save(common, os.path.join(tmp, "common.pt"))
-    if ps.edp_rank == 0:  # one replica of each expert writes it
+    if ps.edp_rank == 0 and ps.tp_rank == 0:  # one replica of each expert writes it
         for layer, experts in _expert_modules(model):
             for i in range(experts.num_local):
                 g = experts.first_expert + i
@@ -211,13 +221,14 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps,
                 continue
             if n not in dense:
                 raise UserError(f"{flag}: parameter {n} is missing from {path}; the checkpoint does not match the model")
-            if dense[n].shape != p.shape:
-                raise UserError(f"{flag}: {n} has shape {tuple(dense[n].shape)} in the checkpoint but {tuple(p.shape)} in "
+            if tuple(dense[n].shape) != full_shape(p):
+                raise UserError(f"{flag}: {n} has shape {tuple(dense[n].shape)} in the checkpoint but {full_shape(p)} in "
                                 f"the model; pass the flags it was trained with")
-            p.copy_(dense[n])
+            local = (lambda t: shard_tp(t, p, ps)) if is_tp_sharded(p) else (lambda t: t)
+            p.copy_(local(dense[n]))
             if n in optim_dense:
                 st = optim_dense[n]
-                new_state[p] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": st["step"]}
+                new_state[p] = {"exp_avg": local(st["exp_avg"]), "exp_avg_sq": local(st["exp_avg_sq"]), "step": st["step"]}
         for layer, experts in _expert_modules(model):
             params = dict(experts.named_parameters(recurse=False))
             slices = {k: {"exp_avg": [], "exp_avg_sq": [], "step": None} for k in params}
@@ -252,6 +263,9 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps,
 
 def _install_optimizer_state(optimizer, state_by_param: dict) -> None:
     """Build a torch optimizer state_dict from per-parameter tensors and load it (torch places 'step')."""
+    if hasattr(optimizer, "load_state_by_param"):  # ZeRO-1: keep this rank's shard
+        optimizer.load_state_by_param(state_by_param)
+        return
     sd = optimizer.state_dict()
     index = {}
     i = 0

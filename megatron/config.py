@@ -154,13 +154,8 @@ class ParallelConfig:
     distributed_backend: Optional[str] = None  # None -> nccl on GPU, gloo on CPU
     use_cpu: bool = False
 
-    def validate(self, dry_run: bool = False) -> None:
+    def validate(self) -> None:
         check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
-        check(
-            dry_run or self.tensor_model_parallel_size == 1,
-            "--tensor-model-parallel-size > 1 is not implemented yet: use 1 (data and expert parallelism work; "
-            "--dry-run plans TP layouts)",
-        )
         check(
             self.distributed_backend in (None, "gloo", "nccl"),
             f"--distributed-backend must be gloo or nccl (got {self.distributed_backend!r})",
@@ -184,6 +179,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False  # ZeRO-1: Adam state sharded over DP (experts: expert-DP)
 
     def validate(self) -> None:
         check(self.lr is not None, "--lr is required: give the peak learning rate, e.g. --lr 3e-4")
@@ -381,7 +377,7 @@ class Config:
 
     def validate(self) -> "Config":
         self.model.validate()
-        self.parallel.validate(self.dry_run)
+        self.parallel.validate()
         self.optimizer.validate()
         self.precision.validate()
         self.train.validate()
@@ -395,6 +391,11 @@ class Config:
         """Checks that need the number of processes."""
         tp = self.parallel.tensor_model_parallel_size
         check(world_size % tp == 0, f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
+        m = self.model
+        check(m.num_attention_heads % tp == 0,
+              f"--num-attention-heads {m.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+        check(m.ffn_hidden_size % tp == 0,
+              f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
         dp = world_size // tp
         ep = self.model.moe.expert_parallel_size
         check(
@@ -421,6 +422,11 @@ class Config:
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
-    """Megatron pads the vocabulary so the embedding splits evenly and matmuls are aligned."""
-    multiple = divisible_by * tp
+    """Pad the vocabulary so the embedding splits evenly over TP ranks and matmuls are aligned.
+
+    Megatron pads to a multiple of divisible_by x TP, so the padded size (and the checkpoint) depends
+    on TP; here it is a multiple of divisible_by whenever TP divides it (the default 128 with TP up to
+    128), so a checkpoint moves between TP layouts unchanged.
+    """
+    multiple = divisible_by if divisible_by % tp == 0 else divisible_by * tp
     return int(math.ceil(vocab_size / multiple) * multiple)

@@ -77,6 +77,7 @@ def build_teacher(kd_cfg, student_cfg: ModelConfig, ps, model_provider=None) -> 
 
     from megatron.model.gpt_model import GPTModel
     from megatron.parallel.expert_parallel import apply_expert_parallel
+    from megatron.parallel.tensor_parallel import apply_tensor_parallel
 
     tcfg = teacher_model_config(kd_cfg, student_cfg)
     for e in tcfg.moe.experts_per_layer(tcfg.num_layers):
@@ -87,6 +88,7 @@ def build_teacher(kd_cfg, student_cfg: ModelConfig, ps, model_provider=None) -> 
     with torch.device("meta"):  # every weight comes from the checkpoint: skip the random init
         teacher = GPTModel(tcfg, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
     teacher = teacher.to_empty(device=ps.device)
+    apply_tensor_parallel(teacher, ps)  # before loading: each TP rank loads its shard of the full tensors
     load_checkpoint(kd_cfg.load_teacher, teacher, None, None, None, SimpleNamespace(model=tcfg), ps,
                     load_optim=False, load_rng=False, flag="--load-teacher")
     apply_expert_parallel(teacher, ps)

@@ -144,7 +144,8 @@ def dry_run(cfg, world_size: int) -> dict:
     plan = memory_plan(cfg, world_size, tcfg)
     m = cfg.model
     fpt = flops_per_token(m)
-    steady = plan["weights"] + plan["grads"] + plan["optimizer"] + plan["teacher"]
+    optim = plan["optimizer_sharded"] if cfg.optimizer.use_distributed_optimizer else plan["optimizer"]
+    steady = plan["weights"] + plan["grads"] + optim + plan["teacher"]
     act = plan["activations_ckpt"] if m.checkpoint_activations else plan["activations"]
     lines = [
         f"> dry run: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, ffn {m.ffn_hidden_size}, "
@@ -174,7 +175,8 @@ def dry_run(cfg, world_size: int) -> dict:
         lines.append(f"  teacher (fp32, frozen) + its logits: {_gib(plan['teacher'])}")
     lines += [
         f"  total (this configuration): {_gib(steady + act)} "
-        f"(with a sharded optimizer: {_gib(steady - plan['optimizer'] + plan['optimizer_sharded'] + act)})",
+        f"({'sharded' if cfg.optimizer.use_distributed_optimizer else 'plain'} optimizer; "
+        f"with a sharded optimizer: {_gib(steady - optim + plan['optimizer_sharded'] + act)})",
     ]
     print("\n".join(lines), flush=True)
     return {"total": counts.total, "active": counts.active, "expert": counts.expert, "flops_per_token": fpt,

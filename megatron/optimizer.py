@@ -27,7 +27,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return out
 
 
-def build_optimizer(model: torch.nn.Module, opt_cfg, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, opt_cfg, device: torch.device, ps=None):
+    """torch AdamW, or the ZeRO-1 sharded AdamW with ``--use-distributed-optimizer``."""
+    if opt_cfg.use_distributed_optimizer and ps is not None:
+        from megatron.parallel.distributed_optimizer import DistributedAdamW
+
+        return DistributedAdamW(model, opt_cfg, ps)
     kwargs = dict(lr=opt_cfg.lr, betas=(opt_cfg.adam_beta1, opt_cfg.adam_beta2), eps=opt_cfg.adam_eps)
     if device.type == "cuda":
         kwargs["fused"] = True

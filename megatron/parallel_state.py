@@ -1,7 +1,10 @@
-"""Process groups for data (DP), expert (EP) and expert-data (EDP) parallelism in one object.
+"""Process groups for tensor (TP), data (DP), expert (EP) and expert-data (EDP) parallelism.
 
 Built once in ``initialize`` and passed explicitly; no module reads global process groups.
-EP groups are consecutive blocks of ``ep`` ranks; EDP groups hold the ranks with the same EP rank.
+Rank layout (Megatron's): rank = d * tp + t, TP ranks consecutive. DP groups hold the ranks with the
+same TP rank t; EP groups are consecutive blocks of ``ep`` DP indices d (same t), so the all-to-all
+runs only among ranks of the same TP rank (the paper's parallelism-coordinated communication);
+EDP groups hold the ranks with the same TP rank and the same EP rank.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class ParallelState:
     edp_rank: int = 0
     edp_group: Optional[Any] = None
     tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: Optional[Any] = None
 
     @property
     def distributed(self) -> bool:
@@ -51,23 +56,32 @@ def choose_device(use_cpu: bool, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device) -> ParallelState:
-    """Create the EP and EDP groups (every rank calls new_group for every group, in one order)."""
-    ps = ParallelState(rank=rank, world_size=world_size, device=device, dp_size=world_size, dp_rank=rank,
-                       ep_size=ep_size, ep_rank=rank % ep_size, edp_size=world_size // ep_size, edp_rank=rank // ep_size)
+def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device, tp_size: int = 1) -> ParallelState:
+    """Create the TP, DP, EP and EDP groups (every rank calls new_group for every group, in one order)."""
+    dp_size = world_size // tp_size
+    t, d = rank % tp_size, rank // tp_size
+    ps = ParallelState(rank=rank, world_size=world_size, device=device, dp_size=dp_size, dp_rank=d,
+                       ep_size=ep_size, ep_rank=d % ep_size, edp_size=dp_size // ep_size, edp_rank=d // ep_size,
+                       tp_size=tp_size, tp_rank=t)
     if world_size == 1:
         return ps
-    ps.dp_group = dist.group.WORLD
-    for start in range(0, world_size, ep_size):
-        ranks = list(range(start, start + ep_size))
+
+    def group(ranks):
         g = dist.new_group(ranks)
-        if rank in ranks:
-            ps.ep_group = g
-    for j in range(ep_size):
-        ranks = list(range(j, world_size, ep_size))
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            ps.edp_group = g
+        return g if rank in ranks else None
+
+    def assign(name, g):
+        if g is not None:
+            setattr(ps, name, g)
+
+    for dd in range(dp_size):
+        assign("tp_group", group([dd * tp_size + tt for tt in range(tp_size)]))
+    for tt in range(tp_size):
+        assign("dp_group", group([dd * tp_size + tt for dd in range(dp_size)]))
+        for start in range(0, dp_size, ep_size):
+            assign("ep_group", group([dd * tp_size + tt for dd in range(start, start + ep_size)]))
+        for j in range(ep_size):
+            assign("edp_group", group([dd * tp_size + tt for dd in range(j, dp_size, ep_size)]))
     return ps
 
 
@@ -82,7 +96,7 @@ def initialize(parallel_cfg, ep_size: int) -> ParallelState:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=30), **kwargs)
-    ps = build_groups(rank, world_size, ep_size, device)
+    ps = build_groups(rank, world_size, ep_size, device, parallel_cfg.tensor_model_parallel_size)
     ps.local_rank = local_rank
     return ps
 

@@ -28,6 +28,7 @@ from megatron.lr_scheduler import build_scheduler
 from megatron.model_stats import count_parameters, device_peak_tflops, flops_per_token
 from megatron.optimizer import build_optimizer, is_expert
 from megatron.parallel.expert_parallel import apply_expert_parallel
+from megatron.parallel.tensor_parallel import apply_tensor_parallel
 from megatron.parallel.grad_sync import (
     all_reduce_sum, allreduce_gradients, any_rank, clip_gradients, global_grad_norm, scale_gradients,
 )
@@ -152,7 +153,7 @@ def train_step(forward_step_fn, data_iterator, model, optimizer, scaler, ps, cfg
     scaler.update(found_inf)
     keys = sorted(sums)
     vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=ps.device)
-    all_reduce_sum(vec, ps)
+    all_reduce_sum(vec, ps, ps.dp_group)  # TP ranks hold the same values: average over DP only
     logs = {k: float(v) / ps.dp_size for k, v in zip(keys, vec.tolist())}
     return StepResult(logs=logs, moe=moe_acc, grad_norm=grad_norm, skipped=found_inf)
 
@@ -175,7 +176,7 @@ def evaluate(forward_step_fn, dataset, model, ps, cfg, num_micro: int, autocast)
     model.train()
     keys = sorted(sums)
     vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=ps.device)
-    all_reduce_sum(vec, ps)
+    all_reduce_sum(vec, ps, ps.dp_group)
     return {k: float(v) / (max(n, 1) * ps.dp_size) for k, v in zip(keys, vec.tolist())}
 
 
@@ -190,8 +191,8 @@ def moe_summary(moe_acc: list, ps, model) -> list[dict]:
     for layer, a in zip(layers, moe_acc):
         counts = a["counts"].double().clone()
         scal = torch.stack([a["dropped"].double(), a["assignments"].double()])
-        all_reduce_sum(counts, ps)
-        all_reduce_sum(scal, ps)
+        all_reduce_sum(counts, ps, ps.dp_group)
+        all_reduce_sum(scal, ps, ps.dp_group)
         mean = counts.mean()
         cv = float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
         out.append({"layer": layer.layer_number, "counts": counts.cpu(), "drop": float(scal[0] / scal[1].clamp_min(1)),
@@ -231,8 +232,9 @@ def setup_model_and_optimizer(model_provider, cfg, ps):
     model = model_provider(cfg, ps)
     model.init_weights(cfg.train.seed)
     model.to(ps.device)
+    apply_tensor_parallel(model, ps)
     apply_expert_parallel(model, ps)
-    optimizer = build_optimizer(model, cfg.optimizer, ps.device)
+    optimizer = build_optimizer(model, cfg.optimizer, ps.device, ps)
     return model, optimizer
 
 
@@ -282,7 +284,8 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
                                     cfg.data.tokenizer_model)
     cfg.model.vocab_size = pad_vocab_size(tokenizer.vocab_size, cfg.data.make_vocab_size_divisible_by,
                                           cfg.parallel.tensor_model_parallel_size)
-    print_rank0(ps, f"> world size {ps.world_size} (DP {ps.dp_size}, EP {ps.ep_size}) on {ps.device}; "
+    print_rank0(ps, f"> world size {ps.world_size} (TP {ps.tp_size}, DP {ps.dp_size}, EP {ps.ep_size}"
+                    f"{', ZeRO-1 optimizer' if cfg.optimizer.use_distributed_optimizer else ''}) on {ps.device}; "
                     f"vocab {tokenizer.vocab_size} padded to {cfg.model.vocab_size}")
     model, optimizer = setup_model_and_optimizer(model_provider, cfg, ps)
     report_parameters(model, cfg, ps)
@@ -345,6 +348,7 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
     interval_sums: dict = defaultdict(float)
     interval_counts: dict = defaultdict(int)
     kd_history: list = []
+    norm_history: list = []
     interval_iters = skipped_total = 0
     interval_moe: list = []
     interval_t0 = time.time()
@@ -364,6 +368,7 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
         skipped_total += int(res.skipped)
         history.append(res.logs.get("lm loss", float("nan")))
         kd_history.append(res.logs.get("kd loss"))
+        norm_history.append(res.grad_norm)
         for k, v in res.logs.items():
             interval_sums[k] += v
             interval_counts[k] += 1
@@ -429,13 +434,14 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
                 save(iteration, consumed)
             print_rank0(ps, f"> exiting at iteration {iteration}: {exit_reason}")
             tb.close()
-            return {"iteration": iteration, "losses": history, "kd_losses": kd_history, "valid": last_valid,
-                    "exit": exit_reason}
+            return {"iteration": iteration, "losses": history, "kd_losses": kd_history, "grad_norms": norm_history,
+                    "valid": last_valid, "exit": exit_reason}
 
     train_time = time.time() - train_t0
     teacher = None
     gc.collect()
-    result = {"iteration": iteration, "losses": history, "kd_losses": kd_history, "train_time": train_time,
+    result = {"iteration": iteration, "losses": history, "kd_losses": kd_history, "grad_norms": norm_history,
+              "train_time": train_time,
               "skipped": skipped_total, "loss_scale": scaler.scale,
               "teacher_released": teacher_ref is not None and teacher_ref() is None}
     if valid_ds is not None and cfg.train.eval_iters > 0:

@@ -73,12 +73,14 @@ def test_resume_across_the_kd_stop_point_reproduces_the_uninterrupted_run(tmp_pa
     assert after["losses"] == full["losses"][4:] and after["kd_losses"] == [None]
 
 
-def test_kd_with_expert_parallel_2_equals_1_process(tmp_path):
+@pytest.mark.parametrize("layout", [["--moe-expert-parallel-size", "2"], ["--tensor-model-parallel-size", "2"]],
+                         ids=["ep2", "tp2"])
+def test_kd_with_expert_or_tensor_parallel_2_equals_1_process(tmp_path, layout):
     ck = make_teacher(str(tmp_path / "teacher"))
     base = mock_args(RUN + STUDENT + NO_NOISE + ["--num-experts", "4", "--train-iters", "3", "--mos",
                                                  "--load-teacher", ck])
     ref = pretrain_gpt_moe.main(base)
-    ep2 = run_distributed(_train_kd, 2, str(tmp_path / "ep2"), base + ["--moe-expert-parallel-size", "2"])
+    ep2 = run_distributed(_train_kd, 2, str(tmp_path / "ep2"), base + layout)
     assert len(ep2[0]["kd"]) == 3 and ep2[0]["kd"][0] > 0
     for a, b in zip(ep2[0]["kd"] + ep2[0]["losses"], ref["kd_losses"] + ref["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b)

@@ -42,7 +42,7 @@ CATALOGUE = [
     ("fp16+bf16", lambda t: mock_args(BASE + ["--fp16", "--bf16"]), "--fp16 and --bf16"),
     ("no lr", lambda t: [a for a in mock_args(BASE) if a not in ("--lr", "3e-3")], "--lr"),
     ("deepspeed", lambda t: mock_args(BASE + ["--deepspeed"]), "--deepspeed"),
-    ("zero-stage", lambda t: mock_args(BASE + ["--zero-stage", "1"]), "--zero-stage"),
+    ("zero-stage 2", lambda t: mock_args(BASE + ["--zero-stage", "2"]), "--zero-stage 1"),
     ("num-experts list", lambda t: mock_args(BASE + ["--num-experts", "4", "8", "8"]), "--num-experts"),
     ("ep divides experts", lambda t: mock_args(BASE + ["--num-experts", "6", "--moe-expert-parallel-size", "4"]), "--moe-expert-parallel-size"),
     ("ep divides dp", lambda t: mock_args(BASE + ["--num-experts", "4", "--moe-expert-parallel-size", "2"]), "data-parallel size"),

@@ -41,7 +41,7 @@ def main():
         layout = re.search(r"world (\d+) = TP (\d+) x DP (\d+) \(EP (\d+)", out).groups()
         w, g, o = (float(grab(rf"^  {k}.*?: +([\d.]+) GiB", out)) for k in ("weights", "gradients", "Adam"))
         act = grab(r", ([\d.]+) GiB with --checkpoint-activations", out)
-        tot = re.search(r"total \(this configuration\): ([\d.]+) GiB \(with a sharded optimizer: ([\d.]+) GiB", out).groups()
+        tot = re.search(r"total \(this configuration\): ([\d.]+) GiB \(.*with a sharded optimizer: ([\d.]+) GiB", out).groups()
         rows.append(f"| `{name}.sh` | {human(total)} / {paper} | {diff} | {human(active)} | {layout[0]} ({layout[1]} x "
                     f"{layout[2]}, EP {layout[3]}) | {w + g + o:.1f} GiB | {act} GiB | {tot[0]} GiB ({tot[1]} GiB) |")
     print("\n".join(rows))

@@ -17,6 +17,21 @@ from megatron.model.moe.layer import MoELayer
 from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer
 
 
+class TiedOutputLayer(nn.Module):
+    """Logits from the (tied) word-embedding matrix. Tensor parallelism swaps in a vocab-parallel one."""
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        return F.linear(h, weight)  # [B, T, V]
+
+
+class CrossEntropy(nn.Module):
+    """Per-token cross-entropy in fp32. Tensor parallelism swaps in the vocab-parallel one."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        B, T = labels.shape
+        return F.cross_entropy(logits.float().view(B * T, -1), labels.reshape(-1), reduction="none").view(B, T)
+
+
 class GPTModel(nn.Module):
     def __init__(self, cfg, ep_rank: int = 0, ep_size: int = 1):
         """``cfg``: ModelConfig. ``ep_rank/ep_size`` say which experts this rank holds (layout only)."""
@@ -37,6 +52,8 @@ class GPTModel(nn.Module):
             layers.append(TransformerLayer(cfg, i, mlp))
         self.layers = nn.ModuleList(layers)
         self.final_layernorm = layer_norm(H, cfg.layernorm_epsilon)
+        self.output_layer = TiedOutputLayer()  # no parameters of its own
+        self.loss_fn = CrossEntropy()
 
     def moe_layers(self) -> list[MoELayer]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
@@ -86,8 +103,7 @@ class GPTModel(nn.Module):
             if s is not None:
                 stats.append(s)
         h = self.final_layernorm(h)
-        logits = F.linear(h, self.word_embeddings.weight)  # [B, T, V] (tied output layer)
+        logits = self.output_layer(h, self.word_embeddings.weight, gather=labels is None)  # [B, T, V] (tied)
         if labels is None:
             return logits, stats
-        loss = F.cross_entropy(logits.float().view(B * T, -1), labels.reshape(-1), reduction="none").view(B, T)
-        return loss, stats
+        return self.loss_fn(logits, labels), stats

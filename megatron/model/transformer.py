@@ -35,7 +35,7 @@ class SelfAttention(nn.Module):
                 raise NotImplementedError("multi-token append to a non-empty KV cache")
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0,
                                            is_causal=causal)  # [B, nh, T, hd]
-        return self.proj(y.transpose(1, 2).reshape(B, T, H))  # [B, T, H]
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, nh*hd] -> [B, T, H]
 
 
 class MLP(nn.Module):

@@ -59,13 +59,24 @@ def allreduce_gradients(model: torch.nn.Module, ps) -> None:
 
 
 def global_grad_norm(model: torch.nn.Module, ps) -> float:
-    """sqrt(sum over dense params once + every expert once across the EP group)."""
+    """sqrt(sum over dense params once + every expert once across the EP group).
+
+    TP-sharded parameters are summed over the TP group; replicated ones (identical on every TP
+    rank) are counted once.
+    """
     dense, expert = split_params(model)
     dev = dense[0].device if dense else torch.device("cpu")
     dense_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    sharded_sq = torch.zeros((), dtype=torch.float64, device=dev)
     for p in dense:
         if p.grad is not None:
-            dense_sq += p.grad.detach().double().square().sum()
+            if hasattr(p, "tp_indices"):
+                sharded_sq += p.grad.detach().double().square().sum()
+            else:
+                dense_sq += p.grad.detach().double().square().sum()
+    if ps.tp_size > 1:
+        dist.all_reduce(sharded_sq, group=ps.tp_group)
+    dense_sq += sharded_sq
     expert_sq = torch.zeros((), dtype=torch.float64, device=dev)
     for p in expert:
         if p.grad is not None:

@@ -1,0 +1,205 @@
+"""Megatron-style tensor parallelism applied from outside the model.
+
+``apply_tensor_parallel(model, ps)`` swaps modules of a built (and initialised) GPTModel for
+tensor-parallel ones holding this rank's shard, so a model built at TP=1 and at TP=T starts from
+the same weights and the model code stays free of collectives:
+
+- attention: ``qkv`` column-parallel by heads (q, k, v rows of this rank's heads), ``proj``
+  row-parallel (its input columns; output all-reduced, bias added once);
+- dense MLP: ``fc1`` column-parallel, ``fc2`` row-parallel;
+- word embedding: vocab-parallel rows (lookup masked to this rank's range, then all-reduced); the
+  tied output layer gives [B, T, V/T] logits; the cross-entropy is vocab-parallel (max, sum-exp and
+  target logit all-reduced), so full logits exist only when asked for (generation, KD);
+- replicated on every TP rank: layer norms, position embeddings, row-parallel biases, and the MoE
+  layers (router, experts, Residual-MoE MLP): every TP rank runs the MoE layer on the same tokens
+  and its all-to-all runs among ranks of the same TP rank (parallelism-coordinated communication).
+  Replicated parameters get identical gradients on every TP rank (their inputs are identical and
+  the column-parallel entry all-reduces its input gradient), so they need no TP reduction.
+
+Each sharded parameter carries ``tp_dim`` and ``tp_indices`` (the full-tensor indices held by each
+TP rank along that dim), which checkpointing uses to save full tensors and reload any TP layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the input gradient over TP (entry of a column-parallel op)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward; identity backward (exit of a row-parallel op)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along the last dim forward; take this rank's slice backward."""
+
+    @staticmethod
+    def forward(ctx, x, group, rank, size):
+        ctx.rank, ctx.size = rank, size
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None, None, None
+
+
+def _shard(param: torch.Tensor, dim: int, indices: list[torch.Tensor], rank: int) -> nn.Parameter:
+    p = nn.Parameter(param.detach().index_select(dim, indices[rank].to(param.device)).clone())
+    p.tp_dim, p.tp_indices = dim, indices
+    return p
+
+
+def _blocks(n: int, size: int) -> list[torch.Tensor]:
+    step = n // size
+    return [torch.arange(r * step, (r + 1) * step) for r in range(size)]
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, indices: list[torch.Tensor], ps):
+        super().__init__()
+        self.group = ps.tp_group
+        self.weight = _shard(linear.weight, 0, indices, ps.tp_rank)  # [out/T, in]
+        self.bias = _shard(linear.bias, 0, indices, ps.tp_rank)  # [out/T]
+
+    def forward(self, x):
+        return F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, indices: list[torch.Tensor], ps):
+        super().__init__()
+        self.group = ps.tp_group
+        self.weight = _shard(linear.weight, 1, indices, ps.tp_rank)  # [out, in/T]
+        self.bias = nn.Parameter(linear.bias.detach().clone())  # replicated, added after the reduction
+
+    def forward(self, x):
+        return _ReduceFromTP.apply(F.linear(x, self.weight), self.group) + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, emb: nn.Embedding, ps):
+        super().__init__()
+        V = emb.weight.shape[0]
+        indices = _blocks(V, ps.tp_size)
+        self.group = ps.tp_group
+        self.start, self.end = int(indices[ps.tp_rank][0]), int(indices[ps.tp_rank][-1]) + 1
+        self.weight = _shard(emb.weight, 0, indices, ps.tp_rank)  # [V/T, H]
+
+    def forward(self, tokens):
+        outside = (tokens < self.start) | (tokens >= self.end)
+        local = (tokens - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
+        return _ReduceFromTP.apply(out, self.group)
+
+
+class VocabParallelOutputLayer(nn.Module):
+    def __init__(self, ps):
+        super().__init__()
+        self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
+
+    def forward(self, h, weight, gather: bool = True):
+        logits = F.linear(_CopyToTP.apply(h, self.group), weight)  # [B, T, V/T]
+        return _GatherFromTP.apply(logits, self.group, self.rank, self.size) if gather else logits
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    """Cross-entropy over [B, T, V/T] logits without gathering them (Megatron's)."""
+
+    def __init__(self, ps, vocab_start: int):
+        super().__init__()
+        self.group, self.vocab_start = ps.tp_group, vocab_start
+
+    def forward(self, logits, labels):
+        logits = logits.float()  # [B, T, V/T]
+        m = logits.detach().max(dim=-1, keepdim=True).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        shifted = logits - m
+        Vl = logits.shape[-1]
+        local = labels - self.vocab_start
+        inside = (local >= 0) & (local < Vl)
+        target = shifted.gather(-1, local.clamp(0, Vl - 1)[..., None]).squeeze(-1) * inside  # [B, T]
+        target = _ReduceFromTP.apply(target, self.group)
+        sum_exp = _ReduceFromTP.apply(shifted.exp().sum(dim=-1), self.group)  # [B, T]
+        return torch.log(sum_exp) - target
+
+
+def apply_tensor_parallel(model: nn.Module, ps) -> None:
+    """Shard ``model`` (a GPTModel) in place for ``ps.tp_size`` ranks; a no-op at TP=1."""
+    if ps.tp_size == 1:
+        return
+    from megatron.model.transformer import DenseMLPBlock
+
+    T = ps.tp_size
+    for layer in model.layers:
+        att = layer.attention
+        H = att.qkv.weight.shape[1]
+        qkv_idx = [torch.cat([blk + j * H for j in range(3)]) for blk in _blocks(H, T)]  # this rank's q, k, v rows
+        att.qkv = ColumnParallelLinear(att.qkv, qkv_idx, ps)
+        att.proj = RowParallelLinear(att.proj, _blocks(H, T), ps)
+        att.num_heads //= T
+        if isinstance(layer.mlp, DenseMLPBlock):
+            mlp = layer.mlp.mlp
+            F_ = mlp.fc1.weight.shape[0]
+            mlp.fc1 = ColumnParallelLinear(mlp.fc1, _blocks(F_, T), ps)
+            mlp.fc2 = RowParallelLinear(mlp.fc2, _blocks(F_, T), ps)
+    emb = VocabParallelEmbedding(model.word_embeddings, ps)
+    model.word_embeddings = emb
+    model.output_layer = VocabParallelOutputLayer(ps)
+    model.loss_fn = VocabParallelCrossEntropy(ps, emb.start)
+
+
+def is_tp_sharded(p: torch.Tensor) -> bool:
+    return hasattr(p, "tp_indices")
+
+
+def gather_tp(t: torch.Tensor, p: torch.Tensor, ps) -> torch.Tensor:
+    """The full tensor from every TP rank's shard ``t`` of parameter ``p`` (collective over ps.tp_group)."""
+    parts = [torch.empty_like(t) for _ in range(ps.tp_size)]
+    dist.all_gather(parts, t.contiguous(), group=ps.tp_group)
+    shape = list(t.shape)
+    shape[p.tp_dim] = sum(len(i) for i in p.tp_indices)
+    full = t.new_empty(shape)
+    for idx, part in zip(p.tp_indices, parts):
+        full.index_copy_(p.tp_dim, idx.to(t.device), part)
+    return full
+
+
+def shard_tp(full: torch.Tensor, p: torch.Tensor, ps) -> torch.Tensor:
+    """This rank's shard of the full tensor ``full`` of parameter ``p``."""
+    return full.index_select(p.tp_dim, p.tp_indices[ps.tp_rank].to(full.device))
+
+
+def full_shape(p: torch.Tensor) -> tuple:
+    if not is_tp_sharded(p):
+        return tuple(p.shape)
+    shape = list(p.shape)
+    shape[p.tp_dim] = sum(len(i) for i in p.tp_indices)
+    return tuple(shape)

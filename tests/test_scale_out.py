@@ -1,0 +1,90 @@
+"""Tensor parallelism and the ZeRO-1 sharded optimizer on real gloo process groups (CPU)."""
+import os
+
+import pytest
+import torch
+
+import pretrain_gpt_moe
+from megatron.parallel.tensor_parallel import VocabParallelCrossEntropy
+from tests.dist_utils import run_distributed
+from tests.runs import mock_args
+
+# no dropout, no token dropping, no sampling: layouts must agree to float rounding
+EXACT = ["--hidden-dropout", "0", "--attention-dropout", "0", "--moe-train-capacity-factor", "8",
+         "--moe-eval-capacity-factor", "8", "--disable-moe-top2-2nd-expert-sampling", "--use-cpu"]
+RUN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4"]
+
+
+def train_full(rank, argv):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = pretrain_gpt_moe.main(argv)
+    return {"losses": out["losses"], "grad_norms": out["grad_norms"], "valid": out.get("valid")}
+
+
+def close(a, b, rtol=1e-5):
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rtol * abs(y), (a, b)
+
+
+@pytest.mark.parametrize("moe", [[], ["--num-experts", "4", "--topk", "2"]], ids=["dense", "moe"])
+def test_tp2_equals_tp1_losses_and_grad_norms(tmp_path, moe):
+    argv = mock_args(EXACT + RUN + moe)
+    single = train_full(0, argv)
+    tp2 = run_distributed(train_full, 2, str(tmp_path), argv + ["--tensor-model-parallel-size", "2"])
+    for r in tp2:
+        close(r["losses"], single["losses"])
+        close(r["grad_norms"], single["grad_norms"])
+    close([tp2[0]["valid"]["lm loss"]], [single["valid"]["lm loss"]])
+
+
+def test_vocab_parallel_cross_entropy_matches_torch(tmp_path):
+    run_distributed(_vocab_parallel_ce_worker, 2, str(tmp_path))
+
+
+def _vocab_parallel_ce_worker(rank):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from megatron.parallel_state import build_groups
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ps = build_groups(rank, 2, 1, torch.device("cpu"), tp_size=2)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 5, 16, generator=g) * 4).requires_grad_()
+    labels = torch.randint(0, 16, (2, 5), generator=g)
+    ref = F.cross_entropy(logits.view(10, 16), labels.view(10), reduction="none").view(2, 5)
+    ref.sum().backward()
+    local = logits.detach()[..., rank * 8:(rank + 1) * 8].clone().requires_grad_()
+    out = VocabParallelCrossEntropy(ps, rank * 8)(local, labels)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(local.grad, logits.grad[..., rank * 8:(rank + 1) * 8], rtol=1e-5, atol=1e-6)
+    dist.destroy_process_group()
+    return True
+
+
+def test_distributed_optimizer_equals_plain_adam(tmp_path):
+    argv = mock_args(EXACT + RUN + ["--num-experts", "4", "--weight-decay", "0.1"])
+    plain = run_distributed(train_full, 2, str(tmp_path / "plain"), argv + ["--moe-expert-parallel-size", "2"])
+    zero = run_distributed(train_full, 2, str(tmp_path / "zero"), argv + ["--moe-expert-parallel-size", "2",
+                                                                          "--use-distributed-optimizer"])
+    close(zero[0]["losses"], plain[0]["losses"], rtol=1e-6)
+    close(zero[0]["grad_norms"], plain[0]["grad_norms"], rtol=1e-6)
+    one = train_full(0, argv + ["--zero-stage", "1"])  # the synonym, one process
+    close(one["losses"], plain[0]["losses"])
+
+
+@pytest.mark.slow
+def test_tp2_x_ep2_x_dp2_with_zero_matches_one_process_and_resumes_at_tp1(tmp_path):
+    ck = str(tmp_path / "ck")
+    argv = mock_args(EXACT + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "6",
+                              "--num-experts", "4"])
+    full = train_full(0, argv)["losses"]
+    layout = ["--tensor-model-parallel-size", "2", "--moe-expert-parallel-size", "2", "--use-distributed-optimizer"]
+    first = run_distributed(train_full, 4, str(tmp_path / "a"), argv + layout + ["--save", ck, "--exit-interval", "3"])
+    close(first[0]["losses"], full[:3])
+    resumed = train_full(0, argv + ["--load", ck])  # TP 1, EP 1, plain Adam, one process
+    close(resumed["losses"], full[3:])
+    blob = torch.load(os.path.join(ck, "iter_0000003", "model_dense.pt"), weights_only=True)
+    assert blob["word_embeddings.weight"].shape == (128, 32)  # full tensors on disk
