@@ -55,6 +55,15 @@ def test_loglikelihood_equals_direct_forward(checkpoints, kind):
         assert isinstance(greedy, bool)
 
 
+def test_loglikelihood_rolling_is_the_sum_over_every_token(checkpoints):
+    lm = harness_lm(checkpoints["moe"])
+    text = "4 9 2 7 7 1 30 31 5 6 8"  # NullTokenizer: ids are the numbers
+    ids = lm.tok_encode(text)
+    direct = direct_loglikelihood(lm.model, [lm.eot_token_id], ids)
+    req = type("Req", (), {"args": (text,)})()
+    assert abs(lm.loglikelihood_rolling([req], disable_tqdm=True)[0] - direct) < 1e-4
+
+
 def test_padding_changes_neither_routing_nor_loglikelihood(checkpoints):
     lm = harness_lm(checkpoints["moe"])
     short, long = [3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
@@ -127,6 +136,8 @@ def test_eval_harness_user_errors(tmp_path, checkpoints):
         eval_harness.main(["--load", checkpoints["dense"], "--task-list", "mmlu", "--eval-data-dir", str(tmp_path)])
     with pytest.raises(UserError, match="--eval-data-dir .*no such directory"):
         eval_harness.main(["--load", checkpoints["dense"], "--eval-data-dir", str(tmp_path / "nope")])
+    with pytest.raises(UserError, match="no text tokenizer"):
+        eval_harness.main(["--load", checkpoints["dense"], "--eval-data-dir", str(tmp_path)])
     with pytest.raises(UserError, match="--load .*no checkpoint there"):
         eval_harness.main(["--load", str(tmp_path), "--eval-data-dir", str(tmp_path)])
 

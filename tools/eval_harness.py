@@ -91,7 +91,10 @@ def main(argv=None) -> dict:
     for load in a.load:
         from megatron.inference import read_checkpoint_config
 
-        read_checkpoint_config(load)  # fail early, before any evaluation runs
+        _, common = read_checkpoint_config(load)  # fail early, before any evaluation runs
+        if common["config"]["data"].get("tokenizer_type") == "NullTokenizer":
+            raise UserError(f"--load {load}: this checkpoint was trained on --mock-data with no text tokenizer, so it "
+                            f"cannot read the task texts; evaluate a checkpoint trained with a real tokenizer")
     all_results, rows = {}, {}
     with tempfile.TemporaryDirectory(prefix="megatron_moe_tasks_") as task_dir:
         counts = write_tasks(a.eval_data_dir, task_dir, a.tasks)
