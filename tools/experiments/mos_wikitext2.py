@@ -6,7 +6,7 @@
 Trains (1) a 6-layer PR-MoE teacher (Residual-MoE, experts 4 4 8), then for the same iterations
 (2) a 4-layer student (experts 4 8) with staged KD from the teacher (MoS, KD stopped at 70%) and
 (3) the same student without KD. Prints the three final validation losses, writes the validation
-curves to OUT/curves.csv and a plot to OUT/curves.svg. Not run in CI (about 20 minutes on 2 cores).
+curves to OUT/curves.csv and a plot to OUT/curves.svg. Not run in CI (about an hour on 2 cores).
 """
 from __future__ import annotations
 
