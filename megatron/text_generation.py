@@ -53,3 +53,40 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
         else:
             tokens = torch.tensor([prompt + out], device=device)
     return out
+
+
+@torch.no_grad()
+def generate_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, *, eod: Optional[int] = None,
+                          stop: Optional[Callable[[list[int]], bool]] = None,
+                          max_length: Optional[int] = None) -> list[list[int]]:
+    """Greedy continuations of several prompts at once: left-padded, one KV cache, padding masked out of
+    attention and MoE routing, positions counted per row. Each row equals ``generate(model, prompt, ...)``."""
+    device = next(model.parameters()).device
+    max_length = max_length or model.cfg.max_position_embeddings
+    prompts = [list(p)[-max_length:] for p in prompts]
+    B, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+    valid = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, L - len(p):] = True
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, L]: 0 at each row's first real token
+    caches = [dict() for _ in model.layers]
+    logits, _ = model(tokens, position_ids=positions, token_mask=valid, kv_caches=caches)  # [B, L, V]
+    outs: list[list[int]] = [[] for _ in range(B)]
+    done = [len(p) >= max_length for p in prompts]
+    next_pos = positions[:, -1:] + 1  # [B, 1]
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].float().argmax(dim=-1)  # [B]
+        for i in range(B):
+            if done[i]:
+                continue
+            t = int(nxt[i])
+            outs[i].append(t)
+            if t == eod or (stop is not None and stop(outs[i])) or len(prompts[i]) + len(outs[i]) >= max_length:
+                done[i] = True
+        if all(done):
+            break
+        logits, _ = model(nxt[:, None], position_ids=next_pos.clamp(max=max_length - 1), kv_caches=caches)
+        next_pos = next_pos + 1
+    return outs

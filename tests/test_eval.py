@@ -100,6 +100,29 @@ def test_generation_with_kv_cache_equals_without(checkpoints, kind):
     assert s1 == s2
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(checkpoints, kind):
+    from megatron.text_generation import generate_greedy_batch
+
+    lm = load_model(checkpoints[kind], "cpu")
+    prompts = [[5, 17, 9, 33, 2], [40], list(range(3, 20)), [7, 7, 7]]  # left-padded to 17 in the batch
+    one_by_one = [generate(lm.model, p, 10) for p in prompts]
+    assert generate_greedy_batch(lm.model, prompts, 10) == one_by_one
+    stop_at_3 = generate_greedy_batch(lm.model, prompts, 10, stop=lambda ids: len(ids) >= 3)
+    assert [len(r) for r in stop_at_3] == [3, 3, 3, 3]
+
+
+def test_harness_generate_until_batches_like_single_requests(checkpoints):
+    lm1, lm4 = harness_lm(checkpoints["moe"], mbs=1), harness_lm(checkpoints["moe"], mbs=4)
+    Req = type("Req", (), {})
+    reqs = []
+    for ctx in ("5 17 9", "40", "3 4 5 6 7 8 9 10 11", "7 7 7 7 7"):
+        r = Req()
+        r.args = (ctx, {"until": ["99"], "max_gen_toks": 6})
+        reqs.append(r)
+    assert lm4.generate_until(reqs, disable_tqdm=True) == lm1.generate_until(reqs, disable_tqdm=True)
+
+
 def test_generation_stops_at_the_context_limit(checkpoints):
     lm = load_model(checkpoints["dense"], "cpu")
     out = generate(lm.model, list(range(1, 30)), 100)

@@ -16,7 +16,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from megatron.inference import load_model
-from megatron.text_generation import generate
+from megatron.text_generation import generate, generate_greedy_batch
 
 
 @register_model("megatron-moe")
@@ -86,19 +86,37 @@ class MegatronMoELM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="generate_until"):
+        """Greedy requests run in length-sorted, left-padded batches of ``micro_batch_size``; sampled ones alone."""
+        args = [r.args for r in requests]
+        out: list = [None] * len(args)
+        groups: dict = {}
+        for i, (context, gen_kwargs) in enumerate(args):
             kw = dict(gen_kwargs or {})
             until = kw.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             max_new = int(kw.get("max_gen_toks", 256))
             temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
-            prompt = self.tok_encode(context)[-(self.max_length - max_new):] if max_new < self.max_length else []
+            keep = self.max_length - max_new
+            prompt = (self.tok_encode(context)[-keep:] if keep > 0 else []) or [self.eot_token_id]
+            groups.setdefault((until, max_new, temperature), []).append((i, prompt))
+        bar = tqdm(total=len(args), disable=disable_tqdm, desc="generate_until")
+        for (until, max_new, temperature), items in groups.items():
             stop = (lambda ids: any(s in self.tok_decode(ids) for s in until)) if until else None
-            ids = generate(self.model, prompt or [self.eot_token_id], max_new, temperature=temperature,
-                           eod=self.eot_token_id, stop=stop)
-            text = self.tok_decode([t for t in ids if t != self.eot_token_id])
-            for s in until:
-                text = text.split(s)[0]
-            out.append(text)
+            items.sort(key=lambda it: -len(it[1]))
+            step = self.batch_size if temperature == 0 else 1
+            for start in range(0, len(items), step):
+                chunk = items[start: start + step]
+                if temperature == 0:
+                    ids = generate_greedy_batch(self.model, [p for _, p in chunk], max_new, eod=self.eot_token_id,
+                                                stop=stop, max_length=self.max_length)
+                else:
+                    ids = [generate(self.model, chunk[0][1], max_new, temperature=temperature, eod=self.eot_token_id,
+                                    stop=stop, max_length=self.max_length)]
+                for (i, _), row in zip(chunk, ids):
+                    text = self.tok_decode([t for t in row if t != self.eot_token_id])
+                    for s_ in until:
+                        text = text.split(s_)[0]
+                    out[i] = text
+                bar.update(len(chunk))
+        bar.close()
         return out

@@ -86,7 +86,8 @@ class GPTModel(nn.Module):
                 token_mask: Optional[torch.Tensor] = None, kv_caches: Optional[list] = None, position_offset: int = 0):
         """tokens [B, T] -> (logits [B, T, V] or, with labels, per-token loss [B, T] fp32; moe stats list).
 
-        ``token_mask`` [B, T] bool marks real tokens: padding is kept out of MoE routing and capacity.
+        ``token_mask`` [B, T] bool marks real tokens: padding is kept out of MoE routing and capacity, and
+        out of attention where it precedes real tokens (left-padded batches; the KV cache remembers it).
         """
         B, T = tokens.shape
         if position_ids is None:

@@ -20,22 +20,43 @@ class SelfAttention(nn.Module):
         self.proj.is_output_layer = True
         self.attention_dropout = attention_dropout
 
-    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        # x: [B, T, H]; kv_cache: optional dict holding "k", "v" [B, nh, T_past, hd] (updated in place)
+    def forward(self, x: torch.Tensor, kv_cache=None, key_valid=None) -> torch.Tensor:
+        # x: [B, T, H]; kv_cache: optional dict holding "k", "v" [B, nh, T_past, hd] (updated in place) and,
+        # once padding was seen, "valid" [B, T_past]; key_valid: [B, T] bool, False for padding tokens.
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, T, hd]
-        causal = True
+        valid = key_valid
         if kv_cache is not None:
-            if "k" in kv_cache:
+            T_past = kv_cache["k"].shape[2] if "k" in kv_cache else 0
+            if T_past:
                 k = torch.cat([kv_cache["k"], k], dim=2)  # [B, nh, T_past + T, hd]
                 v = torch.cat([kv_cache["v"], v], dim=2)
             kv_cache["k"], kv_cache["v"] = k, v
-            causal = k.shape[2] == T  # new tokens attend to all cached ones
-            if not causal and T > 1:
+            if "valid" in kv_cache or (valid is not None and not bool(valid.all())):
+                new = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+                past = kv_cache.get("valid", torch.ones(B, T_past, dtype=torch.bool, device=x.device))
+                kv_cache["valid"] = valid = torch.cat([past, new], dim=1)  # [B, T_past + T]
+            elif T_past:
+                valid = None
+        dropout = self.attention_dropout if self.training else 0.0
+        T_k = k.shape[2]
+        if valid is not None and not _trailing_padding_only(valid, T_k, T):
+            # padding before real tokens (left-padded batches): mask padded keys; a query always sees itself
+            qpos = torch.arange(T_k - T, T_k, device=x.device)[:, None]  # absolute query positions [T, 1]
+            kpos = torch.arange(T_k, device=x.device)[None, :]  # [1, T_k]
+            mask = (kpos <= qpos)[None, None] & (valid[:, None, None, :] | (kpos == qpos)[None, None])  # [B, 1, T, T_k]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            if T_k != T and T > 1:
                 raise NotImplementedError("multi-token append to a non-empty KV cache")
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0,
-                                           is_causal=causal)  # [B, nh, T, hd]
+            # no cache / first chunk: causal; one new token after the cache: it attends to everything
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T_k == T)  # [B, nh, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, nh*hd] -> [B, T, H]
+
+
+def _trailing_padding_only(valid: torch.Tensor, T_k: int, T: int) -> bool:
+    """True when a causal mask alone is exact for every real query: no cache and padding only at row ends."""
+    return T_k == T and bool((valid.long().cumprod(dim=1).bool() == valid).all())
 
 
 class MLP(nn.Module):
@@ -74,6 +95,6 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, token_mask=None, kv_cache=None):
         # x: [B, T, H] -> ([B, T, H], moe stats or None)
-        x = x + self.hidden_dropout(self.attention(self.input_layernorm(x), kv_cache))
+        x = x + self.hidden_dropout(self.attention(self.input_layernorm(x), kv_cache, token_mask))
         y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
         return x + self.hidden_dropout(y), stats

@@ -7,7 +7,8 @@ Models: 6 layers, hidden 256, 8 heads, vocab 8192 (random weights; speed only), 
 experts every other layer (no token dropping, as at evaluation). Generation: a 32-token prompt, 128
 new tokens, greedy. Evaluation: 256 synthetic loglikelihood requests (context 16-200 tokens, 1-5
 continuation tokens) through the lm-eval model class, micro-batch 1 vs 16 (length-sorted, padded to
-each batch's longest). Timings are interleaved medians; ratios are from the same run.
+each batch's longest); 32 greedy generate_until requests (10-60 token prompts, 16 new tokens), one at
+a time vs left-padded batches of 8. Timings are interleaved medians; ratios are from the same run.
 """
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ def main():
                                 "16": lambda: lm16._loglikelihood_tokens(reqs, disable_tqdm=True)},
                                repeats=a.repeats, warmup=0)
         print(f"| {name} | {256 / t['1']:.1f} | {256 / t['16']:.1f} | {t['1'] / t['16']:.2f}x |", flush=True)
+
+    gen_reqs = []
+    for _ in range(32):
+        r = SimpleNamespace(args=(" ".join(str(rng.randrange(8000)) for _ in range(rng.randint(10, 60))),
+                                  {"until": ["\n"], "max_gen_toks": 16}))
+        gen_reqs.append(r)
+    print("\n| model | generate_until requests/s, one at a time | batches of 8 | speed-up |\n|---|---|---|---|")
+    for name, m in models.items():
+        loaded = SimpleNamespace(model=m, tokenizer=NullTokenizer(8192), cfg=m.cfg, iteration=0)
+        lm1, lm8 = MegatronMoELM(loaded=loaded, micro_batch_size=1), MegatronMoELM(loaded=loaded, micro_batch_size=8)
+        t = interleaved_median({"1": lambda: lm1.generate_until(gen_reqs, disable_tqdm=True),
+                                "8": lambda: lm8.generate_until(gen_reqs, disable_tqdm=True)},
+                               repeats=a.repeats, warmup=0)
+        print(f"| {name} | {32 / t['1']:.1f} | {32 / t['8']:.1f} | {t['1'] / t['8']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
