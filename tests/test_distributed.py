@@ -74,3 +74,13 @@ def test_exact_resume_with_two_dp_processes(tmp_path):
     run_distributed(train, 2, str(tmp_path / "b"), mock_args(base + ["--save", ck, "--exit-interval", "3"]))
     resumed = run_distributed(train, 2, str(tmp_path / "c"), mock_args(base + ["--load", ck]))
     assert resumed[0]["losses"] == full[0]["losses"][3:]
+
+
+def test_ep2_equals_ep1_at_the_same_dp_with_dropping_sampling_and_dropout(tmp_path):
+    """Capacity is per rank and the random draws (dropout, random token selection, Gumbel top-2) come
+    from each rank's stream, so at equal DP the EP layout changes nothing, even with all noise on."""
+    base = ["--num-experts", "4", "--topk", "2", "--moe-train-capacity-factor", "0.5", "--hidden-dropout", "0.1",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4"]
+    ep1 = run_distributed(train, 2, str(tmp_path / "ep1"), mock_args(base))
+    ep2 = run_distributed(train, 2, str(tmp_path / "ep2"), mock_args(base + ["--moe-expert-parallel-size", "2"]))
+    close(ep2[0]["losses"], ep1[0]["losses"])
