@@ -59,29 +59,20 @@ def main():
     rng = random.Random(0)
     reqs = [(("", ""), [rng.randrange(8000) for _ in range(rng.randint(16, 200))],
              [rng.randrange(8000) for _ in range(rng.randint(1, 5))]) for _ in range(256)]
-    print("\n| model | eval examples/s, micro-batch 1 | micro-batch 16 | speed-up |\n|---|---|---|---|")
-    for name, m in models.items():
-        loaded = SimpleNamespace(model=m, tokenizer=NullTokenizer(8192), cfg=m.cfg, iteration=0)
-        lm1, lm16 = MegatronMoELM(loaded=loaded, micro_batch_size=1), MegatronMoELM(loaded=loaded, micro_batch_size=16)
-        t = interleaved_median({"1": lambda: lm1._loglikelihood_tokens(reqs, disable_tqdm=True),
-                                "16": lambda: lm16._loglikelihood_tokens(reqs, disable_tqdm=True)},
-                               repeats=a.repeats, warmup=0)
-        print(f"| {name} | {256 / t['1']:.1f} | {256 / t['16']:.1f} | {t['1'] / t['16']:.2f}x |", flush=True)
+    gen_reqs = [SimpleNamespace(args=(" ".join(str(rng.randrange(8000)) for _ in range(rng.randint(10, 60))),
+                                      {"until": ["\n"], "max_gen_toks": 16})) for _ in range(32)]
 
-    gen_reqs = []
-    for _ in range(32):
-        r = SimpleNamespace(args=(" ".join(str(rng.randrange(8000)) for _ in range(rng.randint(10, 60))),
-                                  {"until": ["\n"], "max_gen_toks": 16}))
-        gen_reqs.append(r)
-    print("\n| model | generate_until requests/s, one at a time | batches of 8 | speed-up |\n|---|---|---|---|")
-    for name, m in models.items():
-        loaded = SimpleNamespace(model=m, tokenizer=NullTokenizer(8192), cfg=m.cfg, iteration=0)
-        lm1, lm8 = MegatronMoELM(loaded=loaded, micro_batch_size=1), MegatronMoELM(loaded=loaded, micro_batch_size=8)
-        t = interleaved_median({"1": lambda: lm1.generate_until(gen_reqs, disable_tqdm=True),
-                                "8": lambda: lm8.generate_until(gen_reqs, disable_tqdm=True)},
-                               repeats=a.repeats, warmup=0)
-        print(f"| {name} | {32 / t['1']:.1f} | {32 / t['8']:.1f} | {t['1'] / t['8']:.2f}x |", flush=True)
+    def compare(title: str, unit: str, n: int, big: int, run) -> None:
+        """Micro-batch 1 against ``big`` for every model: ``run(lm)`` processes the n requests."""
+        print(f"\n| model | {title}, micro-batch 1 | micro-batch {big} | speed-up |\n|---|---|---|---|")
+        for name, m in models.items():
+            loaded = SimpleNamespace(model=m, tokenizer=NullTokenizer(8192), cfg=m.cfg, iteration=0)
+            lms = {b: MegatronMoELM(loaded=loaded, micro_batch_size=b) for b in (1, big)}
+            t = interleaved_median({b: (lambda lm=lm: run(lm)) for b, lm in lms.items()}, repeats=a.repeats, warmup=0)
+            print(f"| {name} | {n / t[1]:.1f} {unit} | {n / t[big]:.1f} {unit} | {t[1] / t[big]:.2f}x |", flush=True)
 
+    compare("loglikelihood", "examples/s", len(reqs), 16, lambda lm: lm._loglikelihood_tokens(reqs, disable_tqdm=True))
+    compare("generate_until", "requests/s", len(gen_reqs), 8, lambda lm: lm.generate_until(gen_reqs, disable_tqdm=True))
 
 if __name__ == "__main__":
     main()
