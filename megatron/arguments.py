@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="all-reduce gradient buckets asynchronously during the last micro-batch's backward")
     g.add_argument("--distributed-backend", type=str, default=None, choices=["gloo", "nccl"])
     g.add_argument("--use-cpu", action="store_true", help="run on CPU even if a GPU is present")
 
@@ -223,6 +225,7 @@ def namespace_to_config(a: argparse.Namespace) -> Config:
     cfg = Config(
         model=model,
         parallel=ParallelConfig(tensor_model_parallel_size=a.tensor_model_parallel_size,
+                                overlap_grad_reduce=a.overlap_grad_reduce,
                                 distributed_backend=a.distributed_backend, use_cpu=a.use_cpu),
         optimizer=OptimizerConfig(
             lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style, lr_warmup_iters=a.lr_warmup_iters,

@@ -151,6 +151,7 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
+    overlap_grad_reduce: bool = False  # all-reduce gradient buckets during the last micro-batch's backward
     distributed_backend: Optional[str] = None  # None -> nccl on GPU, gloo on CPU
     use_cpu: bool = False
 

@@ -28,6 +28,7 @@ from megatron.lr_scheduler import build_scheduler
 from megatron.model_stats import count_parameters, device_peak_tflops, flops_per_token
 from megatron.optimizer import build_optimizer, is_expert
 from megatron.parallel.expert_parallel import apply_expert_parallel
+from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
 from megatron.parallel.tensor_parallel import apply_tensor_parallel
 from megatron.parallel.grad_sync import (
     all_reduce_sum, allreduce_gradients, any_rank, clip_gradients, global_grad_norm, scale_gradients,
@@ -123,12 +124,14 @@ def _accumulate_moe(acc: list, stats: list) -> list:
 
 
 def train_step(forward_step_fn, data_iterator, model, optimizer, scaler, ps, cfg, num_micro: int, autocast,
-               teacher=None) -> StepResult:
+               teacher=None, grad_reducer=None) -> StepResult:
     for p in model.parameters():
         p.grad = None
     sums: dict = defaultdict(float)
     moe_acc: list = []
-    for _ in range(num_micro):
+    for micro in range(num_micro):
+        if grad_reducer is not None and micro == num_micro - 1:
+            grad_reducer.arm()
         with autocast():
             if teacher is None:
                 output, loss_fn = forward_step_fn(data_iterator, model)
@@ -141,7 +144,10 @@ def train_step(forward_step_fn, data_iterator, model, optimizer, scaler, ps, cfg
                 moe_acc = _accumulate_moe(moe_acc, v)
             else:
                 sums[k] += float(v) / num_micro
-    allreduce_gradients(model, ps)
+    if grad_reducer is not None:
+        grad_reducer.finish()
+    else:
+        allreduce_gradients(model, ps)
     if scaler.scale != 1.0:
         scale_gradients(model, 1.0 / scaler.scale)
     grad_norm = global_grad_norm(model, ps)
@@ -288,6 +294,7 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
                     f"{', ZeRO-1 optimizer' if cfg.optimizer.use_distributed_optimizer else ''}) on {ps.device}; "
                     f"vocab {tokenizer.vocab_size} padded to {cfg.model.vocab_size}")
     model, optimizer = setup_model_and_optimizer(model_provider, cfg, ps)
+    grad_reducer = OverlappedGradReducer(model, ps) if cfg.parallel.overlap_grad_reduce and ps.distributed else None
     report_parameters(model, cfg, ps)
     schedule = BatchSchedule(cfg.train, ps.dp_size)
     train_iters, train_samples = train_schedule(cfg, schedule)
@@ -360,7 +367,8 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
     while iteration < train_iters and not cfg.train.skip_train:
         num_micro = schedule.num_micro_batches(consumed)
         batch = num_micro * mbs * ps.dp_size
-        res = train_step(forward_step_fn, data_iter, model, optimizer, scaler, ps, cfg, num_micro, autocast, teacher)
+        res = train_step(forward_step_fn, data_iter, model, optimizer, scaler, ps, cfg, num_micro, autocast, teacher,
+                         grad_reducer)
         iteration += 1
         consumed += batch
         if not res.skipped:

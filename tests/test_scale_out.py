@@ -88,3 +88,45 @@ def test_tp2_x_ep2_x_dp2_with_zero_matches_one_process_and_resumes_at_tp1(tmp_pa
     close(resumed["losses"], full[3:])
     blob = torch.load(os.path.join(ck, "iter_0000003", "model_dense.pt"), weights_only=True)
     assert blob["word_embeddings.weight"].shape == (128, 32)  # full tensors on disk
+
+
+def test_overlapped_grad_reduce_equals_the_blocking_one(tmp_path):
+    # two micro-batches per step: only the last one's backward launches reductions
+    argv = mock_args(EXACT + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "4",
+                              "--num-experts", "4", "--moe-expert-parallel-size", "2"])
+    blocking = run_distributed(train_full, 2, str(tmp_path / "a"), argv)
+    overlap = run_distributed(train_full, 2, str(tmp_path / "b"), argv + ["--overlap-grad-reduce"])
+    assert overlap[0]["losses"] == blocking[0]["losses"]
+    assert overlap[0]["grad_norms"] == blocking[0]["grad_norms"]
+
+
+def test_overlapped_grad_reduce_launches_buckets_during_backward(tmp_path):
+    launched_in_backward, buckets = run_distributed(_overlap_worker, 2, str(tmp_path))[0]
+    assert buckets >= 4 and launched_in_backward == buckets  # every bucket completed inside backward
+
+
+def _overlap_worker(rank):
+    import torch.distributed as dist
+
+    from megatron.config import ModelConfig, MoEConfig
+    from megatron.model.gpt_model import GPTModel
+    from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
+    from megatron.parallel_state import build_groups
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ps = build_groups(rank, 2, 1, torch.device("cpu"))
+    model = GPTModel(ModelConfig(num_layers=4, vocab_size=128, moe=MoEConfig(num_experts=[4])))
+    model.init_weights(1)  # the same weights on both ranks (the experts start uninitialised otherwise)
+    reducer = OverlappedGradReducer(model, ps, bucket_bytes=20000)
+    reducer.arm()
+    g = torch.Generator().manual_seed(rank)
+    loss, _ = model(torch.randint(0, 128, (2, 16), generator=g), torch.randint(0, 128, (2, 16), generator=g))
+    loss.mean().backward()
+    in_backward = len(reducer.launched)
+    reducer.finish()
+    for p in model.parameters():  # replicas agree after the reduction
+        other = [torch.empty_like(p.grad) for _ in range(2)]
+        dist.all_gather(other, p.grad.contiguous())
+        assert torch.equal(other[0], other[1])
+    dist.destroy_process_group()
+    return in_backward, len(reducer.buckets)

@@ -1,0 +1,88 @@
+"""``--overlap-grad-reduce``: all-reduce gradient buckets while the backward pass is still running.
+
+Buckets (<= 32 MiB) hold parameters in reverse registration order, roughly the order in which
+backward finishes them. During the last micro-batch's backward a post-accumulate-grad hook counts
+each bucket's finished parameters; a full bucket is flattened and its all-reduce launched
+asynchronously (dense over DP, experts over expert-DP). ``finish()`` launches what is left in a
+fixed order, waits, scales by 1/DP and copies back. Every rank runs the same graph, so the hooks
+fire, and the collectives launch, in the same order everywhere. The values are those of the
+blocking reduction (``grad_sync.allreduce_gradients``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megatron.parallel.grad_sync import BUCKET_BYTES, split_params
+
+
+class _Bucket:
+    def __init__(self, params, group, scale):
+        self.params, self.group, self.scale = params, group, scale
+        self.ready, self.handle, self.flat = 0, None, None
+
+
+class OverlappedGradReducer:
+    def __init__(self, model: torch.nn.Module, ps, bucket_bytes: int = BUCKET_BYTES):
+        dense, expert = split_params(model)
+        self.ps, self.buckets, self.bucket_of = ps, [], {}
+        self.scale_only = expert if ps.edp_size == 1 and ps.dp_size > 1 else []  # experts with no replica
+        for params, group, size in ((dense, ps.dp_group, ps.dp_size), (expert, ps.edp_group, ps.edp_size)):
+            if size <= 1:
+                continue
+            cur, nbytes = [], 0
+            for p in reversed(params):
+                cur.append(p)
+                nbytes += p.numel() * p.element_size()
+                if nbytes >= bucket_bytes:
+                    self.buckets.append(_Bucket(cur, group, 1.0 / ps.dp_size))
+                    cur, nbytes = [], 0
+            if cur:
+                self.buckets.append(_Bucket(cur, group, 1.0 / ps.dp_size))
+        for b in self.buckets:
+            for p in b.params:
+                self.bucket_of[p] = b
+        self.params = dense + expert
+        self.armed, self.launched = False, []
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def arm(self) -> None:
+        """Call before the backward of the step's last micro-batch."""
+        self.armed, self.launched = True, []
+        for b in self.buckets:
+            b.ready, b.handle, b.flat = 0, None, None
+
+    def _on_grad(self, p) -> None:
+        b = self.bucket_of.get(p) if self.armed else None
+        if b is None:
+            return
+        b.ready += 1
+        if b.ready == len(b.params):
+            self._launch(b)
+
+    def _launch(self, b: _Bucket) -> None:
+        for p in b.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        b.flat = _flatten_dense_tensors([p.grad for p in b.params])
+        b.handle = dist.all_reduce(b.flat, group=b.group, async_op=True)
+        self.launched.append(b)
+
+    def finish(self) -> None:
+        """Launch the buckets backward did not complete (fixed order), wait for all, scale, copy back."""
+        for b in self.buckets:
+            if b.handle is None:
+                self._launch(b)
+        for b in self.launched:
+            b.handle.wait()
+            b.flat.mul_(b.scale)
+            for p, t in zip(b.params, _unflatten_dense_tensors(b.flat, [p.grad for p in b.params])):
+                p.grad.copy_(t)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for p in self.scale_only:
+            p.grad.mul_(1.0 / self.ps.dp_size)
+        self.armed, self.launched = False, []
