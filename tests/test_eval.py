@@ -205,3 +205,16 @@ def test_reshard_round_trip_and_inspect(checkpoints, tmp_path, capsys):
     # training resumes from the resharded checkpoint
     out = pretrain_gpt_moe.main(mock_args(RUN + MOE + ["--train-iters", "4", "--load", a]))
     assert out["iteration"] == 4
+
+
+def test_generate_text_tool_batches_greedy_prompts_like_single_ones(checkpoints, tmp_path):
+    from tools import generate_text
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("5 17 9\n40\n3 4 5 6 7 8 9 10\n")
+    argv = ["--load", checkpoints["moe"], "--prompt-file", str(prompts), "--max-new-tokens", "6"]
+    batched = generate_text.main(argv)["outputs"]
+    assert batched == generate_text.main(argv + ["--batch-size", "1"])["outputs"]
+    assert len(batched) == 3 and all(len(t.split()) == 6 for t in batched)
+    with pytest.raises(UserError, match="--batch-size"):
+        generate_text.main(argv + ["--batch-size", "0"])

@@ -52,6 +52,9 @@ def test_script_dry_run_counts_match_the_paper(script):
 def test_extra_flags_pass_through_and_bad_layouts_are_caught():
     out = dry_run("gpt_350M_moe128", "--num-layers", "4")
     assert "> dry run: 4 layers" in out
+    total = re.compile(r"total \(this configuration\): ([\d.]+) GiB")
+    plain, zero = dry_run("gpt_1.3B_moe128"), dry_run("gpt_1.3B_moe128", "--use-distributed-optimizer")
+    assert "(sharded optimizer;" in zero and float(total.search(zero).group(1)) < float(total.search(plain).group(1))
     r = subprocess.run(["bash", os.path.join(ROOT, "examples_moe", "gpt_350M_prmoe.sh"), "--dry-run",
                         "--moe-expert-parallel-size", "64"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHON": sys.executable})

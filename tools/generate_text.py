@@ -3,9 +3,10 @@
 
     python tools/generate_text.py --load CKPT --prompt "The history of" [--prompt ...] \\
         [--prompt-file prompts.txt] [--max-new-tokens 64] [--temperature 0.8 --top-k 50 --top-p 0.9] \\
-        [--no-kv-cache] [--seed 1] [--moe-eval-capacity-factor CF]
+        [--no-kv-cache] [--seed 1] [--moe-eval-capacity-factor CF] [--batch-size 8]
 
-Greedy when --temperature is 0 (the default). Prints each continuation and the tokens per second.
+Greedy when --temperature is 0 (the default); greedy prompts are decoded --batch-size at a time in
+one left-padded KV cache. Prints each continuation and the tokens per second.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 
 from megatron.errors import UserError, argument_parser, run_cli  # noqa: E402
 from megatron.inference import load_model  # noqa: E402
-from megatron.text_generation import generate  # noqa: E402
+from megatron.text_generation import generate, generate_greedy_batch  # noqa: E402
 
 
 def parse(argv=None):
@@ -33,12 +34,15 @@ def parse(argv=None):
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step (slower)")
+    p.add_argument("--batch-size", type=int, default=8, help="greedy prompts decoded together (left-padded)")
     p.add_argument("--moe-eval-capacity-factor", type=float, default=None,
                    help="drop tokens at this capacity factor (default: no token is dropped)")
     p.add_argument("--device", default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--vocab-file"), p.add_argument("--merge-file"), p.add_argument("--tokenizer-model")
     a = p.parse_args(argv)
+    if a.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
     if a.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     if a.temperature < 0 or not (0.0 <= a.top_p <= 1.0) or a.top_k < 0:
@@ -60,13 +64,20 @@ def main(argv=None) -> dict:
     tok = lm.tokenizer
     g = torch.Generator().manual_seed(a.seed)
     outputs, n_tokens, t0 = [], 0, time.perf_counter()
-    for prompt in prompts:
-        ids = generate(lm.model, tok.tokenize(prompt), a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                       top_p=a.top_p, eod=tok.eod, use_cache=not a.no_kv_cache, generator=g)
-        n_tokens += len(ids)
-        text = tok.detokenize([i for i in ids if i != tok.eod])
-        outputs.append(text)
-        print(f"--- prompt: {prompt}\n{prompt}{text}", flush=True)
+    batched = a.temperature == 0 and not a.no_kv_cache and a.batch_size > 1
+    step = a.batch_size if batched else 1
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start: start + step]
+        if batched:  # greedy prompts share one left-padded KV cache
+            rows = generate_greedy_batch(lm.model, [tok.tokenize(p) for p in chunk], a.max_new_tokens, eod=tok.eod)
+        else:
+            rows = [generate(lm.model, tok.tokenize(chunk[0]), a.max_new_tokens, temperature=a.temperature,
+                             top_k=a.top_k, top_p=a.top_p, eod=tok.eod, use_cache=not a.no_kv_cache, generator=g)]
+        for prompt, ids in zip(chunk, rows):
+            n_tokens += len(ids)
+            text = tok.detokenize([i for i in ids if i != tok.eod])
+            outputs.append(text)
+            print(f"--- prompt: {prompt}\n{prompt}{text}", flush=True)
     dt = time.perf_counter() - t0
     print(f"> {n_tokens} tokens in {dt:.2f} s: {n_tokens / dt:.1f} tokens/s "
           f"({'no ' if a.no_kv_cache else ''}KV cache, iteration {lm.iteration} of {a.load})")
