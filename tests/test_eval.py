@@ -53,6 +53,10 @@ def test_loglikelihood_equals_direct_forward(checkpoints, kind):
     for (_, ctx, cont), (ll, greedy) in zip(REQUESTS, got):
         assert abs(ll - direct_loglikelihood(lm.model, ctx, cont)) < 1e-4
         assert isinstance(greedy, bool)
+    # longer than the 32-token window: its last 32 tokens are scored, each given what precedes it in the window
+    long_cont = list(range(3, 43))
+    (ll, _), = lm._loglikelihood_tokens([(("", ""), [1], long_cont)], disable_tqdm=True)
+    assert abs(ll - direct_loglikelihood(lm.model, long_cont[7:8], long_cont[8:])) < 1e-4
 
 
 def test_loglikelihood_rolling_is_the_sum_over_every_token(checkpoints):

@@ -70,9 +70,11 @@ class MegatronMoELM(TemplateLM):
                 conts.append(cont)
             logp = self.score_batch(seqs)  # [B, T, V]
             for b, i in enumerate(idx):
-                n, L = len(conts[b]), len(seqs[b])
+                # a continuation longer than the window is scored on its last L tokens (those the model sees)
+                L = len(seqs[b])
+                n = min(len(conts[b]), L)
                 lp = logp[b, L - n: L]  # [n, V] predictions of the continuation tokens
-                target = torch.tensor(conts[b], device=self._device)
+                target = torch.tensor(conts[b][-n:], device=self._device)
                 results[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
         return results
 
