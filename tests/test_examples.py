@@ -94,3 +94,37 @@ def test_tiny_cpu_recipes_run_end_to_end(tmp_path):
         assert os.path.isfile(os.path.join(out_dir, "checkpoints", "iter_0000010", "common.pt"))
         if name == "mos":
             assert "knowledge distillation stopped at iteration 7" in r.stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--bf16"], ["--num-experts", "8"], ["--num-experts", "8", "--bf16"]],
+                         ids=["fp32", "bf16", "moe-fp32", "moe-bf16"])
+def test_activation_estimate_tracks_the_tensors_autograd_saves(extra):
+    """The plan's activations (no checkpointing) against the bytes autograd keeps for backward, measured."""
+    import torch
+
+    from megatron.arguments import parse_args
+    from megatron.dry_run import activation_bytes, resolve_vocab_size
+    from megatron.model.gpt_model import GPTModel
+
+    cfg = parse_args(["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "256",
+                      "--micro-batch-size", "4", "--lr", "1e-4", "--train-iters", "1", "--mock-data", "--vocab-size",
+                      "4096", "--hidden-dropout", "0", "--attention-dropout", "0"] + extra)
+    cfg.model.vocab_size = resolve_vocab_size(cfg)
+    model = GPTModel(cfg.model)
+    model.init_weights(1)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, 4096, (4, 256), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.bf16):
+            model(tokens, tokens)
+    measured = sum(v for k, v in saved.items() if k not in params)
+    logits_grad = 4 * 4 * 256 * cfg.model.vocab_size  # fp32 gradient of the logits: in the plan, not saved
+    ratio = activation_bytes(cfg, checkpointing=False) / (measured + logits_grad)
+    print(f"estimate / measured = {ratio:.2f}")
+    assert 0.75 <= ratio <= 1.33, ratio
