@@ -31,6 +31,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def argument_parser(**kwargs) -> argparse.ArgumentParser:
+    """The parser for the tools' own command lines: mistakes raise UserError (one line, no usage dump)."""
+    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    kwargs.setdefault("allow_abbrev", False)
+    return _Parser(**kwargs)
+
+
 def _none_or_str(v: str) -> Optional[str]:
     return None if v in ("None", "none", "") else v
 

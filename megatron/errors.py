@@ -30,15 +30,3 @@ def run_cli(main) -> None:
         sys.exit(UserError.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
-
-def argument_parser(**kwargs):
-    """An argparse parser whose mistakes raise :class:`UserError` (one line, no usage dump)."""
-    import argparse
-
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UserError(f"{message} (see --help)")
-
-    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-    kwargs.setdefault("allow_abbrev", False)
-    return _Parser(**kwargs)

@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megatron.checkpointing import TRACKER, _atomic_write_text, iter_dir_name  # noqa: E402
-from megatron.errors import UserError, argument_parser, run_cli  # noqa: E402
+from megatron.arguments import argument_parser  # noqa: E402
+from megatron.errors import UserError, run_cli  # noqa: E402
 from megatron.inference import load_model, read_checkpoint_config, stored_model_config  # noqa: E402
 from megatron.model_stats import count_parameters  # noqa: E402
 

@@ -19,7 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.errors import UserError, argument_parser, run_cli  # noqa: E402
+from megatron.arguments import argument_parser  # noqa: E402
+from megatron.errors import UserError, run_cli  # noqa: E402
 from megatron.evaluation.local_tasks import PAPER_NAMES, PRIMARY_METRIC, TASKS, task_name, write_tasks  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("MEGATRON_MOE_EVAL_DATA", os.path.join(

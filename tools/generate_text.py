@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron.errors import UserError, argument_parser, run_cli  # noqa: E402
+from megatron.arguments import argument_parser  # noqa: E402
+from megatron.errors import UserError, run_cli  # noqa: E402
 from megatron.inference import load_model  # noqa: E402
 from megatron.text_generation import generate, generate_greedy_batch  # noqa: E402
 
