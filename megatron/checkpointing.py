@@ -178,7 +178,7 @@ def read_tracker(load_dir: str, flag: str = "--load"):
 def check_architecture(stored_model_cfg: dict, model_cfg, what: str = "--load") -> None:
     from megatron.config import ModelConfig
 
-    stored = ModelConfig(**{k: v for k, v in stored_model_cfg.items() if k in ModelConfig.__dataclass_fields__})
+    stored = ModelConfig.from_dict(stored_model_cfg)
     a, b = stored.architecture(), model_cfg.architecture()
     diffs = [f"{k}: checkpoint {a[k]} vs flags {b[k]}" for k in b if a.get(k) != b[k]]
     if diffs:

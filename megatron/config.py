@@ -139,6 +139,14 @@ class ModelConfig:
         check(self.init_method_std > 0, "--init-method-std must be > 0")
         self.moe.validate(self.num_layers)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """A ModelConfig from a checkpoint's stored dict (unknown keys, e.g. from newer versions, ignored)."""
+        d = dict(d)
+        moe = d.pop("moe", {})
+        moe = MoEConfig(**{k: v for k, v in moe.items() if k in MoEConfig.__dataclass_fields__})
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__}, moe=moe)
+
     def architecture(self) -> dict:
         """Fields that must match for a checkpoint to load into this model."""
         keys = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings", "vocab_size")

@@ -38,9 +38,7 @@ def teacher_model_config(kd_cfg, student_cfg: ModelConfig) -> ModelConfig:
     if found is None:
         raise UserError(f"--load-teacher {kd_cfg.load_teacher}: no checkpoint there (latest_checkpointed_iteration.txt "
                         f"is missing); train the teacher first or point at its --save directory")
-    from megatron.inference import stored_model_config
-
-    teacher = stored_model_config(found[1]["config"])
+    teacher = ModelConfig.from_dict(found[1]["config"]["model"])
     for field, value in kd_cfg.teacher_overrides().items():
         if field in MoEConfig.__dataclass_fields__:
             have = teacher.moe.num_experts if field == "num_experts" else getattr(teacher.moe, field)

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from megatron.config import pad_vocab_size
+from megatron.config import MoEConfig, pad_vocab_size
 from megatron.errors import UserError
 from megatron.model_stats import count_parameters, flops_per_token
 
@@ -95,7 +95,7 @@ def teacher_config(cfg):
     if kd.load_teacher and os.path.isfile(os.path.join(kd.load_teacher, TRACKER)):
         return teacher_model_config(kd, cfg.model)
     over = kd.teacher_overrides()
-    moe_keys = {k: over.pop(k) for k in list(over) if k in ("num_experts", "expert_interval", "mlp_type", "topk")}
+    moe_keys = {k: over.pop(k) for k in list(over) if k in MoEConfig.__dataclass_fields__}
     if "hidden_size" in over and "ffn_hidden_size" not in over:
         over["ffn_hidden_size"] = 4 * over["hidden_size"]
     tcfg = dataclasses.replace(cfg.model, **over, moe=dataclasses.replace(cfg.model.moe, **moe_keys))

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from megatron.checkpointing import load_checkpoint, locate_checkpoint
-from megatron.config import ModelConfig, MoEConfig
+from megatron.config import ModelConfig
 from megatron.errors import UserError
 from megatron.parallel_state import ParallelState
 
@@ -27,12 +27,6 @@ class LoadedModel:
     iteration: int
     config: dict  # the checkpoint's full stored config
     path: str
-
-
-def stored_model_config(config: dict) -> ModelConfig:
-    model = dict(config["model"])
-    moe = MoEConfig(**{k: v for k, v in model.pop("moe").items() if k in MoEConfig.__dataclass_fields__})
-    return ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}, moe=moe)
 
 
 def read_checkpoint_config(load_dir: str, flag: str = "--load") -> tuple[str, dict]:
@@ -68,7 +62,7 @@ def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor
     from megatron.model.gpt_model import GPTModel
 
     path, common = read_checkpoint_config(load_dir, flag)
-    cfg = stored_model_config(common["config"])
+    cfg = ModelConfig.from_dict(common["config"]["model"])
     cfg.hidden_dropout = cfg.attention_dropout = 0.0
     cfg.checkpoint_activations = False
     cfg.moe.expert_parallel_size = 1

@@ -129,14 +129,12 @@ def train_step(forward_step_fn, data_iterator, model, optimizer, scaler, ps, cfg
         p.grad = None
     sums: dict = defaultdict(float)
     moe_acc: list = []
+    teacher_kwarg = {} if teacher is None else {"teacher": teacher}  # hooks without KD need not accept it
     for micro in range(num_micro):
         if grad_reducer is not None and micro == num_micro - 1:
             grad_reducer.arm()
         with autocast():
-            if teacher is None:
-                output, loss_fn = forward_step_fn(data_iterator, model)
-            else:
-                output, loss_fn = forward_step_fn(data_iterator, model, teacher=teacher)
+            output, loss_fn = forward_step_fn(data_iterator, model, **teacher_kwarg)
             loss, logs = loss_fn(output)
         (loss * (scaler.scale / num_micro)).backward()
         for k, v in logs.items():

@@ -11,9 +11,18 @@ def mock_args(extra=()):
 
 
 def train(rank, argv):
-    """Entry used by tests (in this process or a spawned one): returns the per-iteration lm losses."""
+    """Entry used by tests (in this process or a spawned one): per-iteration lm losses, grad norms,
+    KD losses, and the final validation figures."""
     import pretrain_gpt_moe
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = pretrain_gpt_moe.main(argv)
-    return {"losses": result["losses"], "valid": result.get("valid"), "rank": rank}
+    return {"losses": result["losses"], "grad_norms": result.get("grad_norms"), "kd_losses": result.get("kd_losses"),
+            "valid": result.get("valid"), "rank": rank}
+
+
+def close(a, b, rtol=1e-5):
+    """Two loss (or norm) histories agree to ``rtol`` element by element."""
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rtol * abs(y), (a, b)

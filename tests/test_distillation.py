@@ -7,7 +7,7 @@ import pretrain_gpt_moe
 from megatron.distillation import kd_loss
 from megatron.errors import UserError
 from tests.dist_utils import run_distributed
-from tests.runs import mock_args
+from tests.runs import mock_args, train
 
 NO_NOISE = ["--hidden-dropout", "0", "--attention-dropout", "0", "--disable-moe-token-dropping"]
 RUN = ["--micro-batch-size", "2", "--global-batch-size", "4"]
@@ -80,18 +80,10 @@ def test_kd_with_expert_or_tensor_parallel_2_equals_1_process(tmp_path, layout):
     base = mock_args(RUN + STUDENT + NO_NOISE + ["--num-experts", "4", "--train-iters", "3", "--mos",
                                                  "--load-teacher", ck])
     ref = pretrain_gpt_moe.main(base)
-    ep2 = run_distributed(_train_kd, 2, str(tmp_path / "ep2"), base + layout)
-    assert len(ep2[0]["kd"]) == 3 and ep2[0]["kd"][0] > 0
-    for a, b in zip(ep2[0]["kd"] + ep2[0]["losses"], ref["kd_losses"] + ref["losses"]):
+    ep2 = run_distributed(train, 2, str(tmp_path / "ep2"), base + layout)
+    assert len(ep2[0]["kd_losses"]) == 3 and ep2[0]["kd_losses"][0] > 0
+    for a, b in zip(ep2[0]["kd_losses"] + ep2[0]["losses"], ref["kd_losses"] + ref["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b)
-
-
-def _train_kd(rank, argv):
-    import os
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out = pretrain_gpt_moe.main(argv)
-    return {"losses": out["losses"], "kd": out["kd_losses"]}
 
 
 def test_teacher_flag_mismatch_and_missing_teacher_are_clear_errors(tmp_path):

@@ -4,17 +4,11 @@ import os
 import pytest
 
 from tests.dist_utils import run_distributed
-from tests.runs import mock_args, train
+from tests.runs import close, mock_args, train
 
 # no token dropping (capacity large), no dropout: runs must agree to float rounding
 EXACT = ["--hidden-dropout", "0", "--attention-dropout", "0", "--moe-train-capacity-factor", "8",
          "--moe-eval-capacity-factor", "8"]
-
-
-def close(a, b, rtol=1e-5):
-    assert len(a) == len(b) and len(a) > 0
-    for x, y in zip(a, b):
-        assert abs(x - y) <= rtol * abs(y), (a, b)
 
 
 def test_dp2_equals_dp1(tmp_path):

@@ -4,10 +4,9 @@ import os
 import pytest
 import torch
 
-import pretrain_gpt_moe
 from megatron.parallel.tensor_parallel import VocabParallelCrossEntropy
 from tests.dist_utils import run_distributed
-from tests.runs import mock_args
+from tests.runs import close, mock_args, train
 
 # no dropout, no token dropping, no sampling: layouts must agree to float rounding
 EXACT = ["--hidden-dropout", "0", "--attention-dropout", "0", "--moe-train-capacity-factor", "8",
@@ -15,23 +14,11 @@ EXACT = ["--hidden-dropout", "0", "--attention-dropout", "0", "--moe-train-capac
 RUN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4"]
 
 
-def train_full(rank, argv):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out = pretrain_gpt_moe.main(argv)
-    return {"losses": out["losses"], "grad_norms": out["grad_norms"], "valid": out.get("valid")}
-
-
-def close(a, b, rtol=1e-5):
-    assert len(a) == len(b) and len(a) > 0
-    for x, y in zip(a, b):
-        assert abs(x - y) <= rtol * abs(y), (a, b)
-
-
 @pytest.mark.parametrize("moe", [[], ["--num-experts", "4", "--topk", "2"]], ids=["dense", "moe"])
 def test_tp2_equals_tp1_losses_and_grad_norms(tmp_path, moe):
     argv = mock_args(EXACT + RUN + moe)
-    single = train_full(0, argv)
-    tp2 = run_distributed(train_full, 2, str(tmp_path), argv + ["--tensor-model-parallel-size", "2"])
+    single = train(0, argv)
+    tp2 = run_distributed(train, 2, str(tmp_path), argv + ["--tensor-model-parallel-size", "2"])
     for r in tp2:
         close(r["losses"], single["losses"])
         close(r["grad_norms"], single["grad_norms"])
@@ -66,12 +53,12 @@ def _vocab_parallel_ce_worker(rank):
 
 def test_distributed_optimizer_equals_plain_adam(tmp_path):
     argv = mock_args(EXACT + RUN + ["--num-experts", "4", "--weight-decay", "0.1"])
-    plain = run_distributed(train_full, 2, str(tmp_path / "plain"), argv + ["--moe-expert-parallel-size", "2"])
-    zero = run_distributed(train_full, 2, str(tmp_path / "zero"), argv + ["--moe-expert-parallel-size", "2",
+    plain = run_distributed(train, 2, str(tmp_path / "plain"), argv + ["--moe-expert-parallel-size", "2"])
+    zero = run_distributed(train, 2, str(tmp_path / "zero"), argv + ["--moe-expert-parallel-size", "2",
                                                                           "--use-distributed-optimizer"])
     close(zero[0]["losses"], plain[0]["losses"], rtol=1e-6)
     close(zero[0]["grad_norms"], plain[0]["grad_norms"], rtol=1e-6)
-    one = train_full(0, argv + ["--zero-stage", "1"])  # the synonym, one process
+    one = train(0, argv + ["--zero-stage", "1"])  # the synonym, one process
     close(one["losses"], plain[0]["losses"])
 
 
@@ -80,11 +67,11 @@ def test_tp2_x_ep2_x_dp2_with_zero_matches_one_process_and_resumes_at_tp1(tmp_pa
     ck = str(tmp_path / "ck")
     argv = mock_args(EXACT + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "6",
                               "--num-experts", "4"])
-    full = train_full(0, argv)["losses"]
+    full = train(0, argv)["losses"]
     layout = ["--tensor-model-parallel-size", "2", "--moe-expert-parallel-size", "2", "--use-distributed-optimizer"]
-    first = run_distributed(train_full, 4, str(tmp_path / "a"), argv + layout + ["--save", ck, "--exit-interval", "3"])
+    first = run_distributed(train, 4, str(tmp_path / "a"), argv + layout + ["--save", ck, "--exit-interval", "3"])
     close(first[0]["losses"], full[:3])
-    resumed = train_full(0, argv + ["--load", ck])  # TP 1, EP 1, plain Adam, one process
+    resumed = train(0, argv + ["--load", ck])  # TP 1, EP 1, plain Adam, one process
     close(resumed["losses"], full[3:])
     blob = torch.load(os.path.join(ck, "iter_0000003", "model_dense.pt"), weights_only=True)
     assert blob["word_embeddings.weight"].shape == (128, 32)  # full tensors on disk
@@ -94,8 +81,8 @@ def test_overlapped_grad_reduce_equals_the_blocking_one(tmp_path):
     # two micro-batches per step: only the last one's backward launches reductions
     argv = mock_args(EXACT + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "4",
                               "--num-experts", "4", "--moe-expert-parallel-size", "2"])
-    blocking = run_distributed(train_full, 2, str(tmp_path / "a"), argv)
-    overlap = run_distributed(train_full, 2, str(tmp_path / "b"), argv + ["--overlap-grad-reduce"])
+    blocking = run_distributed(train, 2, str(tmp_path / "a"), argv)
+    overlap = run_distributed(train, 2, str(tmp_path / "b"), argv + ["--overlap-grad-reduce"])
     assert overlap[0]["losses"] == blocking[0]["losses"]
     assert overlap[0]["grad_norms"] == blocking[0]["grad_norms"]
 

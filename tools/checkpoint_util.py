@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from megatron.checkpointing import TRACKER, _atomic_write_text, iter_dir_name  # noqa: E402
 from megatron.arguments import argument_parser  # noqa: E402
 from megatron.errors import UserError, run_cli  # noqa: E402
-from megatron.inference import load_model, read_checkpoint_config, stored_model_config  # noqa: E402
+from megatron.config import ModelConfig  # noqa: E402
+from megatron.inference import load_model, read_checkpoint_config  # noqa: E402
 from megatron.model_stats import count_parameters  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def _publish(tmp: str, path: str) -> None:
 
 def inspect(a) -> dict:
     path, common = read_checkpoint_config(a.load)
-    cfg = stored_model_config(common["config"])
+    cfg = ModelConfig.from_dict(common["config"]["model"])
     counts = count_parameters(cfg)
     files = []
     for root, _, names in os.walk(path):
@@ -152,7 +153,7 @@ def export_hf(a) -> dict:
 
 def reshard(a) -> dict:
     path, common = read_checkpoint_config(a.load)
-    cfg = stored_model_config(common["config"])
+    cfg = ModelConfig.from_dict(common["config"]["model"])
     n = a.target_expert_parallel_size
     if n < 1:
         raise UserError("--target-expert-parallel-size must be >= 1")

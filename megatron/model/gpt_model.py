@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron.model.fused import layer_norm
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
-from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer
+from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer, padding_attention_mask
 
 
 class TiedOutputLayer(nn.Module):
@@ -94,13 +94,16 @@ class GPTModel(nn.Module):
             position_ids = torch.arange(position_offset, position_offset + T, device=tokens.device)[None, :]
         h = self.word_embeddings(tokens) + self.position_embeddings(position_ids)  # [B, T, H]
         h = self.embedding_dropout(h)
+        attn_mask = None
+        if token_mask is not None or kv_caches is not None:
+            attn_mask = padding_attention_mask(token_mask, kv_caches, B, T, tokens.device)
         stats = []
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
-                h, s = checkpoint(layer, h, token_mask, cache, use_reentrant=False)
+                h, s = checkpoint(layer, h, token_mask, cache, attn_mask, use_reentrant=False)
             else:
-                h, s = layer(h, token_mask, cache)
+                h, s = layer(h, token_mask, cache, attn_mask)
             if s is not None:
                 stats.append(s)
         h = self.final_layernorm(h)

@@ -20,33 +20,21 @@ class SelfAttention(nn.Module):
         self.proj.is_output_layer = True
         self.attention_dropout = attention_dropout
 
-    def forward(self, x: torch.Tensor, kv_cache=None, key_valid=None) -> torch.Tensor:
-        # x: [B, T, H]; kv_cache: optional dict holding "k", "v" [B, nh, T_past, hd] (updated in place) and,
-        # once padding was seen, "valid" [B, T_past]; key_valid: [B, T] bool, False for padding tokens.
+    def forward(self, x: torch.Tensor, kv_cache=None, attn_mask=None) -> torch.Tensor:
+        # x: [B, T, H]; kv_cache: optional dict holding "k", "v" [B, nh, T_past, hd] (updated in place);
+        # attn_mask: [B, 1, T, T_past + T] bool from padding_attention_mask, or None for plain causal attention.
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, T, hd]
-        valid = key_valid
         if kv_cache is not None:
-            T_past = kv_cache["k"].shape[2] if "k" in kv_cache else 0
-            if T_past:
+            if "k" in kv_cache:
                 k = torch.cat([kv_cache["k"], k], dim=2)  # [B, nh, T_past + T, hd]
                 v = torch.cat([kv_cache["v"], v], dim=2)
             kv_cache["k"], kv_cache["v"] = k, v
-            if "valid" in kv_cache or (valid is not None and not bool(valid.all())):
-                new = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-                past = kv_cache.get("valid", torch.ones(B, T_past, dtype=torch.bool, device=x.device))
-                kv_cache["valid"] = valid = torch.cat([past, new], dim=1)  # [B, T_past + T]
-            elif T_past:
-                valid = None
         dropout = self.attention_dropout if self.training else 0.0
-        T_k = k.shape[2]
-        if valid is not None and not _trailing_padding_only(valid, T_k, T):
-            # padding before real tokens (left-padded batches): mask padded keys; a query always sees itself
-            qpos = torch.arange(T_k - T, T_k, device=x.device)[:, None]  # absolute query positions [T, 1]
-            kpos = torch.arange(T_k, device=x.device)[None, :]  # [1, T_k]
-            mask = (kpos <= qpos)[None, None] & (valid[:, None, None, :] | (kpos == qpos)[None, None])  # [B, 1, T, T_k]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         else:
+            T_k = k.shape[2]
             if T_k != T and T > 1:
                 raise NotImplementedError("multi-token append to a non-empty KV cache")
             # no cache / first chunk: causal; one new token after the cache: it attends to everything
@@ -54,9 +42,28 @@ class SelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, nh*hd] -> [B, T, H]
 
 
-def _trailing_padding_only(valid: torch.Tensor, T_k: int, T: int) -> bool:
-    """True when a causal mask alone is exact for every real query: no cache and padding only at row ends."""
-    return T_k == T and bool((valid.long().cumprod(dim=1).bool() == valid).all())
+def padding_attention_mask(token_mask, kv_caches, B: int, T: int, device):
+    """[B, 1, T, T_past + T] bool mask keeping padded keys out of attention, or None when causal attention
+    alone is exact (no padding, or padding only at row ends with no cache). Computed once per forward for
+    every layer; with a KV cache the key validity so far is kept (one shared tensor) under "valid"."""
+    first = kv_caches[0] if kv_caches else None
+    past = first["k"].shape[2] if first is not None and "k" in first else 0
+    new = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    if first is not None and ("valid" in first or not bool(new.all())):
+        valid = torch.cat([first.get("valid", torch.ones(B, past, dtype=torch.bool, device=device)), new], dim=1)
+        for cache in kv_caches:
+            cache["valid"] = valid
+    elif first is None and token_mask is not None:
+        valid = token_mask
+    else:
+        return None  # nothing padded
+    T_k = past + T
+    if past == 0 and bool((valid.long().cumprod(dim=1).bool() == valid).all()):
+        return None  # padding only after each row's real tokens: causal attention never reaches it
+    qpos = torch.arange(past, T_k, device=device)[:, None]  # absolute query positions [T, 1]
+    kpos = torch.arange(T_k, device=device)[None, :]  # [1, T_k]
+    # causal, padded keys masked; a query always sees itself (a padded query would otherwise see nothing)
+    return (kpos <= qpos)[None, None] & (valid[:, None, None, :] | (kpos == qpos)[None, None])
 
 
 class MLP(nn.Module):
@@ -93,8 +100,8 @@ class TransformerLayer(nn.Module):
         self.mlp = mlp  # DenseMLPBlock or MoELayer: forward(x, token_mask) -> (y, stats | None)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, token_mask=None, kv_cache=None):
+    def forward(self, x: torch.Tensor, token_mask=None, kv_cache=None, attn_mask=None):
         # x: [B, T, H] -> ([B, T, H], moe stats or None)
-        x = x + self.hidden_dropout(self.attention(self.input_layernorm(x), kv_cache, token_mask))
+        x = x + self.hidden_dropout(self.attention(self.input_layernorm(x), kv_cache, attn_mask))
         y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
         return x + self.hidden_dropout(y), stats

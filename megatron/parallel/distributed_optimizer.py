@@ -127,6 +127,3 @@ class DistributedAdamW:
     def load_state_by_param(self, state: dict) -> None:
         for d in self.domains:
             d.load_full_state(state)
-
-    def local_state_numel(self) -> int:
-        return sum(d.exp_avg.numel() + d.exp_avg_sq.numel() for d in self.domains)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron.optimizer import is_expert
+from megatron.parallel.tensor_parallel import is_tp_sharded
 
 BUCKET_BYTES = 32 * 1024 * 1024
 
@@ -70,7 +71,7 @@ def global_grad_norm(model: torch.nn.Module, ps) -> float:
     sharded_sq = torch.zeros((), dtype=torch.float64, device=dev)
     for p in dense:
         if p.grad is not None:
-            if hasattr(p, "tp_indices"):
+            if is_tp_sharded(p):
                 sharded_sq += p.grad.detach().double().square().sum()
             else:
                 dense_sq += p.grad.detach().double().square().sum()

@@ -184,9 +184,7 @@ def gather_tp(t: torch.Tensor, p: torch.Tensor, ps) -> torch.Tensor:
     """The full tensor from every TP rank's shard ``t`` of parameter ``p`` (collective over ps.tp_group)."""
     parts = [torch.empty_like(t) for _ in range(ps.tp_size)]
     dist.all_gather(parts, t.contiguous(), group=ps.tp_group)
-    shape = list(t.shape)
-    shape[p.tp_dim] = sum(len(i) for i in p.tp_indices)
-    full = t.new_empty(shape)
+    full = t.new_empty(full_shape(p))
     for idx, part in zip(p.tp_indices, parts):
         full.index_copy_(p.tp_dim, idx.to(t.device), part)
     return full

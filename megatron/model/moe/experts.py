@@ -66,15 +66,17 @@ class StackedExperts(nn.Module):
         # expert to the largest count + one batched matmul: work proportional to E x the largest count).
         # GPU: grouped_mm. CPU: padded when the load is even (it measured ~2x faster than _grouped_mm for
         # equal work), grouped_mm when most padded rows would be empty (decoding: 1 token, 1 expert).
+        cap = None
         if kernel is None:
             if not hasattr(torch, "_grouped_mm"):
                 kernel = "padded"
             elif x.is_cuda:
                 kernel = "grouped_mm"
             else:
-                kernel = "padded" if self.num_local * int(counts.max()) <= 2 * x.shape[0] else "grouped_mm"
+                cap = int(counts.max()) if counts.numel() else 0
+                kernel = "padded" if self.num_local * cap <= 2 * x.shape[0] else "grouped_mm"
         if kernel == "padded" or not hasattr(torch, "_grouped_mm"):
-            return self._grouped_by_padding(x, counts)
+            return self._grouped_by_padding(x, counts, cap)
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end offset of each expert's rows
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_local, device=x.device), counts)  # [N]
         w1, w2 = self.w1.to(x.dtype), self.w2.to(x.dtype)
@@ -82,10 +84,11 @@ class StackedExperts(nn.Module):
         h = F.gelu(h)
         return _grouped_mm(h, w2, offs) + self.b2.to(x.dtype).index_select(0, expert_of_row)  # [N, H]
 
-    def _grouped_by_padding(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Fallback: pad each expert's rows to the largest count and run the batched path."""
+    def _grouped_by_padding(self, x: torch.Tensor, counts: torch.Tensor, cap=None) -> torch.Tensor:
+        """Fallback: pad each expert's rows to the largest count (``cap``) and run the batched path."""
         E, H = self.num_local, x.shape[-1]
-        cap = int(counts.max()) if counts.numel() else 0
+        if cap is None:
+            cap = int(counts.max()) if counts.numel() else 0
         start = torch.cumsum(counts, 0) - counts
         expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # [N]
         pos = torch.arange(x.shape[0], device=x.device) - start[expert_of_row]
