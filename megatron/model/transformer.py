@@ -47,6 +47,8 @@ def padding_attention_mask(token_mask, kv_caches, B: int, T: int, device):
     alone is exact (no padding, or padding only at row ends with no cache). Computed once per forward for
     every layer; with a KV cache the key validity so far is kept (one shared tensor) under "valid"."""
     first = kv_caches[0] if kv_caches else None
+    if token_mask is None and (first is None or "valid" not in first):
+        return None  # nothing padded, now or before (the decoding fast path)
     past = first["k"].shape[2] if first is not None and "k" in first else 0
     new = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
     if first is not None and ("valid" in first or not bool(new.all())):
