@@ -13,6 +13,7 @@ finishes the requests in flight, then exits 0.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -87,18 +88,20 @@ def ignore_stop_signals() -> None:
 def serve(a, lm, state=None) -> int:
     import uvicorn
 
-    from megatron.serving.app import Server, build_app
+    from megatron.serving.app import Server, build_app, text_of
     from megatron.serving.engine import Engine
 
     tok = lm.tokenizer
     max_length = lm.cfg.max_position_embeddings
-    engine = Engine(lm.model, tok.eod, max_length, tok.detokenize, a.max_batch_size, a.max_waiting_requests,
+    engine = Engine(lm.model, tok.eod, max_length, functools.partial(text_of, tok), a.max_batch_size, a.max_waiting_requests,
                     state=state).start()
     name = a.model_name or os.path.basename(os.path.normpath(a.load))
     server = Server(engine, tok, max_length, lm.cfg.vocab_size, name)
     app = build_app(server)
+    held = [(m.experts.num_local, m.num_experts) for m in lm.model.moe_layers()]
     print(f"> serving {lm.path} (iteration {lm.iteration}) as '{name}' on http://{a.host}:{a.port} "
-          f"(max batch {a.max_batch_size}, context {max_length}, EP {a.moe_expert_parallel_size})", flush=True)
+          f"(max batch {a.max_batch_size}, context {max_length}, EP {a.moe_expert_parallel_size}"
+          + (f"; each rank holds {held[0][0]} of {held[0][1]} experts per MoE layer" if held else "") + ")", flush=True)
     ignore_stop_signals()
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=a.log_requests,
                 timeout_graceful_shutdown=60)

@@ -59,6 +59,12 @@ async def read_json(http: HTTPRequest, schema):
         raise BadRequest(first_error(e)) from None
 
 
+def text_of(tokenizer, ids: list[int]) -> str:
+    """Text of ``ids`` without end-of-document and without the vocabulary's padding ids (an untrained
+    model may pick those: they have logits but no text)."""
+    return tokenizer.detokenize([i for i in ids if i != tokenizer.eod and i < tokenizer.vocab_size])
+
+
 class Server:
     """Glue between HTTP requests and the engine: tokenization, the context checks, responses."""
 
@@ -82,7 +88,10 @@ class Server:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.detokenize([i for i in ids if i != self.tok.eod])
+        return text_of(self.tok, ids)
+
+    def token_text(self, i: int) -> str:
+        return self.tok.detokenize([i]) if i < self.tok.vocab_size else ""
 
     def prompt_ids(self, prompt, what: str, new_tokens: int) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -146,13 +155,13 @@ class Server:
         ids = (r.prompt if echo else []) + r.tokens
         lps = (r.prompt_logprobs if echo else []) + r.token_logprobs
         tops = (r.prompt_top_logprobs if echo else []) + r.top_logprobs
-        strings = [self.tok.detokenize([i]) for i in ids]
+        strings = [self.token_text(i) for i in ids]
         offsets, pos = [], 0
         for s in strings:
             offsets.append(pos)
             pos += len(s)
         return {"tokens": strings, "token_logprobs": lps, "text_offset": offsets,
-                "top_logprobs": [None if t is None else {self.tok.detokenize([i]): v for i, v in t.items()}
+                "top_logprobs": [None if t is None else {self.token_text(i): v for i, v in t.items()}
                                  for t in tops]}
 
     def full_text(self, r: Request, stops, new_tokens=None) -> str:
@@ -214,7 +223,7 @@ def build_app(server: Server) -> FastAPI:
         ids = (await read_object(http)).get("tokens")
         if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < server.vocab_size for i in ids):
             raise BadRequest("'tokens': a list of token ids in the vocabulary is required")
-        return {"prompt": server.tok.detokenize(ids)}
+        return {"prompt": server.tok.detokenize([i for i in ids if i < server.tok.vocab_size])}
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
