@@ -101,6 +101,21 @@ def servers(checkpoints):
             s.stop()
 
 
+def send_together(s, bodies) -> list:
+    """Every completion request at once (one thread each): the first choice of each."""
+    out = [None] * len(bodies)
+
+    def send(i):
+        out[i] = s.complete(**bodies[i])["choices"][0]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return out
+
+
 def greedy(s, prompt, n, **kw):
     return s.complete(prompt=prompt, max_tokens=n, temperature=0, logprobs=0, **kw)["choices"][0]
 
@@ -179,17 +194,7 @@ def test_concurrent_requests_equal_single_requests(servers, kind):
     bodies = [dict(prompt=" ".join(map(str, p)), max_tokens=5 + 2 * i, temperature=0 if i % 2 == 0 else 0.9,
                    seed=100 + i, top_p=0.95, logprobs=0) for i, p in enumerate(PROMPTS)]
     alone = [s.complete(**b)["choices"][0] for b in bodies]
-    together = [None] * len(bodies)
-
-    def send(i):
-        together[i] = s.complete(**bodies[i])["choices"][0]
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, send_together(s, bodies)):
         assert a["text"] == b["text"] and a["finish_reason"] == b["finish_reason"]
         assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=1e-4)
 

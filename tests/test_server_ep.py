@@ -1,10 +1,8 @@
 """Expert-parallel serving: torchrun with 2 gloo processes on 127.0.0.1, each holding half the experts,
 answers exactly what one process answers (greedy tokens, seeded samples, prompt log-probs)."""
-import threading
-
 import pytest
 
-from tests.test_server import PROMPTS, Server, checkpoints  # noqa: F401 (fixture)
+from tests.test_server import PROMPTS, Server, checkpoints, send_together  # noqa: F401 (fixture)
 
 
 @pytest.mark.slow
@@ -17,17 +15,7 @@ def test_expert_parallel_server_equals_one_process(checkpoints):  # noqa: F811
                        logprobs=0) for i, p in enumerate(PROMPTS)]
         bodies.append(dict(prompt=[[3, 9, 4, 4, 1, 8]], max_tokens=1, temperature=0, logprobs=1, echo=True))
         expected = [one.complete(**b)["choices"][0] for b in bodies]
-        got = [None] * len(bodies)
-
-        def send(i):  # all at once: one batch on the expert-parallel server
-            got[i] = two.complete(**bodies[i])["choices"][0]
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
-        for e, g in zip(expected, got):
+        for e, g in zip(expected, send_together(two, bodies)):  # all at once: one batch on the EP server
             assert g["text"] == e["text"] and g["finish_reason"] == e["finish_reason"]
             assert g["logprobs"]["token_logprobs"][1:] == pytest.approx(e["logprobs"]["token_logprobs"][1:], abs=1e-4)
     finally:

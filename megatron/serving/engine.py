@@ -132,9 +132,9 @@ class Engine:
 
     def step(self) -> None:
         """Free cancelled rows, admit and prefill waiting requests, decode one token for every row."""
+        admitted: list[Request] = []
         try:
             self._free([r for r in self.running if r.cancelled], "cancelled")
-            admitted = []
             with self._cv:
                 while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
                     r = self.waiting.popleft()
@@ -148,7 +148,7 @@ class Engine:
                 self._decode()
             self.steps += 1
         except Exception as e:  # a failed forward fails its batch, never the server
-            failed = self.running + [r for r in locals().get("admitted", []) if r not in self.running]
+            failed = self.running + [r for r in admitted if r not in self.running]
             self.running = []
             self.state.keep([])
             for r in failed:

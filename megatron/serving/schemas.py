@@ -13,68 +13,24 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-StrictFloat = Union[StrictInt, float]  # an int is a valid float; a string is not
-
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    @field_validator("temperature", check_fields=False)
-    @classmethod
-    def _temperature(cls, v):
-        if v < 0:
-            raise ValueError("must be >= 0 (0 = greedy)")
-        return float(v)
-
-    @field_validator("top_k", check_fields=False)
-    @classmethod
-    def _top_k(cls, v):
-        if v < 0:
-            raise ValueError("must be >= 0 (0 = off)")
-        return v
+    model_config = ConfigDict(extra="ignore", strict=True)  # strict: an int is a float, a string is neither
 
 
 class CompletionRequest(_Strict):
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
     model: Optional[StrictStr] = None
-    max_tokens: StrictInt = 16
-    temperature: StrictFloat = 1.0
-    top_p: StrictFloat = 1.0
-    top_k: StrictInt = 0
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 = off
     stop: Optional[Union[StrictStr, list[StrictStr]]] = Field(default=None, validate_default=True)
-    seed: Optional[StrictInt] = None
-    logprobs: Optional[StrictInt] = None
+    seed: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: StrictBool = False
     stream: StrictBool = False
-    n: StrictInt = 1
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, v):
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v):
-        if not 0.0 < v <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return float(v)
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v is not None and not 0 <= v <= 20:
-            raise ValueError("must be between 0 and 20")
-        return v
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v):
-        if v != 1:
-            raise ValueError("only n = 1 is served (send the prompt several times with different seeds)")
-        return v
+    n: int = Field(1, ge=1, le=1)  # one choice per prompt (send a prompt several times for more)
 
     @field_validator("stop")
     @classmethod
@@ -94,29 +50,15 @@ class CompletionRequest(_Strict):
 
 class MegatronRequest(_Strict):
     prompts: list[StrictStr] = Field(min_length=1)
-    tokens_to_generate: StrictInt = 64
-    temperature: StrictFloat = 1.0
-    top_k: StrictInt = 0
-    top_p: StrictFloat = 0.0
+    tokens_to_generate: int = Field(64, ge=0)  # 0 only scores the prompts (with logprobs)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(0.0, ge=0, le=1)  # 0 = off
     logprobs: StrictBool = False
     add_BOS: StrictBool = False
-    random_seed: Optional[StrictInt] = None
+    random_seed: Optional[int] = None
     stop: list[StrictStr] = Field(default_factory=list, max_length=16)
     stop_token: Optional[Union[StrictInt, list[StrictInt]]] = None
-
-    @field_validator("tokens_to_generate")
-    @classmethod
-    def _tokens(cls, v):
-        if v < 0:
-            raise ValueError("must be >= 0 (0 only scores the prompts, with logprobs true)")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v):
-        if not 0.0 <= v <= 1.0:
-            raise ValueError("must be in [0, 1] (0 = off)")
-        return float(v)
 
     def stop_tokens(self) -> tuple:
         t = self.stop_token
