@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Serving throughput and latency: a bounded load generator against the HTTP server on loopback.
 
-    python tools/bench/serving.py [--concurrency 1,4,16,64] [--requests-per-client 2] [--max-tokens 32]
+    python tools/bench/serving.py [--concurrency 1,4,16,64] [--requests-per-client 1] [--max-tokens 48] \
+        [--prompt-tokens 8,32]
 
 Models: 6 layers, hidden 256, 8 heads, vocab 8192, context 512 (random weights; speed only), dense
 and with 8 experts in every other layer (top-1, no token dropping: the same active size). Each model
 is served twice by the real app (FastAPI + uvicorn on 127.0.0.1), all four servers in one child
 process (the clients run in this one, so they do not compete with the engines for the interpreter):
-with continuous batching (up to 64 rows) and one request at a time (--max-batch-size 1). For each concurrency level
-C, C client threads each send ``--requests-per-client`` greedy completions (prompts of 16-64 random
-tokens, ``--max-tokens`` new tokens, no early stop) one after another; the four servers take turns at
-each level, so a noisy machine affects them alike. Reported: generated tokens/s over the level's
+with continuous batching (up to 64 rows) and one request at a time (--max-batch-size 1). For each
+concurrency level C, C client threads each send ``--requests-per-client`` greedy completions (prompts
+of ``--prompt-tokens`` random tokens, ``--max-tokens`` new tokens, no early stop) one after another;
+the four servers take turns at each level, so a noisy machine affects them alike. Reported: generated tokens/s over the level's
 wall time, and p50 / p99 of the request latency.
 """
 from __future__ import annotations
@@ -85,10 +86,10 @@ def wait_ready(port: int, timeout: float = 300) -> None:
     raise RuntimeError(f"server on port {port} did not start")
 
 
-def load(url: str, clients: int, per_client: int, max_tokens: int, seed: int):
+def load(url: str, clients: int, per_client: int, max_tokens: int, seed: int, prompt_tokens=(16, 64)):
     """``clients`` threads, each ``per_client`` requests in a row -> (tokens/s, latencies in s)."""
     rng = random.Random(seed)
-    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(16, 64))] for _ in range(clients * per_client)]
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(*prompt_tokens))] for _ in range(clients * per_client)]
     latencies, tokens, errors = [], [0], []
     lock = threading.Lock()
 
@@ -126,11 +127,13 @@ def pct(xs, q):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--requests-per-client", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests-per-client", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--prompt-tokens", default="8,32", help="prompt lengths are drawn uniformly from this range")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the servers")
     a = p.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
+    lengths = tuple(int(x) for x in a.prompt_tokens.split(","))
     ports = [free_port() for _ in SERVERS]
     child = multiprocessing.get_context("spawn").Process(target=serve_all, args=(ports, a.threads), daemon=True)
     child.start()
@@ -139,7 +142,7 @@ def main():
         wait_ready(port)
         urls[(name, mode)] = f"http://127.0.0.1:{port}/v1/completions"
     print(f"torch {torch.__version__}, {a.threads} torch thread(s); {a.requests_per_client} requests per client, "
-          f"{a.max_tokens} new tokens each\n")
+          f"prompts of {lengths[0]}-{lengths[1]} tokens, {a.max_tokens} new tokens each\n")
     print("| model | serving | clients | tokens/s | p50 latency (s) | p99 latency (s) |\n|---|---|---|---|---|---|")
     results = {}
     try:
@@ -147,7 +150,7 @@ def main():
             load(url, 2, 1, 4, seed=0)
         for c in levels:
             for (name, mode), url in urls.items():
-                tps, lat = load(url, c, a.requests_per_client, a.max_tokens, seed=c)
+                tps, lat = load(url, c, a.requests_per_client, a.max_tokens, seed=c, prompt_tokens=lengths)
                 results[(name, mode, c)] = tps
                 print(f"| {name} | {mode} | {c} | {tps:.0f} | {statistics.median(lat):.2f} | {pct(lat, 0.99):.2f} |",
                       flush=True)
