@@ -123,6 +123,12 @@ def greedy(s, prompt, n, **kw):
 # ---- the engine in this process
 
 
+@torch.no_grad()
+def forward_logp(model, ids) -> torch.Tensor:
+    """Next-token log-probs [T, V] of one sequence, in one plain forward."""
+    return torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), -1)
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_engine_rows_joining_and_leaving_equal_one_prompt_at_a_time(checkpoints, kind):
     lm = load_model(checkpoints[kind], "cpu")
@@ -147,8 +153,7 @@ def test_engine_rows_joining_and_leaving_equal_one_prompt_at_a_time(checkpoints,
         assert r.tokens == generate(lm.model, r.prompt, 4 + 3 * i, eod=eod)
         assert r.finish_reason in ("length", "stop")
         # each token's log-prob is the one-prompt forward's
-        with torch.no_grad():
-            logp = torch.log_softmax(lm.model(torch.tensor([r.prompt + r.tokens[:-1]]))[0][0].float(), -1)
+        logp = forward_logp(lm.model, r.prompt + r.tokens[:-1])
         direct = [float(logp[len(r.prompt) - 1 + j, t]) for j, t in enumerate(r.tokens)]
         assert max(abs(a - b) for a, b in zip(r.token_logprobs, direct)) < 1e-4
     for i, r in enumerate(sampled):
@@ -165,7 +170,7 @@ def test_health_models_and_tokenizer_endpoints(servers):
     assert s.get("/v1/models").json()["data"][0]["id"] == "moe"
     info = s.get("/tokenizer_info").json()
     assert info["eos_token"] == "127" and info["model_max_length"] == CONTEXT  # NullTokenizer: ids are the text
-    assert s.post("/tokenize", {"prompt": "4 5 127"}).json()["tokens"] == [4, 5, 127]
+    assert s.post("/tokenize", {"prompt": "4 5 127 1127"}).json()["tokens"] == [4, 5, 127, 1127]
     assert s.post("/detokenize", {"tokens": [4, 5]}).json()["prompt"] == "4 5"
 
 
@@ -178,7 +183,7 @@ def test_megatron_api_equals_generate(servers, checkpoints):
     for prompt, tokens, text, lps in zip([[1, 2, 3], [7, 8]], out["tokens"], out["text"], out["logprobs"]):
         new = generate(lm.model, prompt, 6, eod=lm.tokenizer.eod)
         assert tokens == prompt + new and text == " ".join(map(str, prompt + new))
-        logp = torch.log_softmax(lm.model(torch.tensor([tokens[:-1]]))[0][0].float(), -1)
+        logp = forward_logp(lm.model, tokens[:-1])
         assert max(abs(a - float(logp[j, t])) for j, (a, t) in enumerate(zip(lps, tokens[1:]))) < 1e-4
     # scoring only: tokens_to_generate 0 with logprobs
     score = requests.put(s.url + "/api", json={"prompts": ["1 2 3"], "tokens_to_generate": 0, "logprobs": True},
@@ -206,7 +211,7 @@ def test_echo_logprobs_score_the_prompt_like_a_forward(servers, checkpoints):
     for ids, choice in zip([[3, 9, 4, 4, 1, 8], [2, 7]], out["choices"]):
         lp = choice["logprobs"]
         assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids) + 1
-        logp = torch.log_softmax(lm.model(torch.tensor([ids]))[0][0].float(), -1)
+        logp = forward_logp(lm.model, ids)
         assert lp["token_logprobs"][1:-1] == pytest.approx([float(logp[j, t]) for j, t in enumerate(ids[1:])],
                                                            abs=1e-4)
         assert choice["text"].startswith(" ".join(map(str, ids)))
@@ -291,6 +296,7 @@ def test_bad_requests_are_answered_and_the_next_request_is_served(servers):
     assert s.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_busy_server_queue_disconnect_and_sigterm(checkpoints):
     """One row, one waiting place: a third request is 503; a client that goes away frees its row;
     SIGTERM lets the request in flight finish, then the server exits 0."""

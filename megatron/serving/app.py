@@ -72,12 +72,16 @@ class Server:
         self.engine, self.tok, self.max_length = engine, tokenizer, max_length
         self.vocab_size, self.model_name = vocab_size, model_name
         self.eos_text = tokenizer.detokenize([tokenizer.eod])
+        try:  # a special text such as "<|endoftext|>" that the tokenizer itself splits up
+            self.split_eos = bool(self.eos_text) and tokenizer.tokenize(self.eos_text) != [tokenizer.eod]
+        except Exception:
+            self.split_eos = False
 
     # ---- tokens
     def encode(self, text: str) -> list[int]:
         """Text -> ids; the end-of-document text maps to its id (for clients that send it)."""
         ids: list[int] = []
-        for k, part in enumerate(text.split(self.eos_text) if self.eos_text else [text]):
+        for k, part in enumerate(text.split(self.eos_text) if self.split_eos else [text]):
             if k:
                 ids.append(self.tok.eod)
             if part:
