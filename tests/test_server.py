@@ -346,3 +346,23 @@ def test_generate_text_refuses_empty_and_too_long_prompts(checkpoints):
     with pytest.raises(UserError, match=f"context of {CONTEXT}"):
         generate_text.main(base + ["--prompt", LONG])
     assert len(generate_text.main(base + ["--prompt", "3 4"])["outputs"]) == 1
+
+
+def test_server_tool_user_errors(checkpoints, tmp_path):
+    from megatron.errors import UserError
+    from tools import run_text_generation_server as tool
+
+    with pytest.raises(UserError, match="--load .*no checkpoint"):
+        tool.main(["--load", str(tmp_path), "--port", str(free_port())])
+    with pytest.raises(UserError, match="--moe-expert-parallel-size 2: must equal the number of processes"):
+        tool.main(["--load", checkpoints["moe"], "--moe-expert-parallel-size", "2"])
+    with pytest.raises(UserError, match="--max-batch-size"):
+        tool.main(["--load", checkpoints["moe"], "--max-batch-size", "0"])
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"--port {port}: cannot listen there"):
+            tool.main(["--load", checkpoints["moe"], "--port", str(port)])

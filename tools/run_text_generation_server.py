@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import sys
 from types import SimpleNamespace
 
@@ -58,8 +59,21 @@ def parse(argv=None):
     return a
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before the model loads if the address cannot be listened on."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                            f"choose another --port") from None
+
+
 def main(argv=None) -> int:
     a = parse(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_port(a.host, a.port)
     from megatron.parallel_state import destroy, initialize
     from megatron.serving.distributed import BroadcastBatchState, follow
 
