@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megatron.serving.batch import BatchState
 
-STOP, PREFILL, DECODE, KEEP = 0, 1, 2, 3
+STOP, PREFILL, DECODE, KEEP, IDLE = 0, 1, 2, 3, 4
 
 
 class BroadcastBatchState(BatchState):
@@ -37,6 +37,10 @@ class BroadcastBatchState(BatchState):
     def keep(self, rows):
         self._send(KEEP, len(rows), 0, *([torch.tensor(rows, dtype=torch.long)] if rows else []))
         super().keep(rows)
+
+    def idle(self) -> None:
+        """Nothing to run: tell the other ranks so, before their broadcast waits reach the process group's timeout."""
+        self._send(IDLE)
 
     def stop(self) -> None:
         self._send(STOP)
@@ -64,3 +68,4 @@ def follow(model, device) -> None:
             state.decode(recv(d0), recv(d0))
         elif op == KEEP:
             state.keep(recv(d0).tolist() if d0 else [])
+        # IDLE: nothing to do

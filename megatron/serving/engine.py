@@ -118,11 +118,15 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    IDLE_PING_S = 60.0  # an idle engine calls state.idle() this often (expert-parallel ranks wait on rank 0)
+
     def _run(self) -> None:
+        idle = getattr(self.state, "idle", None)
         while True:
             with self._cv:
                 while not self.waiting and not self.running and not self._stop:
-                    self._cv.wait()
+                    if not self._cv.wait(self.IDLE_PING_S) and idle is not None:
+                        idle()
                 if self._stop and not self.waiting and not self.running:
                     break
             self.step()
