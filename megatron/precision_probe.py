@@ -91,14 +91,18 @@ def bf16_warning(device: torch.device | str = "cpu") -> Optional[str]:
             f"than fp32): drop --bf16 to train in fp32")
 
 
-def preferred_precision(device: torch.device | str = "cpu") -> str:
+def default_device() -> str:
+    """Where training runs without --use-cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def preferred_precision(device: torch.device | str | None = None) -> str:
     """"bf16" where bf16 is fast, else "fp32": the choice the demo, benchmarks and experiments make."""
-    return "bf16" if bf16_is_fast(device)[0] else "fp32"
+    return "bf16" if bf16_is_fast(device or default_device())[0] else "fp32"
 
 
 def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    fast, why = bf16_is_fast(device, probe="--probe" in sys.argv)
+    fast, why = bf16_is_fast(default_device(), probe="--probe" in sys.argv)
     print(f"{'bf16' if fast else 'fp32'}: {why}", file=sys.stderr)
     print("bf16" if fast else "fp32")
 

@@ -37,6 +37,44 @@ from megatron.precision_probe import bf16_is_fast  # noqa: E402
 from tools.bench.common import interleaved_median  # noqa: E402
 
 
+class _FusedWgradFFN(torch.autograd.Function):
+    """PROTOTYPE for a proposed change in megatron/model/moe/experts.py (not used by training): the experts'
+    weight gradients accumulate straight into ``.grad`` (``baddbmm_``) instead of a fresh [E, H, F] tensor that
+    autograd then adds (Megatron-LM's gradient-accumulation fusion). Bypasses post-accumulate-grad hooks."""
+
+    @staticmethod
+    def forward(ctx, buf, w1, b1, w2, b2):
+        # buf [E, C, H] -> [E, C, H]
+        h = torch.baddbmm(b1[:, None, :], buf, w1)  # [E, C, F]
+        a = torch.nn.functional.gelu(h)
+        ctx.save_for_backward(buf, h, a)
+        ctx.params = (w1, b1, w2, b2)
+        return torch.baddbmm(b2[:, None, :], a, w2)
+
+    @staticmethod
+    def backward(ctx, gy):
+        buf, h, a = ctx.saved_tensors
+        w1, b1, w2, b2 = ctx.params
+        for p in ctx.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        w2.grad.baddbmm_(a.transpose(1, 2), gy)  # [E, F, H]
+        b2.grad.add_(gy.sum(1))
+        gh = torch.ops.aten.gelu_backward(torch.bmm(gy, w2.transpose(1, 2)), h)  # [E, C, F]
+        w1.grad.baddbmm_(buf.transpose(1, 2), gh)  # [E, H, F]
+        b1.grad.add_(gh.sum(1))
+        return torch.bmm(gh, w1.transpose(1, 2)), None, None, None, None
+
+
+class FusedWgradMoE(MoELayer):
+    """Our layer with the prototype experts (fp32 only)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        ex = self.experts
+        ex.forward = lambda buf: _FusedWgradFFN.apply(buf, ex.w1, ex.b1, ex.w2, ex.b2)
+
+
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes moved per second by a large out-of-cache copy (read + write), best of ``repeats``."""
     src = torch.ones(nbytes // 4)
@@ -82,6 +120,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
                    help="default: fp32, and bf16 where this machine runs it fast")
+    p.add_argument("--prototype", action="store_true",
+                   help="also time the proposed in-place weight-gradient experts (a prototype in this file)")
     p.add_argument("--quick", action="store_true", help="2 repeats, E = 8 32")
     a = p.parse_args(argv)
     if a.quick:
@@ -110,6 +150,10 @@ def main(argv=None):
             nodrop.load_state_dict(ours.state_dict())
             fns = {"dense": fwd_bwd(dense, x, dtype), "ours": fwd_bwd(ours, x, dtype),
                    "nodrop": fwd_bwd(nodrop, x, dtype)}
+            if a.prototype and dtype == torch.float32:
+                proto = FusedWgradMoE(MoEConfig(num_experts=[E]), H, F_, E, layer_number=1)
+                proto.load_state_dict(ours.state_dict())
+                fns["proto"] = fwd_bwd(proto, x, dtype)
             ds, reason = deepspeed_moe(H, F_, E)
             if ds is not None:
                 fns["ds"] = fwd_bwd(ds, x, dtype)
@@ -123,6 +167,9 @@ def main(argv=None):
                   f"{ds_cols} |", flush=True)
             if ds is None:
                 print(f"(DeepSpeed column skipped: {reason})")
+            if "proto" in t:
+                print(f"(E={E}: prototype, weight gradients accumulated in place: {1e3 * t['proto']:.1f} ms, "
+                      f"{t['proto'] / t['ours']:.2f}x ours)")
             del ours, nodrop, ds, fns
 
 
