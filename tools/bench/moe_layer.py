@@ -75,6 +75,23 @@ class FusedWgradMoE(MoELayer):
         ex.forward = lambda buf: _FusedWgradFFN.apply(buf, ex.w1, ex.b1, ex.w2, ex.b2)
 
 
+def check_prototype() -> None:
+    """The prototype's gradients equal our layer's (two accumulated steps on a tiny layer)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=[4], train_capacity_factor=4.0)
+    ref = MoELayer(cfg, 16, 64, 4, layer_number=1)
+    ref.experts.init_weights(0, 1, 0.02, 0.02)
+    proto = FusedWgradMoE(cfg, 16, 64, 4, layer_number=1)
+    proto.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 32, 16)
+    for m in (ref, proto):
+        for _ in range(2):
+            torch.manual_seed(1)  # the same random token priorities
+            m(x.clone().requires_grad_())[0].square().sum().backward()
+    for a, b in zip(ref.parameters(), proto.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes moved per second by a large out-of-cache copy (read + write), best of ``repeats``."""
     src = torch.ones(nbytes // 4)
@@ -131,6 +148,8 @@ def main(argv=None):
     bf16_fast, why = bf16_is_fast("cpu")
     if a.dtypes is None:
         a.dtypes = ["fp32", "bf16"] if bf16_fast else ["fp32"]
+    if a.prototype:
+        check_prototype()
     H, F_, S = a.hidden, 4 * a.hidden, a.tokens
     torch.manual_seed(0)
     x = torch.randn(1, S, H)
