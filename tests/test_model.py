@@ -118,3 +118,13 @@ def test_model_takes_the_fused_loss_and_matches_logits_path():
     torch.testing.assert_close(loss, ref)
     for a, p in zip(grads, m.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_fused_output_cross_entropy_refuses_a_second_backward():
+    from megatron.model.cross_entropy import linear_cross_entropy
+
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, torch.randn(16, 8), torch.randint(0, 16, (1, 4))).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        loss.backward()

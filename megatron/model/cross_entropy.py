@@ -37,12 +37,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.logsumexp(block, dim=1, out=lse[s:s + rows])
             block.sub_(lse[s:s + rows, None]).exp_()
         ctx.save_for_backward(h, weight, labels, probs)
-        ctx.dtype = dtype
+        ctx.dtype, ctx.consumed = dtype, False
         return lse - target
 
     @staticmethod
     def backward(ctx, grad_loss):
         # grad_loss [N] -> d h [N, H], d weight [V, H]; the saved softmax buffer becomes d logits in place
+        if ctx.consumed:
+            raise RuntimeError("the fused output cross-entropy was differentiated twice (retain_graph): its saved "
+                               "softmax became the first gradient; recompute the loss for a second backward")
+        ctx.consumed = True
         h, weight, labels, probs = ctx.saved_tensors
         dlogits = probs
         dlogits[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
