@@ -21,8 +21,10 @@ def write_tokenizer_files(data_cfg: dict, out_dir: str, model_max_length: int) -
     """Write the files for the checkpoint's tokenizer (``data_cfg``: its stored data config); returns its kind.
 
     GPT-2 BPE: vocab.json + merges.txt read by transformers' GPT2Tokenizer (no prefix space, no BOS added).
-    SentencePiece: tokenizer.model read by transformers' LlamaTokenizer with no BOS/EOS added and the
-    model's own normalisation kept (``legacy``), so its ids equal SentencePieceProcessor.encode.
+    SentencePiece: tokenizer.model plus a tokenizer.json (PreTrainedTokenizerFast) whose normaliser, like
+    SentencePiece, always prepends the dummy-prefix "▁" (transformers' Llama conversion skips it when the
+    text already starts with a space) and does not split at spaces; no BOS/EOS added. Writing it needs
+    transformers (its SentencePiece converter).
     NullTokenizer (ids are the text): no files.
     """
     kind = data_cfg.get("tokenizer_type")
@@ -33,15 +35,31 @@ def write_tokenizer_files(data_cfg: dict, out_dir: str, model_max_length: int) -
                   "unk_token": EOD, "model_max_length": model_max_length}
     elif kind == "SentencePieceTokenizer":
         _copy(data_cfg.get("tokenizer_model"), out_dir, "tokenizer.model", "--tokenizer-model")
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=os.path.join(out_dir, "tokenizer.model"))
-        piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
-        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-                  "legacy": True, "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
-                  "unk_token": piece(sp.unk_id()), "model_max_length": model_max_length}
+        config = _sentencepiece_tokenizer_json(out_dir)
     else:
         return "none (the NullTokenizer's ids are the text itself)"
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return config["tokenizer_class"]
+
+
+def _sentencepiece_tokenizer_json(out_dir: str) -> dict:
+    try:
+        from tokenizers import normalizers, pre_tokenizers
+        from transformers import LlamaTokenizer
+    except ImportError:
+        raise UserError("export-hf of a SentencePiece checkpoint needs transformers to write tokenizer.json: "
+                        "pip install transformers") from None
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(out_dir, "tokenizer.model"))
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:  # replaced by the caller
+        json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, **special}, f)
+    tok = LlamaTokenizer.from_pretrained(out_dir).backend_tokenizer
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
+    tok.post_processor = None
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False, **special}
