@@ -3,6 +3,9 @@
 
     python tools/checkpoint_util.py inspect --load CKPT
     python tools/checkpoint_util.py export-hf --load CKPT --save OUT_DIR
+    python tools/checkpoint_util.py import-hf --load HF_DIR --save CKPT
+    python tools/checkpoint_util.py upcycle --load DENSE --save MOE --num-experts 8 [--expert-interval 2]
+                                            [--mlp-type residual] [--topk 2]
     python tools/checkpoint_util.py reshard --load CKPT --save OUT_DIR --target-expert-parallel-size N
 
 export-hf: a dense checkpoint becomes a Hugging Face GPT-2 model that
@@ -47,6 +50,20 @@ def parse(argv=None):
     s.add_argument("--load", required=True)
     s.add_argument("--save", required=True)
     s.add_argument("--force", action="store_true", help="overwrite a non-empty --save directory")
+    s = sub.add_parser("import-hf", help="a transformers GPT-2 directory -> our checkpoint at iteration 0")
+    s.add_argument("--load", required=True, help="transformers directory: config.json + model.safetensors or "
+                   "pytorch_model.bin (+ vocab.json, merges.txt)")
+    s.add_argument("--save", required=True)
+    s.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary like training will (padding rows are zero); 1 keeps it unpadded")
+    s = sub.add_parser("upcycle", help="a dense checkpoint -> an MoE checkpoint computing the same function")
+    s.add_argument("--load", required=True)
+    s.add_argument("--save", required=True)
+    s.add_argument("--num-experts", type=int, nargs="+", required=True, help="experts per MoE layer: one value or "
+                   "one per MoE layer (PR-MoE)")
+    s.add_argument("--expert-interval", type=int, default=2)
+    s.add_argument("--mlp-type", choices=["standard", "residual"], default="standard")
+    s.add_argument("--topk", type=int, choices=[1, 2], default=1)
     s = sub.add_parser("reshard", help="copy a checkpoint for another expert-parallel size")
     s.add_argument("--load", required=True)
     s.add_argument("--save", required=True)
@@ -123,6 +140,42 @@ def export_hf(a) -> dict:
     return {"path": a.save, "moe": lm.cfg.moe.enabled}
 
 
+def import_hf(a) -> dict:
+    from megatron.hf.import_gpt2 import import_gpt2
+
+    if a.make_vocab_size_divisible_by < 1:
+        raise UserError("--make-vocab-size-divisible-by must be >= 1")
+    _refuse_overlap(a.load, a.save)
+    tmp = _prepare_out(a.save)
+    try:
+        summary = import_gpt2(a.load, tmp, a.save, a.make_vocab_size_divisible_by)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, a.save)
+    print(f"> imported {a.load} -> {a.save} (iteration 0, {summary['layers']} layers, padded vocabulary "
+          f"{summary['vocab']}, tokenizer {summary['tokenizer']}); train on with --load {a.save} --finetune"
+          f"{summary['note']}")
+    return summary
+
+
+def upcycle(a) -> dict:
+    from megatron.hf.upcycle import upcycle_checkpoint
+
+    _refuse_overlap(a.load, a.save)
+    tmp = _prepare_out(a.save)
+    try:
+        summary = upcycle_checkpoint(a.load, tmp, a.num_experts, a.expert_interval, a.mlp_type, a.topk)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, a.save)
+    print(f"> upcycled {a.load} (iteration {summary['from_iteration']}) -> {a.save}: experts per layer "
+          f"{summary['experts_per_layer']}, mlp-type {a.mlp_type}, top-{a.topk}; train on with --load {a.save} "
+          f"--finetune and the same MoE flags")
+    return summary
+
+
 def reshard(a) -> dict:
     path, common = read_checkpoint_config(a.load)
     cfg = ModelConfig.from_dict(common["config"]["model"])
@@ -149,7 +202,8 @@ def reshard(a) -> dict:
 
 def main(argv=None):
     a = parse(argv)
-    return {"inspect": inspect, "export-hf": export_hf, "reshard": reshard}[a.command](a)
+    return {"inspect": inspect, "export-hf": export_hf, "import-hf": import_hf, "upcycle": upcycle,
+            "reshard": reshard}[a.command](a)
 
 
 if __name__ == "__main__":
