@@ -121,6 +121,8 @@ def import_gpt2(src: str, save_dir: str, final_dir: str, divisible_by: int = 128
         cfg.data.tokenizer_type = "GPT2BPETokenizer"
         cfg.data.vocab_file = os.path.join(final, "tokenizer", "vocab.json")
         cfg.data.merge_file = os.path.join(final, "tokenizer", "merges.txt")
+    else:  # no tokenizer files: ids stand for themselves until a tokenizer is given at training time
+        cfg.data.tokenizer_type = "NullTokenizer"
     write_weights_checkpoint(save_dir, model, cfg.to_dict())
     note = ""
     if hf.get("activation_function", "gelu_new") != "gelu":
