@@ -48,6 +48,11 @@ def test_training_resumes_from_the_upcycled_checkpoint(dense, tmp_path):
     assert abs(d["losses"][0] - m["losses"][0]) < 1e-5 * abs(d["losses"][0])
     assert len(m["losses"]) == 3 and all(x == x for x in m["losses"])
     assert load_model(str(tmp_path / "m"), "cpu").iteration == 3
+    # or go on where the dense run stopped (its iteration and consumed samples are kept), optimizer fresh
+    assert load_model(up, "cpu").iteration == 3
+    on = pretrain_gpt_moe.main(mock_args(RUN + EXACT + ["--train-iters", "5", "--load", up, "--no-load-optim",
+                                                        "--no-load-rng", "--num-experts", "4"]))
+    assert len(on["losses"]) == 2
 
 
 def test_upcycle_errors(dense, tmp_path):

@@ -171,8 +171,8 @@ def upcycle(a) -> dict:
         raise
     _publish(tmp, a.save)
     print(f"> upcycled {a.load} (iteration {summary['from_iteration']}) -> {a.save}: experts per layer "
-          f"{summary['experts_per_layer']}, mlp-type {a.mlp_type}, top-{a.topk}; train on with --load {a.save} "
-          f"--finetune and the same MoE flags")
+          f"{summary['experts_per_layer']}, mlp-type {a.mlp_type}, top-{a.topk}; train on with the same MoE flags and "
+          f"--load {a.save} --no-load-optim --no-load-rng (data goes on) or --finetune (from iteration 0)")
     return summary
 
 

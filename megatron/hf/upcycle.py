@@ -69,5 +69,5 @@ def upcycle_checkpoint(load: str, save_dir: str, num_experts: list, expert_inter
     dense = load_model(load, "cpu").model
     moe = GPTModel(cfg)
     upcycle_model(dense, moe)
-    write_weights_checkpoint(save_dir, moe, config)
+    write_weights_checkpoint(save_dir, moe, config, int(common["iteration"]), int(common.get("consumed_samples") or 0))
     return {"from_iteration": int(common["iteration"]), "experts_per_layer": cfg.moe.experts_per_layer(cfg.num_layers)}
