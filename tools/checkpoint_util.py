@@ -88,6 +88,19 @@ def _publish(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_and_publish(load: str, save: str, write, force: bool = False):
+    """``write(tmp_dir)`` fills a temporary folder that replaces ``save`` only when complete; returns its result."""
+    _refuse_overlap(load, save)
+    tmp = _prepare_out(save, force)
+    try:
+        result = write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, save)
+    return result
+
+
 def inspect(a) -> dict:
     path, common = read_checkpoint_config(a.load)
     cfg = ModelConfig.from_dict(common["config"]["model"])
@@ -128,13 +141,7 @@ def export_hf(a) -> dict:
 
     _refuse_overlap(a.load, a.save)
     lm = load_model(a.load, "cpu")
-    tmp = _prepare_out(a.save, a.force)
-    try:
-        summary = write_export(lm, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, a.save)
+    summary = _write_and_publish(a.load, a.save, lambda tmp: write_export(lm, tmp), a.force)
     print(f"> exported iteration {lm.iteration} of {a.load} to {a.save}: {summary['kind']}; {summary['tensors']} "
           f"tensors; tokenizer: {summary['tokenizer']}")
     return {"path": a.save, "moe": lm.cfg.moe.enabled}
@@ -145,14 +152,8 @@ def import_hf(a) -> dict:
 
     if a.make_vocab_size_divisible_by < 1:
         raise UserError("--make-vocab-size-divisible-by must be >= 1")
-    _refuse_overlap(a.load, a.save)
-    tmp = _prepare_out(a.save)
-    try:
-        summary = import_gpt2(a.load, tmp, a.save, a.make_vocab_size_divisible_by)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, a.save)
+    summary = _write_and_publish(a.load, a.save,
+                                 lambda tmp: import_gpt2(a.load, tmp, a.save, a.make_vocab_size_divisible_by))
     print(f"> imported {a.load} -> {a.save} (iteration 0, {summary['layers']} layers, padded vocabulary "
           f"{summary['vocab']}, tokenizer {summary['tokenizer']}); train on with --load {a.save} --finetune"
           f"{summary['note']}")
@@ -162,14 +163,8 @@ def import_hf(a) -> dict:
 def upcycle(a) -> dict:
     from megatron.hf.upcycle import upcycle_checkpoint
 
-    _refuse_overlap(a.load, a.save)
-    tmp = _prepare_out(a.save)
-    try:
-        summary = upcycle_checkpoint(a.load, tmp, a.num_experts, a.expert_interval, a.mlp_type, a.topk)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, a.save)
+    summary = _write_and_publish(a.load, a.save, lambda tmp: upcycle_checkpoint(
+        a.load, tmp, a.num_experts, a.expert_interval, a.mlp_type, a.topk))
     print(f"> upcycled {a.load} (iteration {summary['from_iteration']}) -> {a.save}: experts per layer "
           f"{summary['experts_per_layer']}, mlp-type {a.mlp_type}, top-{a.topk}; train on with the same MoE flags and "
           f"--load {a.save} --no-load-optim --no-load-rng (data goes on) or --finetune (from iteration 0)")

@@ -28,6 +28,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype  # noqa: E402
@@ -36,28 +38,31 @@ from megatron.tokenizer import build_tokenizer  # noqa: E402
 
 _TOKENIZER = None
 _ARGS = None
+_DTYPE = None
 
 
 def _init_worker(args):
-    global _TOKENIZER, _ARGS
+    global _TOKENIZER, _ARGS, _DTYPE
     _ARGS = args
     _TOKENIZER = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model, args.vocab_size)
-
-
-def _encode(item):
-    """item: (doc dict key -> text, nbytes) -> (key -> ids, nbytes)."""
-    texts, nbytes = item
-    out = {}
-    for key, text in texts.items():
-        ids = list(_TOKENIZER.tokenize(text)) if text else []
-        if ids and _ARGS.append_eod:
-            ids.append(_TOKENIZER.eod)
-        out[key] = ids
-    return out, nbytes
+    _DTYPE = best_dtype(_TOKENIZER.vocab_size)
 
 
 def _encode_batch(items):
-    return [_encode(item) for item in items]
+    """[(doc dict key -> text, nbytes)] -> [(key -> token array, nbytes)]; arrays (not lists) travel back from
+    the workers cheaply, and a tokenizer with ``tokenize_batch`` gets the whole batch at once."""
+    keys = list(items[0][0]) if items else []
+    by_key = {}
+    for key in keys:
+        texts = [texts[key] or "" for texts, _ in items]
+        if hasattr(_TOKENIZER, "tokenize_batch"):
+            ids = _TOKENIZER.tokenize_batch(texts)
+        else:
+            ids = [_TOKENIZER.tokenize(t) if t else [] for t in texts]
+        if _ARGS.append_eod:
+            ids = [list(x) + [_TOKENIZER.eod] if len(x) else x for x in ids]
+        by_key[key] = [np.asarray(x, dtype=_DTYPE) for x in ids]
+    return [({k: by_key[k][i] for k in keys}, nbytes) for i, (_, nbytes) in enumerate(items)]
 
 
 def _json_documents(path, f, json_keys):
@@ -172,7 +177,7 @@ class ShardedWriter:
             self.shard, self.shard_bytes = self.shard + 1, 0
             self._open()
         for key, ids in encoded.items():
-            if ids:
+            if len(ids):
                 self.builders[key].add_document(ids)
         self.shard_bytes += nbytes
 
@@ -203,7 +208,8 @@ def encoded_documents(args, docs, pool):
     """Encoded documents in input order. With a pool, at most ``workers * 4`` batches of 64 documents are in
     flight, so memory stays bounded however large the input (Pool.imap would read the whole input ahead)."""
     if pool is None:
-        yield from map(_encode, docs)
+        for batch in _batches(docs, 64):
+            yield from _encode_batch(batch)
         return
     window = args.workers * 4
     pending = []
