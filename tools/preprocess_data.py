@@ -39,6 +39,7 @@ from megatron.tokenizer import build_tokenizer  # noqa: E402
 _TOKENIZER = None
 _ARGS = None
 _DTYPE = None
+BATCH = 256  # documents sent to a worker at once
 
 
 def _init_worker(args):
@@ -205,15 +206,15 @@ def _batches(docs, size):
 
 
 def encoded_documents(args, docs, pool):
-    """Encoded documents in input order. With a pool, at most ``workers * 4`` batches of 64 documents are in
+    """Encoded documents in input order. With a pool, at most ``workers * 4`` batches of BATCH documents are in
     flight, so memory stays bounded however large the input (Pool.imap would read the whole input ahead)."""
     if pool is None:
-        for batch in _batches(docs, 64):
+        for batch in _batches(docs, BATCH):
             yield from _encode_batch(batch)
         return
     window = args.workers * 4
     pending = []
-    for batch in _batches(docs, 64):
+    for batch in _batches(docs, BATCH):
         pending.append(pool.apply_async(_encode_batch, (batch,)))
         if len(pending) >= window:
             yield from pending.pop(0).get()
