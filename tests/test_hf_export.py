@@ -158,6 +158,8 @@ def test_export_refuses_a_save_overlapping_the_load(exports):
     for save in (ck, os.path.join(ck, "hf"), os.path.dirname(ck)):
         with pytest.raises(UserError, match="--save .* overlaps --load"):
             checkpoint_util.main(["export-hf", "--load", ck, "--save", save, "--force"])
+        with pytest.raises(UserError, match="--save .* overlaps --load"):
+            checkpoint_util.main(["reshard", "--load", ck, "--save", save, "--target-expert-parallel-size", "1"])
     assert sorted(os.listdir(ck)) == before
     r = subprocess.run([sys.executable, "tools/checkpoint_util.py", "export-hf", "--load", ck, "--save", ck, "--force"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
