@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, save a checkpoint at the end of the current step and exit 0 (preemption)")
+    g.add_argument("--max-skipped-iterations", type=int, default=10,
+                   help="stop (exit 3) after this many consecutive steps skipped for a non-finite gradient; with "
+                        "fp16 dynamic loss scaling only steps at the minimum loss scale count")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--skip-train", action="store_true")
 
@@ -251,7 +256,7 @@ def namespace_to_config(a: argparse.Namespace) -> Config:
             rampup_batch_size=a.rampup_batch_size, train_iters=a.train_iters, train_samples=a.train_samples,
             train_tokens=a.train_tokens, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
             log_interval=a.log_interval, exit_interval=a.exit_interval, exit_duration_in_mins=a.exit_duration_in_mins,
-            seed=a.seed, skip_train=a.skip_train,
+            exit_signal_handler=a.exit_signal_handler, max_skipped_iterations=a.max_skipped_iterations, seed=a.seed, skip_train=a.skip_train,
         ),
         data=DataConfig(
             data_path=parse_data_path(a.data_path), split=a.split,

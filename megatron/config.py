@@ -239,6 +239,8 @@ class TrainConfig:
     log_interval: int = 100
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
+    exit_signal_handler: bool = False  # SIGTERM: save at the end of the current step, exit 0
+    max_skipped_iterations: int = 10  # consecutive steps skipped for a non-finite gradient before the run stops
     seed: int = 1234
     skip_train: bool = False
 
@@ -252,6 +254,7 @@ class TrainConfig:
         check(self.eval_interval >= 1, "--eval-interval must be >= 1")
         check(self.eval_iters >= 0, "--eval-iters must be >= 0")
         check(self.log_interval >= 1, "--log-interval must be >= 1")
+        check(self.max_skipped_iterations >= 0, f"--max-skipped-iterations must be >= 0 (got {self.max_skipped_iterations})")
         if self.rampup_batch_size is not None:
             check(
                 len(self.rampup_batch_size) == 3,
