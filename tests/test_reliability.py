@@ -248,7 +248,8 @@ def test_ranks_with_different_settings_fail_on_every_rank_within_60_s(tmp_path, 
     assert not os.path.exists(tmp_path / "ck" / TRACKER)
 
 
-def _replica_worker(rank, same):
+def _replica_worker(rank):
+    """check_replicas on identical replicas, then on replicas whose weights differ: one verdict per case."""
     import torch.distributed as dist
 
     from megatron.parallel_state import build_groups
@@ -256,18 +257,19 @@ def _replica_worker(rank, same):
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ps = build_groups(rank, 2, 1, torch.device("cpu"))
-    torch.manual_seed(0 if same else rank)
-    model = torch.nn.Linear(8, 8)
-    try:
-        check_replicas(model, ps, 5)
-        return "ok"
-    except TrainingFault as e:
-        return str(e)
-    finally:
-        dist.destroy_process_group()
+    verdicts = []
+    for seed in (0, rank):
+        torch.manual_seed(seed)
+        try:
+            check_replicas(torch.nn.Linear(8, 8), ps, 5)
+            verdicts.append("ok")
+        except TrainingFault as e:
+            verdicts.append(str(e))
+    dist.destroy_process_group()
+    return verdicts
 
 
 def test_diverged_replicas_are_an_error_on_every_rank_at_save(tmp_path):
-    assert run_distributed(_replica_worker, 2, str(tmp_path / "a"), True) == ["ok", "ok"]
-    msgs = run_distributed(_replica_worker, 2, str(tmp_path / "b"), False)
-    assert msgs[0] == msgs[1] and msgs[0].startswith("iteration 5: the dense weights of data-parallel replicas differ")
+    (same0, diff0), (same1, diff1) = run_distributed(_replica_worker, 2, str(tmp_path))
+    assert same0 == same1 == "ok"
+    assert diff0 == diff1 and diff0.startswith("iteration 5: the dense weights of data-parallel replicas differ")
