@@ -37,16 +37,12 @@ def settings_hash(flat: dict) -> str:
 
 
 def _flag_of(key: str) -> str:
-    """Best-effort flag name for a config field ("train.global_batch_size" -> "--global-batch-size")."""
-    from megatron.arguments import build_parser
+    """The flag of a config field ("train.global_batch_size" -> "--global-batch-size (train.global_batch_size)")."""
+    from megatron.config import Config
+    from megatron.options import iter_options
 
-    section, _, name = key.rpartition(".")
-    options = build_parser()._option_string_actions
-    candidates = [f"--{name.replace('_', '-')}", f"--{section.split('.')[-1]}-{name.replace('_', '-')}"]
-    for c in candidates:
-        if c in options:
-            return f"{c} ({key})"
-    return key
+    flags = {path: f.metadata["flag"] for path, _, f in iter_options(Config)}
+    return f"{flags[key]} ({key})" if key in flags else key
 
 
 def describe_mismatch(per_rank: list[dict]) -> str | None:

@@ -1,6 +1,6 @@
 """Checks before the first step, so that no compute is spent on a run that cannot finish.
 
-* batch arithmetic: a positive global batch and a ramp-up that moves (start, increment > 0);
+* batch arithmetic: a ramp-up that moves (start, increment > 0, start <= the global batch);
 * the save directory: created, proved writable by a test write, enough free space for one more
   checkpoint, and a per-process file-size limit (``ulimit -f``) above the largest checkpoint file;
 * the training split is not empty.
@@ -19,8 +19,8 @@ BYTES_PER_VALUE = 4  # checkpoints hold fp32 weights and fp32 Adam moments
 
 
 def check_batch_arithmetic(train_cfg) -> None:
+    """The ramp-up moves from a positive start to the global batch (its size >= 1 is an option check)."""
     gbs = train_cfg.global_batch_size
-    check(gbs is None or gbs >= 1, f"--global-batch-size must be >= 1 (got {gbs})")
     if train_cfg.rampup_batch_size is not None:
         start, incr, samples = train_cfg.rampup_batch_size
         check(start >= 1, f"--rampup-batch-size: the start batch size must be >= 1 (got {start})")
