@@ -56,7 +56,7 @@ class TensorBoardSink(MetricsSink):
 # MoE expert-load statistics (per-step accumulation, reduction over DP, the console line)
 
 
-def _accumulate_moe(acc: list, stats: list) -> list:
+def accumulate_moe(acc: list, stats: list) -> list:
     if not acc:
         return [{"counts": s["counts"].clone(), "dropped": s["dropped"].clone(), "assignments": s["assignments"].clone()}
                 for s in stats]
@@ -121,7 +121,7 @@ class MetricsLogger:
         for k, v in logs.items():
             self.sums[k] += v
             self.counts[k] += 1
-        self.moe = _accumulate_moe(self.moe, moe_stats) if moe_stats else self.moe
+        self.moe = accumulate_moe(self.moe, moe_stats) if moe_stats else self.moe
         self.iters += 1
         self.tokens += batch * self.seq_length
 

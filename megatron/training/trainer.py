@@ -39,7 +39,7 @@ from megatron.parallel_state import ParallelState, destroy, initialize
 from megatron.tokenizer import build_tokenizer
 from megatron.training.agreement import agree_on_error, agree_on_settings, check_replicas
 from megatron.training.guard import NonFiniteGuard
-from megatron.training.metrics import MetricsLogger, MetricsSink, TensorBoardSink, _accumulate_moe
+from megatron.training.metrics import MetricsLogger, MetricsSink, TensorBoardSink, accumulate_moe
 from megatron.training.preflight import check_batch_arithmetic, check_save_dir, check_train_split
 from megatron.training.schedule import BatchSchedule, MicroBatchIterator, train_schedule
 from megatron.training.signals import SignalFlag
@@ -243,7 +243,7 @@ class Trainer:
             (loss * (self.scaler.scale / num_micro)).backward()
             for k, v in logs.items():
                 if k == "moe stats":
-                    moe_acc = _accumulate_moe(moe_acc, v)
+                    moe_acc = accumulate_moe(moe_acc, v)
                 else:
                     sums[k] += float(v) / num_micro
         return sums, moe_acc
