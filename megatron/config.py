@@ -279,6 +279,11 @@ class TrainConfig:
                                           type=int, check=(positive, "must be >= 1"))
     exit_duration_in_mins: Optional[float] = option("--exit-duration-in-mins", None, "stop (after saving) once the run "
                                                     "has lasted this many minutes", type=float, check=(positive, "must be > 0"))
+    exit_signal_handler: bool = option("--exit-signal-handler", False, "on SIGTERM (a preempted job), save a checkpoint "
+                                       "at the end of the current step and exit 0")
+    max_skipped_iterations: int = option("--max-skipped-iterations", 10, "stop (exit 3) after this many consecutive "
+                                         "steps skipped for a non-finite gradient norm; with fp16 dynamic loss scaling "
+                                         "only steps at the minimum loss scale count", check=(non_negative, "must be >= 0"))
     seed: int = option("--seed", 1234, "random seed (weights, data order, dropout, routing noise)")
     skip_train: bool = option("--skip-train", False, "load, evaluate and exit without training")
 
