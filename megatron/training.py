@@ -26,7 +26,10 @@ from megatron.logging_utils import TensorBoard, fmt_eta, iteration_line, print_r
 from megatron.loss_scaler import build_loss_scaler
 from megatron.lr_scheduler import build_scheduler
 from megatron.model_stats import count_parameters, device_peak_tflops, flops_per_token
-from megatron.optimizer import build_optimizer, is_expert
+from megatron.model.moe.metrics import accumulate as _accumulate_moe, format_moe_line, summarize as summarize_moe
+from megatron.optimizer import build_optimizer
+from megatron.parallel.param_tags import is_expert
+from megatron.parallel.router_balance import update_router_biases
 from megatron.parallel.expert_parallel import apply_expert_parallel
 from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
 from megatron.parallel.tensor_parallel import apply_tensor_parallel
@@ -112,17 +115,6 @@ def autocast_context(cfg, device):
     return contextlib.nullcontext
 
 
-def _accumulate_moe(acc: list, stats: list) -> list:
-    if not acc:
-        return [{"counts": s["counts"].clone(), "dropped": s["dropped"].clone(), "assignments": s["assignments"].clone()}
-                for s in stats]
-    for a, s in zip(acc, stats):
-        a["counts"] += s["counts"]
-        a["dropped"] += s["dropped"]
-        a["assignments"] += s["assignments"]
-    return acc
-
-
 def train_step(forward_step_fn, data_iterator, model, optimizer, scaler, ps, cfg, num_micro: int, autocast,
                teacher=None, grad_reducer=None) -> StepResult:
     for p in model.parameters():
@@ -154,6 +146,7 @@ def train_step(forward_step_fn, data_iterator, model, optimizer, scaler, ps, cfg
         if cfg.optimizer.clip_grad > 0:
             clip_gradients(model, cfg.optimizer.clip_grad, grad_norm)
         optimizer.step()
+        update_router_biases(model, ps)  # aux-loss-free routers: loads summed over DP
     scaler.update(found_inf)
     keys = sorted(sums)
     vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=ps.device)
@@ -188,25 +181,9 @@ def evaluate(forward_step_fn, dataset, model, ps, cfg, num_micro: int, autocast)
 # logging helpers
 
 
-def moe_summary(moe_acc: list, ps, model) -> list[dict]:
-    """Reduce per-layer expert demand over DP ranks; returns per layer counts, drop fraction, load CV."""
-    out = []
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else []
-    for layer, a in zip(layers, moe_acc):
-        counts = a["counts"].double().clone()
-        scal = torch.stack([a["dropped"].double(), a["assignments"].double()])
-        all_reduce_sum(counts, ps, ps.dp_group)
-        all_reduce_sum(scal, ps, ps.dp_group)
-        mean = counts.mean()
-        cv = float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
-        out.append({"layer": layer.layer_number, "counts": counts.cpu(), "drop": float(scal[0] / scal[1].clamp_min(1)),
-                    "cv": cv, "max_over_mean": float(counts.max() / mean) if mean > 0 else 0.0})
-    return out
-
-
-def format_moe_line(summary: list[dict]) -> str:
-    parts = [f"L{s['layer']}: cv {s['cv']:.2f} max/mean {s['max_over_mean']:.2f} drop {100 * s['drop']:.1f}%" for s in summary]
-    return " moe load | " + " | ".join(parts) + " |"
+def moe_summary(moe_acc: list, ps, model=None) -> list:
+    """Per-layer MoE load over the log interval, summed over the DP ranks (see megatron/model/moe/metrics.py)."""
+    return summarize_moe(moe_acc, lambda t: all_reduce_sum(t, ps, ps.dp_group))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,9 +392,9 @@ def _pretrain(cfg, ps: ParallelState, datasets_provider, model_provider, forward
                 summary = moe_summary(interval_moe, ps, model)
                 print_rank0(ps, format_moe_line(summary))
                 for s in summary:
-                    tb.scalar(f"moe/layer{s['layer']}/drop-fraction", s["drop"], iteration)
-                    tb.scalar(f"moe/layer{s['layer']}/load-cv", s["cv"], iteration)
-                    tb.histogram(f"moe/layer{s['layer']}/tokens-per-expert", s["counts"], iteration)
+                    for tag, value in s.scalars().items():
+                        tb.scalar(tag, value, iteration)
+                    tb.histogram(f"moe/layer{s.layer}/tokens-per-expert", s.counts, iteration)
             interval_sums.clear()
             interval_counts.clear()
             interval_moe = []

@@ -6,7 +6,7 @@ from megatron.config import MoEConfig
 from megatron.model.moe.capacity import expert_capacity
 from megatron.model.moe.dispatch import plan_capacity
 from megatron.model.moe.layer import MoELayer
-from megatron.model.moe.router import load_balancing_loss
+from megatron.model.moe.routing import load_balancing_loss
 from megatron.model.transformer import MLP
 from tests.moe_oracle import loop_experts, loop_moe_reference
 
@@ -42,7 +42,7 @@ def test_one_expert_equals_dense_mlp():
     x = torch.randn(2, 12, H)
     y, stats = layer(x)
     torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
-    assert stats["dropped"].item() == 0
+    assert stats.dropped.item() == 0
 
 
 def test_batched_experts_equal_loop_oracle_forward_and_grads():
@@ -95,9 +95,9 @@ def test_nodrop_equals_capacity_mode_when_nothing_overflows(topk):
         y1, s1 = capped(x)
         torch.manual_seed(7)
         y2, s2 = nodrop(x)
-        assert s1["dropped"].item() == 0
+        assert s1.dropped.item() == 0
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(s1["aux_loss"], s2["aux_loss"])
+        torch.testing.assert_close(s1.aux_loss, s2.aux_loss)
 
 
 def test_capacity_drops_overflow_and_dropped_tokens_output_zero():
@@ -110,7 +110,7 @@ def test_capacity_drops_overflow_and_dropped_tokens_output_zero():
     y, stats = layer(x)
     C = expert_capacity(16, 2, 0.25, 0, 1)
     assert C == 2
-    assert stats["dropped"].item() == 16 - C
+    assert stats.dropped.item() == 16 - C
     # deterministic eval order: the first C tokens by position keep their output
     assert torch.count_nonzero(y[0].abs().sum(-1)) == C
     assert y[0, :C].abs().sum() > 0 and y[0, C:].abs().sum() == 0
@@ -191,7 +191,7 @@ def test_padding_mask_keeps_padding_out_of_routing():
     mask = torch.tensor([[True] * 8 + [False] * 4])
     y_pad, s_pad = layer(padded, token_mask=mask)
     torch.testing.assert_close(y_pad[:, :8], y_real)
-    assert torch.equal(s_pad["counts"], s_real["counts"])
+    assert torch.equal(s_pad.counts, s_real.counts)
 
 
 def test_experts_initialised_independently_and_layout_free():
