@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for compatibility: expert parameters always have their own groups")
     g.add_argument("--moe-noisy-gate-policy", type=_none_or_str, default=None)
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-router-type", default="topk", help="router from the registry: topk (DeepSpeed's gate) "
+                   "or aux_free (DeepSeek-V3's bias-based balancing)")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
+                   help="aux_free router: bias step per optimizer step")
+    g.add_argument("--disable-moe-rts", action="store_true", help="top-1 keeps tokens in position order under a "
+                   "capacity instead of random token selection (DeepSpeed's use_rts=False)")
+    g.add_argument("--moe-force-layer", action="store_true", help="MoE layers even with --num-experts 1 "
+                   "(a one-expert MoE layer, for equivalence checks)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -221,6 +229,8 @@ def namespace_to_config(a: argparse.Namespace) -> Config:
         token_dropping=not a.disable_moe_token_dropping,
         top2_2nd_expert_sampling=not a.disable_moe_top2_2nd_expert_sampling,
         noisy_gate_policy=a.moe_noisy_gate_policy, z_loss_coeff=a.moe_z_loss_coeff,
+        router_type=a.moe_router_type, router_bias_update_rate=a.moe_router_bias_update_rate,
+        use_rts=not a.disable_moe_rts, force_layer=a.moe_force_layer,
     )
     model = ModelConfig(
         num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,

@@ -31,6 +31,14 @@ class MoEConfig:
     top2_2nd_expert_sampling: bool = True
     noisy_gate_policy: Optional[str] = None  # None | Jitter | RSample
     z_loss_coeff: float = 0.0
+    router_type: str = "topk"  # a key of megatron.model.moe.routers.ROUTERS
+    router_bias_update_rate: float = 1e-3  # aux_free router: bias step per optimizer step
+    use_rts: bool = True  # top-1 random token selection under a capacity (DeepSpeed's use_rts)
+    force_layer: bool = False  # MoE layers even where a layer has 1 expert
+
+    def is_moe_layer(self, num_experts: int) -> bool:
+        """Whether a layer with ``num_experts`` experts is an MoE layer (1 expert: only with force_layer)."""
+        return num_experts > 1 or (self.force_layer and num_experts == 1)
 
     def experts_per_layer(self, num_layers: int) -> list[int]:
         """Experts of each layer (0-based); 1 means a dense MLP.
@@ -49,7 +57,7 @@ class MoEConfig:
 
     @property
     def enabled(self) -> bool:
-        return any(e > 1 for e in self.num_experts)
+        return any(self.is_moe_layer(e) for e in self.num_experts)
 
     def validate(self, num_layers: int) -> None:
         check(self.expert_interval >= 1, f"--expert-interval must be >= 1 (got {self.expert_interval})")
@@ -62,7 +70,11 @@ class MoEConfig:
         check(all(e >= 1 for e in self.num_experts), f"--num-experts values must be >= 1 (got {self.num_experts})")
         check(self.mlp_type in ("standard", "residual"), f"--mlp-type must be standard or residual (got {self.mlp_type!r})")
         check(self.topk >= 1, f"--topk must be >= 1 (got {self.topk})")
-        moe_counts = [e for e in self.experts_per_layer(num_layers) if e > 1]
+        from megatron.model.moe.routers import ROUTERS
+
+        check(self.router_type in ROUTERS, f"--moe-router-type must be one of {', '.join(ROUTERS)} (got {self.router_type!r})")
+        check(self.router_bias_update_rate >= 0, "--moe-router-bias-update-rate must be >= 0")
+        moe_counts = [e for e in self.experts_per_layer(num_layers) if self.is_moe_layer(e)]
         if moe_counts:
             check(
                 self.topk <= min(moe_counts),
