@@ -36,9 +36,10 @@ class MoEConfig:
     use_rts: bool = True  # top-1 random token selection under a capacity (DeepSpeed's use_rts)
     force_layer: bool = False  # MoE layers even where a layer has 1 expert
 
-    def is_moe_layer(self, num_experts: int) -> bool:
-        """Whether a layer with ``num_experts`` experts is an MoE layer (1 expert: only with force_layer)."""
-        return num_experts > 1 or (self.force_layer and num_experts == 1)
+    def is_moe_layer(self, index: int, num_experts: int) -> bool:
+        """Whether layer ``index`` (0-based) with ``num_experts`` experts is an MoE layer: more than one
+        expert, or an MoE position with one expert under force_layer."""
+        return num_experts > 1 or (self.force_layer and (index + 1) % self.expert_interval == 0)
 
     def experts_per_layer(self, num_layers: int) -> list[int]:
         """Experts of each layer (0-based); 1 means a dense MLP.
@@ -57,7 +58,7 @@ class MoEConfig:
 
     @property
     def enabled(self) -> bool:
-        return any(self.is_moe_layer(e) for e in self.num_experts)
+        return any(e > 1 for e in self.num_experts) or self.force_layer
 
     def validate(self, num_layers: int) -> None:
         check(self.expert_interval >= 1, f"--expert-interval must be >= 1 (got {self.expert_interval})")
@@ -74,7 +75,7 @@ class MoEConfig:
 
         check(self.router_type in ROUTERS, f"--moe-router-type must be one of {', '.join(ROUTERS)} (got {self.router_type!r})")
         check(self.router_bias_update_rate >= 0, "--moe-router-bias-update-rate must be >= 0")
-        moe_counts = [e for e in self.experts_per_layer(num_layers) if self.is_moe_layer(e)]
+        moe_counts = [e for i, e in enumerate(self.experts_per_layer(num_layers)) if self.is_moe_layer(i, e)]
         if moe_counts:
             check(
                 self.topk <= min(moe_counts),

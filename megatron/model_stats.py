@@ -29,9 +29,9 @@ def count_parameters(cfg) -> ParamCounts:
     total = embedding + ln  # final layernorm
     active = embedding + ln
     expert = 0
-    for e in cfg.moe.experts_per_layer(L):
+    for i, e in enumerate(cfg.moe.experts_per_layer(L)):
         base = 2 * ln + attn
-        if not cfg.moe.is_moe_layer(e):
+        if not cfg.moe.is_moe_layer(i, e):
             total += base + mlp
             active += base + mlp
             continue

@@ -43,7 +43,7 @@ class GPTModel(nn.Module):
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         layers = []
         for i, num_experts in enumerate(cfg.moe.experts_per_layer(cfg.num_layers)):
-            if cfg.moe.is_moe_layer(num_experts):
+            if cfg.moe.is_moe_layer(i, num_experts):
                 mlp = MoELayer(cfg.moe, H, cfg.ffn_hidden_size, num_experts, layer_number=i,
                                ep_rank=ep_rank, ep_size=ep_size,
                                dense_mlp_factory=lambda: MLP(H, cfg.ffn_hidden_size))
