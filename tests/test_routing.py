@@ -205,3 +205,32 @@ def _aux_free_worker(rank):
     out = layer.router.expert_bias.detach().clone()
     dist.destroy_process_group()
     return out
+
+
+def test_aux_free_training_run_saves_the_bias_and_counts_each_forward_once(tmp_path):
+    from megatron.config import ModelConfig
+    from megatron.model.gpt_model import GPTModel
+    from tests.runs import mock_args, train
+
+    ck = str(tmp_path / "ck")
+    argv = mock_args(["--num-experts", "4", "--moe-router-type", "aux_free", "--moe-router-bias-update-rate", "0.01",
+                      "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--save", ck])
+    train(0, argv)
+    dense = torch.load(f"{ck}/iter_0000002/model_dense.pt", weights_only=True)
+    bias = dense["layers.1.mlp.router.expert_bias"]
+    steps = bias / 0.01  # two updates of +-0.01 (or 0) each
+    assert bias.shape == (4,) and bias.abs().max() > 0
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+    assert steps.abs().max() <= 2
+    # activation checkpointing re-runs the router in backward: its load must not count twice
+    loads = []
+    for ckpt in (False, True):
+        cfg = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=64,
+                          hidden_dropout=0.0, attention_dropout=0.0, checkpoint_activations=ckpt,
+                          moe=MoEConfig(num_experts=[4], router_type="aux_free"))
+        model = GPTModel(cfg)
+        model.init_weights(0)
+        loss, _ = model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))
+        loss.mean().backward()
+        loads.append(model.moe_layers()[0].router.pending_load.clone())
+    assert loads[0].sum() == 16 and torch.equal(loads[0], loads[1])

@@ -15,6 +15,7 @@ from megatron.model.fused import layer_norm
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
 from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer, padding_attention_mask
+from megatron.parallel.param_tags import is_output_layer
 
 
 class TiedOutputLayer(nn.Module):
@@ -75,7 +76,7 @@ class GPTModel(nn.Module):
             elif isinstance(module, nn.Embedding):
                 module.weight.copy_(torch.empty_like(module.weight).normal_(0.0, std, generator=g))
             elif isinstance(module, nn.Linear):
-                s = out_std if getattr(module, "is_output_layer", False) else std
+                s = out_std if is_output_layer(module) else std
                 module.weight.copy_(torch.empty_like(module.weight).normal_(0.0, s, generator=g))
                 if module.bias is not None:
                     module.bias.zero_()

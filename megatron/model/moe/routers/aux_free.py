@@ -28,7 +28,8 @@ class AuxLossFreeRouter(TopKRouter):
 
     def forward(self, x: torch.Tensor) -> Routing:
         routing = super().forward(x)
-        if self.training:
+        recomputing = torch._C._current_graph_task_id() != -1  # activation checkpointing re-runs it in backward
+        if self.training and not recomputing:
             self.pending_load += routing.counts.to(self.pending_load.dtype)
         return routing
 
