@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd-alpha-ce", type=float, default=1.0, help="weight of the LM cross-entropy")
     g.add_argument("--kd-beta-ce", type=float, default=1.0, help="weight of the distillation KL term")
     g.add_argument("--kd-temp", type=float, default=1.0, help="distillation temperature T (the KL term is scaled by T^2)")
+    g.add_argument("--kd-teacher-capacity-factor", type=float, default=None,
+                   help="run the KD / MoS teacher with token dropping at this capacity factor (default: no dropping)")
     g.add_argument("--kd-stop-iters", type=int, default=None,
                    help="staged KD: stop distilling at this iteration, free the teacher, train on LM loss only")
 
@@ -282,7 +284,7 @@ def namespace_to_config(a: argparse.Namespace) -> Config:
             ffn_hidden_size_teacher=a.ffn_hidden_size_teacher, num_experts_teacher=a.num_experts_teacher,
             expert_interval_teacher=a.expert_interval_teacher, mlp_type_teacher=a.mlp_type_teacher,
             topk_teacher=a.topk_teacher, alpha_ce=a.kd_alpha_ce, beta_ce=a.kd_beta_ce, temperature=a.kd_temp,
-            stop_iters=a.kd_stop_iters,
+            stop_iters=a.kd_stop_iters, teacher_capacity_factor=a.kd_teacher_capacity_factor,
         ),
         dry_run=a.dry_run,
         dry_run_world_size=a.dry_run_world_size or int(os.environ.get("WORLD_SIZE", "1")),

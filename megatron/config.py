@@ -350,6 +350,7 @@ class KDConfig:
     beta_ce: float = 1.0
     temperature: float = 1.0
     stop_iters: Optional[int] = None  # staged KD: LM loss only from this iteration on
+    teacher_capacity_factor: Optional[float] = None  # None: the teacher drops no token
 
     @property
     def enabled(self) -> bool:
@@ -371,6 +372,8 @@ class KDConfig:
         check(self.load_teacher is not None,
               f"--{'mos' if self.mos else 'kd'} needs --load-teacher DIR (the teacher's checkpoint directory)")
         check(self.temperature > 0, f"--kd-temp must be > 0 (got {self.temperature})")
+        check(self.teacher_capacity_factor is None or self.teacher_capacity_factor > 0,
+              "--kd-teacher-capacity-factor must be > 0 (or left out: the teacher drops no token)")
         check(self.alpha_ce >= 0 and self.beta_ce >= 0, "--kd-alpha-ce and --kd-beta-ce must be >= 0")
         check(self.alpha_ce + self.beta_ce > 0, "--kd-alpha-ce and --kd-beta-ce are both 0: nothing to train on")
         if self.stop_iters is not None:

@@ -63,6 +63,9 @@ def test_teacher_keeps_every_token_whatever_its_capacity(tmp_path):
                                            "--train-iters", "1", "--save", ck]))
     tcfg = teacher_model_config(KDConfig(load_teacher=ck), ModelConfig(vocab_size=128, seq_length=16))
     assert tcfg.moe.token_dropping is False and tcfg.moe.eval_capacity_factor == 0.25
+    asked = teacher_model_config(KDConfig(load_teacher=ck, teacher_capacity_factor=2.0),
+                                 ModelConfig(vocab_size=128, seq_length=16))
+    assert asked.moe.token_dropping is True and asked.moe.eval_capacity_factor == 2.0
 
 
 def test_staged_kd_switches_the_loss_and_frees_the_teacher(tmp_path):
