@@ -102,7 +102,7 @@ def test_kd_with_expert_or_tensor_parallel_2_equals_1_process(tmp_path, layout):
     ep2 = run_distributed(train, 2, str(tmp_path / "ep2"), base + layout)
     assert len(ep2[0]["kd_losses"]) == 3 and ep2[0]["kd_losses"][0] > 0
     for a, b in zip(ep2[0]["kd_losses"] + ep2[0]["losses"], ref["kd_losses"] + ref["losses"]):
-        assert abs(a - b) <= 1e-5 * abs(b)
+        assert abs(a - b) <= 1e-5 * abs(b) + 1e-7  # the KD term is ~1e-3 here: allow its absolute rounding
 
 
 def test_teacher_flag_mismatch_and_missing_teacher_are_clear_errors(tmp_path):
