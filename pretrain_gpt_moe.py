@@ -54,9 +54,9 @@ def loss_func(loss_mask, cfg, output):
         loss = cfg.kd.alpha_ce * lm_loss + kd_term
         logs["kd loss"] = kd_term.detach()
     if stats:
-        moe_loss = moe_cfg.loss_coeff * torch.stack([s["aux_loss"] for s in stats]).sum()
+        moe_loss = moe_cfg.loss_coeff * torch.stack([s.aux_loss for s in stats]).sum()
         if moe_cfg.z_loss_coeff > 0:
-            moe_loss = moe_loss + moe_cfg.z_loss_coeff * torch.stack([s["z_loss"] for s in stats]).sum()
+            moe_loss = moe_loss + moe_cfg.z_loss_coeff * torch.stack([s.z_loss for s in stats]).sum()
         loss = loss + moe_loss
         logs["moe loss"] = moe_loss.detach()
         logs["moe stats"] = stats

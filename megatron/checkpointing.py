@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from megatron.errors import TrainingFault, UserError
-from megatron.optimizer import is_expert
+from megatron.parallel.param_tags import is_expert
 from megatron.parallel.tensor_parallel import full_shape, gather_tp, is_tp_sharded, shard_tp
 
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megatron.optimizer import is_expert
+from megatron.parallel.param_tags import is_expert
 from megatron.parallel.tensor_parallel import is_tp_sharded
 
 BUCKET_BYTES = 32 * 1024 * 1024

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.errors import TrainingFault, UserError
-from megatron.optimizer import is_expert
+from megatron.parallel.param_tags import is_expert
 from megatron.parallel.grad_sync import any_rank
 
 

@@ -10,9 +10,9 @@ import math
 import time
 from collections import defaultdict
 
-import torch
 
 from megatron.logging_utils import TensorBoard, fmt_eta, iteration_line, print_rank0, validation_line
+from megatron.model.moe.metrics import accumulate as accumulate_moe, format_moe_line, summarize as summarize_moe
 from megatron.parallel.grad_sync import all_reduce_sum
 
 
@@ -56,36 +56,9 @@ class TensorBoardSink(MetricsSink):
 # MoE expert-load statistics (per-step accumulation, reduction over DP, the console line)
 
 
-def accumulate_moe(acc: list, stats: list) -> list:
-    if not acc:
-        return [{"counts": s["counts"].clone(), "dropped": s["dropped"].clone(), "assignments": s["assignments"].clone()}
-                for s in stats]
-    for a, s in zip(acc, stats):
-        a["counts"] += s["counts"]
-        a["dropped"] += s["dropped"]
-        a["assignments"] += s["assignments"]
-    return acc
-
-
-def moe_summary(moe_acc: list, ps, model) -> list[dict]:
-    """Reduce per-layer expert demand over DP ranks; returns per layer counts, drop fraction, load CV."""
-    out = []
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else []
-    for layer, a in zip(layers, moe_acc):
-        counts = a["counts"].double().clone()
-        scal = torch.stack([a["dropped"].double(), a["assignments"].double()])
-        all_reduce_sum(counts, ps, ps.dp_group)
-        all_reduce_sum(scal, ps, ps.dp_group)
-        mean = counts.mean()
-        cv = float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
-        out.append({"layer": layer.layer_number, "counts": counts.cpu(), "drop": float(scal[0] / scal[1].clamp_min(1)),
-                    "cv": cv, "max_over_mean": float(counts.max() / mean) if mean > 0 else 0.0})
-    return out
-
-
-def format_moe_line(summary: list[dict]) -> str:
-    parts = [f"L{s['layer']}: cv {s['cv']:.2f} max/mean {s['max_over_mean']:.2f} drop {100 * s['drop']:.1f}%" for s in summary]
-    return " moe load | " + " | ".join(parts) + " |"
+def moe_summary(moe_acc: list, ps, model=None) -> list:
+    """Per-layer MoE load over the log interval, summed over the DP ranks (see megatron/model/moe/metrics.py)."""
+    return summarize_moe(moe_acc, lambda t: all_reduce_sum(t, ps, ps.dp_group))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,10 +132,10 @@ class MetricsLogger:
         summary = moe_summary(self.moe, self.ps, model)
         self.console(format_moe_line(summary))
         for s in summary:
-            self.scalar(f"moe/layer{s['layer']}/drop-fraction", s["drop"], iteration)
-            self.scalar(f"moe/layer{s['layer']}/load-cv", s["cv"], iteration)
+            for tag, value in s.scalars().items():
+                self.scalar(tag, value, iteration)
             for sink in self.sinks:
-                sink.histogram(f"moe/layer{s['layer']}/tokens-per-expert", s["counts"], iteration)
+                sink.histogram(f"moe/layer{s.layer}/tokens-per-expert", s.counts, iteration)
 
     def log_eval(self, iteration: int, split: str, vals: dict) -> None:
         line = validation_line(iteration, split, {k: v for k, v in vals.items() if k in ("lm loss", "moe loss")})

@@ -31,7 +31,9 @@ from megatron.loss_scaler import build_loss_scaler
 from megatron.lr_scheduler import build_scheduler
 from megatron.model.provider import build_model
 from megatron.model_stats import count_parameters, device_peak_tflops, flops_per_token
-from megatron.optimizer import build_optimizer, is_expert
+from megatron.optimizer import build_optimizer
+from megatron.parallel.param_tags import is_expert
+from megatron.parallel.router_balance import update_router_biases
 from megatron.parallel.grad_sync import (
     all_reduce_sum, any_rank, build_grad_reducer, clip_gradients, global_grad_norm, scale_gradients,
 )
@@ -260,6 +262,7 @@ class Trainer:
             if self.cfg.optimizer.clip_grad > 0:
                 clip_gradients(model, self.cfg.optimizer.clip_grad, grad_norm)
             self.optimizer.step()
+            update_router_biases(self.model, self.ps)  # aux-loss-free routers: loads summed over DP
         self.scaler.update(found_inf)
         return StepResult(logs=_dp_mean(sums, ps, 1), moe=moe_acc, grad_norm=grad_norm, skipped=found_inf)
 
