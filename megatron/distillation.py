@@ -78,9 +78,7 @@ def build_teacher(kd_cfg, student_cfg: ModelConfig, ps, model_provider=None) -> 
     """The frozen teacher on ``ps.device`` with the student's expert-parallel layout, weights loaded."""
     from types import SimpleNamespace
 
-    from megatron.model.gpt_model import GPTModel
-    from megatron.parallel.expert_parallel import apply_expert_parallel
-    from megatron.parallel.tensor_parallel import apply_tensor_parallel
+    from megatron.model.provider import build_model
 
     tcfg = teacher_model_config(kd_cfg, student_cfg)
     for e in tcfg.moe.experts_per_layer(tcfg.num_layers):
@@ -88,13 +86,9 @@ def build_teacher(kd_cfg, student_cfg: ModelConfig, ps, model_provider=None) -> 
             raise UserError(f"--moe-expert-parallel-size {ps.ep_size} does not divide a teacher layer's {e} experts: "
                             f"the teacher uses the student's EP layout, so choose an EP size that divides both")
     tcfg.moe.expert_parallel_size = ps.ep_size
-    with torch.device("meta"):  # every weight comes from the checkpoint: skip the random init
-        teacher = GPTModel(tcfg, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
-    teacher = teacher.to_empty(device=ps.device)
-    apply_tensor_parallel(teacher, ps)  # before loading: each TP rank loads its shard of the full tensors
+    teacher = build_model(tcfg, ps)  # meta build, this rank's experts and TP shards; weights from the checkpoint
     load_checkpoint(kd_cfg.load_teacher, teacher, None, None, None, SimpleNamespace(model=tcfg), ps,
                     load_optim=False, load_rng=False, flag="--load-teacher")
-    apply_expert_parallel(teacher, ps)
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher

@@ -28,6 +28,7 @@ from megatron.config import MoEConfig, pad_vocab_size
 from megatron.errors import UserError
 from megatron.model_stats import count_parameters, flops_per_token
 from megatron.parallel.param_tags import is_expert
+from megatron.parallel_state import ParallelState
 
 GPT2_VOCAB = 50257
 GiB = 1024**3
@@ -52,10 +53,9 @@ def resolve_vocab_size(cfg) -> int:
 
 def built_counts(model_cfg) -> tuple[int, int]:
     """(total, expert) parameters of the model built on the meta device with every expert local."""
-    from megatron.model.gpt_model import GPTModel
+    from megatron.model.provider import build_model
 
-    with torch.device("meta"):
-        model = GPTModel(model_cfg, ep_rank=0, ep_size=1)
+    model = build_model(model_cfg, ParallelState(device=torch.device("meta")))  # every expert local, no storage
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for p in model.parameters() if is_expert(p))
     return total, expert

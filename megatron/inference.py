@@ -63,13 +63,13 @@ def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor
     With ``ps`` (expert-parallel size > 1) this rank holds only its 1/N of each layer's experts, and the
     MoE layers are wired for the expert-parallel all-to-all over ``ps.ep_group``; every rank of the group
     must then run the same forwards."""
-    from megatron.model.gpt_model import GPTModel
+    from megatron.model.provider import build_model
 
     path, common = read_checkpoint_config(load_dir, flag)
     cfg = ModelConfig.from_dict(common["config"]["model"])
     cfg.hidden_dropout = cfg.attention_dropout = 0.0
     cfg.checkpoint_activations = False
-    ep_size, ep_rank = (ps.ep_size, ps.ep_rank) if ps is not None else (1, 0)
+    ep_size = ps.ep_size if ps is not None else 1
     if ep_size > 1 and any(n % ep_size for n in cfg.moe.experts_per_layer(cfg.num_layers) if n > 1):
         raise UserError(f"--moe-expert-parallel-size {ep_size}: the checkpoint's expert counts "
                         f"{cfg.moe.experts_per_layer(cfg.num_layers)} are not all divisible by it")
@@ -80,15 +80,10 @@ def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor
         cfg.moe.token_dropping = True
         cfg.moe.eval_capacity_factor = eval_capacity_factor
     dev = ps.device if ps is not None else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with torch.device("meta"):
-        model = GPTModel(cfg, ep_rank=ep_rank, ep_size=ep_size)
-    model = model.to_empty(device=dev)
-    load_checkpoint(load_dir, model, None, None, None, SimpleNamespace(model=cfg), ps or ParallelState(device=dev),
+    ps = ps or ParallelState(device=dev)
+    model = build_model(cfg, ps, device=dev)  # meta build, this rank's experts (and EP dispatch); weights loaded
+    load_checkpoint(load_dir, model, None, None, None, SimpleNamespace(model=cfg), ps,
                     load_optim=False, load_rng=False, flag=flag)
-    if ep_size > 1:
-        from megatron.parallel.expert_parallel import apply_expert_parallel
-
-        apply_expert_parallel(model, ps)
     if dtype is not None:
         model = model.to(dtype)
     model.eval()
