@@ -291,7 +291,15 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
     """Parse Megatron flags into a validated Config. Raises UserError on bad input."""
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    import os
+
+    from megatron.upstream_flags import translate_argv
+
+    upstream = translate_argv(sys.argv[1:] if argv is None else argv)  # upstream flags and the DeepSpeed JSON
+    if os.environ.get("RANK", "0") == "0":
+        for note in upstream.notes:
+            print(note, file=sys.stderr, flush=True)
+    argv = upstream.argv
     _check_deepspeed_flags(argv)
     parser = build_parser()
     if extra_args_provider is not None:

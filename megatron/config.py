@@ -244,8 +244,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         check(self.micro_batch_size >= 1, f"--micro-batch-size must be >= 1 (got {self.micro_batch_size})")
-        n = sum(x is not None for x in (self.train_iters, self.train_samples, self.train_tokens))
-        check(n == 1, "give exactly one of --train-iters, --train-samples, --train-tokens")
+        n = sum(x is not None for x in (self.train_iters, self.train_samples))
+        check(n == 1 or (n == 0 and self.train_tokens is not None),
+              "give one of --train-iters, --train-samples, --train-tokens (--train-tokens may join either: "
+              "training stops at the first bound reached)")
         for name in ("train_iters", "train_samples", "train_tokens"):
             v = getattr(self, name)
             check(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0")
