@@ -15,17 +15,6 @@ from megatron.config import (
 )
 from megatron.errors import UserError
 
-# DeepSpeed-only flags accepted by Megatron-DeepSpeed: what to use here instead.
-DEEPSPEED_ONLY_FLAGS = {
-    "--deepspeed": "this framework has no DeepSpeed engine; drop --deepspeed (MoE, EP and mixed precision are built in)",
-    "--deepspeed_config": "drop the DeepSpeed JSON; give its settings as flags (--micro-batch-size, --global-batch-size, --fp16/--bf16, --clip-grad)",
-    "--deepspeed-config": "drop the DeepSpeed JSON; give its settings as flags (--micro-batch-size, --global-batch-size, --fp16/--bf16, --clip-grad)",
-    "--deepspeed-activation-checkpointing": "use --checkpoint-activations",
-    "--no-pipeline-parallel": "drop it: there is no pipeline parallelism here",
-    "--pipeline-model-parallel-size": "pipeline parallelism is not supported: drop the flag (use expert/data parallelism)",
-}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         raise UserError(f"{message} (see --help)")
@@ -206,13 +195,6 @@ def parse_data_path(items: Sequence[str]) -> list[tuple[float, str]]:
     return [(w / total, prefix) for w, prefix in pairs]
 
 
-def _check_deepspeed_flags(argv: Sequence[str]) -> None:
-    for a in argv:
-        name = a.split("=", 1)[0]
-        if name in DEEPSPEED_ONLY_FLAGS:
-            raise UserError(f"{name} is a DeepSpeed-only flag: {DEEPSPEED_ONLY_FLAGS[name]}")
-
-
 def namespace_to_config(a: argparse.Namespace) -> Config:
     moe = MoEConfig(
         num_experts=list(a.num_experts), expert_interval=a.expert_interval, mlp_type=a.mlp_type, topk=a.topk,
@@ -300,7 +282,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
         for note in upstream.notes:
             print(note, file=sys.stderr, flush=True)
     argv = upstream.argv
-    _check_deepspeed_flags(argv)
     parser = build_parser()
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
