@@ -180,3 +180,19 @@ def test_upstream_script_trains_tiny_on_cpu(name, experts, tmp_path):
     res = pretrain_gpt_moe.main(argv + TINY + ["--num-experts", experts, "--use-cpu"])
     assert len(res["losses"]) == 3 and all(l == l for l in res["losses"])
     assert res["losses"][-1] < res["losses"][0] + 0.5
+
+
+def test_migrating_guide_names_every_flag_the_scripts_use(tmp_path):
+    import os
+
+    from tests.conftest import ROOT
+
+    guide = open(os.path.join(ROOT, "docs", "MIGRATING.md")).read()
+    flags = {a for name in SCRIPTS for a in script_argv(name, tmp_path)[0] if a.startswith("--")}
+    missing = sorted(f for f in flags if f"`{f}" not in guide)
+    assert not missing, missing
+    for field in ("train_batch_size", "train_micro_batch_size_per_gpu", "steps_per_print", "gradient_clipping",
+                  "prescale_gradients", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
+                  "zero_optimization.stage", "wall_clock_breakdown", "curriculum_learning", "total_curriculum_step",
+                  "difficulty_step", "gradient_accumulation_steps"):
+        assert field in guide, field
