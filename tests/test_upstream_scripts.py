@@ -14,30 +14,26 @@ from megatron.upstream_flags import translate_argv
 from tests.conftest import require_shared, shared_path
 
 SEQ = 2048
-# script -> (layers, hidden, heads, global batch, lr, min lr, experts per MoE layer, mlp type, GPUs, cl, mos)
+# script -> (layers, hidden, heads, global batch, lr, min lr, experts per MoE layer, mlp type, GPUs, cl, mos,
+#            (total parameters the DeepSpeed-MoE paper and the scripts' names state, tolerance))
 SCRIPTS = {
-    "125M_MoE64": (12, 768, 12, 256, 4.5e-4, 4.5e-6, "64", "standard", 64, False, None),
-    "125M_dense_cl": (12, 768, 12, 2048, 2.4e-3, 6.0e-5, "1", "standard", 128, True, None),
-    "350M_dense": (24, 1024, 16, 256, 3.0e-4, 3.0e-5, "1", "standard", 64, False, None),
-    "350M_MoE128": (24, 1024, 16, 256, 2.0e-4, 2.0e-6, "128", "standard", 64, False, None),
+    "125M_MoE64": (12, 768, 12, 256, 4.5e-4, 4.5e-6, "64", "standard", 64, False, None, (1.9e9, 0.02)),
+    "125M_dense_cl": (12, 768, 12, 2048, 2.4e-3, 6.0e-5, "1", "standard", 128, True, None, (125e6, 0.03)),
+    "350M_dense": (24, 1024, 16, 256, 3.0e-4, 3.0e-5, "1", "standard", 64, False, None, (350e6, 0.02)),
+    "350M_MoE128": (24, 1024, 16, 256, 2.0e-4, 2.0e-6, "128", "standard", 64, False, None, (13e9, 0.02)),
     "350M_PR-MoE32or64": (24, 1024, 16, 256, 3.0e-4, 1.0e-6, " ".join(["32"] * 10 + ["64"] * 2), "residual", 32,
-                          False, None),
+                          False, None, (4.0e9, 0.03)),
     "350M_PR-MoE32or64_MoS": (21, 1024, 16, 256, 3.0e-4, 1.0e-6, " ".join(["32"] * 8 + ["64"] * 2), "residual", 32,
-                              False, (24, " ".join(["32"] * 10 + ["64"] * 2))),
-    "1.3B_dense": (24, 2048, 16, 512, 2.0e-4, 2.0e-5, "1", "standard", 64, False, None),
-    "1.3B_dense_cl": (24, 2048, 16, 4096, 8.0e-4, 2.0e-5, "1", "standard", 128, True, None),
-    "1.3B_MoE128": (24, 2048, 16, 512, 1.2e-4, 1.0e-6, "128", "standard", 128, False, None),
+                              False, (24, " ".join(["32"] * 10 + ["64"] * 2)), (3.5e9, 0.02)),
+    "1.3B_dense": (24, 2048, 16, 512, 2.0e-4, 2.0e-5, "1", "standard", 64, False, None, (1.3e9, 0.02)),
+    "1.3B_dense_cl": (24, 2048, 16, 4096, 8.0e-4, 2.0e-5, "1", "standard", 128, True, None, (1.3e9, 0.02)),
+    "1.3B_MoE128": (24, 2048, 16, 512, 1.2e-4, 1.0e-6, "128", "standard", 128, False, None, (52e9, 0.02)),
     "1.3B_PR-MoE64or128": (24, 2048, 16, 512, 1.2e-4, 1.0e-6, " ".join(["64"] * 10 + ["128"] * 2), "residual", 64,
-                           False, None),
+                           False, None, (31e9, 0.02)),
     "1.3B_PR-MoE64or128_MoS": (21, 2048, 16, 512, 1.2e-4, 1.0e-6, " ".join(["64"] * 8 + ["128"] * 2), "residual", 64,
-                               False, (24, " ".join(["64"] * 10 + ["128"] * 2))),
-    "6.7B_dense": (32, 4096, 32, 1024, 1.2e-4, 1.2e-5, "1", "standard", 128, False, None),
+                               False, (24, " ".join(["64"] * 10 + ["128"] * 2)), (27e9, 0.02)),
+    "6.7B_dense": (32, 4096, 32, 1024, 1.2e-4, 1.2e-5, "1", "standard", 128, False, None, (6.7e9, 0.02)),
 }
-# total parameters the DeepSpeed-MoE paper (and the scripts' names) state, with a tolerance
-PAPER = {"125M_MoE64": (1.9e9, 0.02), "125M_dense_cl": (125e6, 0.03), "350M_dense": (350e6, 0.02),
-         "350M_MoE128": (13e9, 0.02), "350M_PR-MoE32or64": (4.0e9, 0.03), "350M_PR-MoE32or64_MoS": (3.5e9, 0.02),
-         "1.3B_dense": (1.3e9, 0.02), "1.3B_dense_cl": (1.3e9, 0.02), "1.3B_MoE128": (52e9, 0.02),
-         "1.3B_PR-MoE64or128": (31e9, 0.02), "1.3B_PR-MoE64or128_MoS": (27e9, 0.02), "6.7B_dense": (6.7e9, 0.02)}
 
 
 def ds_config(path, gbs, mbs, zero=1, fp16=True, cl=None, prescale=False):
@@ -60,7 +56,7 @@ def ds_config(path, gbs, mbs, zero=1, fp16=True, cl=None, prescale=False):
 def script_argv(name, tmp_path, data="/data/pile/pile_text_document", vocab="/data/gpt2-vocab.json",
                 merges="/data/gpt2-merges.txt", mbs=4):
     """megatron_options + data_options + deepspeed_options as the script assembles them."""
-    layers, hidden, heads, gbs, lr, min_lr, experts, mlp, gpus, cl, mos = SCRIPTS[name]
+    layers, hidden, heads, gbs, lr, min_lr, experts, mlp, gpus, cl, mos, _ = SCRIPTS[name]
     moe = experts != "1"
     first = int(experts.split()[0])
     ep_parallel = min(first, gpus) if moe else 1
@@ -108,7 +104,7 @@ def test_upstream_script_dry_run_prints_the_papers_sizes(name, tmp_path, capsys)
     pretrain_gpt_moe.main(argv + ["--dry-run", "--dry-run-world-size", str(gpus)])
     out = capsys.readouterr().out
     total = int(re.search(r"total parameters: (\d+)", out).group(1))
-    want, tol = PAPER[name]
+    want, tol = SCRIPTS[name][-1]
     assert abs(total - want) <= tol * want, (name, total)
     assert "memory plan per GPU" in out
 
