@@ -1,36 +1,59 @@
 """Typed, self-validating configuration.
 
-``megatron/arguments.py`` parses the command line once and builds a :class:`Config`; nothing
-else in the code base reads argparse output. Each dataclass checks itself in ``validate()`` and
-raises :class:`~megatron.errors.UserError` naming the flag and the fix.
+Every command-line option is declared once, here, as a dataclass field made by
+:func:`megatron.options.option` (flag, type, default, help, per-option check). To add a flag, add a
+field to the dataclass it belongs to; ``megatron/arguments.py`` generates the parser from these
+fields and builds the :class:`Config` back, and nothing else reads argparse output. Each dataclass
+checks itself in ``validate()`` (per-option checks, then cross-option ones) and raises
+:class:`~megatron.errors.UserError` naming the flag and the fix.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from megatron.errors import UserError, check
+from megatron.options import check_options, non_negative, none_or_str, option, positive, unit_interval
 
 
 @dataclass
 class MoEConfig:
-    """DeepSpeed-MoE semantics (SPEC §3)."""
+    """DeepSpeed-MoE semantics: which layers are MoE, gating, capacity and the auxiliary losses."""
 
-    num_experts: list[int] = field(default_factory=lambda: [1])
-    expert_interval: int = 2
-    mlp_type: str = "standard"  # standard | residual (PR-MoE's Residual-MoE)
-    topk: int = 1
-    expert_parallel_size: int = 1
-    train_capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
-    loss_coeff: float = 0.1
-    token_dropping: bool = True
-    top2_2nd_expert_sampling: bool = True
-    noisy_gate_policy: Optional[str] = None  # None | Jitter | RSample
-    z_loss_coeff: float = 0.0
+    OPTION_GROUP: ClassVar[str] = "mixture of experts"
+
+    num_experts: list[int] = option(
+        "--num-experts", [1], "experts per MoE layer: one value for every MoE layer, or one value per MoE layer "
+        "(PR-MoE, e.g. 32 32 64 64); 1 means dense", check=(positive, "values must be >= 1"))
+    expert_interval: int = option("--expert-interval", 2, "every n-th layer (1-based n %% interval == 0) is an MoE layer",
+                                  check=(positive, "must be >= 1"))
+    mlp_type: str = option("--mlp-type", "standard", "MoE layer kind: standard, or residual (Residual-MoE: a dense MLP "
+                           "plus the chosen expert, mixed by a learned coefficient)", choices=["standard", "residual"])
+    topk: int = option("--topk", 1, "experts chosen per token (top-1 or top-2 gating)", check=(positive, "must be >= 1"),
+                       aliases=("--moe-router-topk",))
+    expert_parallel_size: int = option("--moe-expert-parallel-size", 1, "expert-parallel group size: each rank holds "
+                                       "1/EP of every MoE layer's experts", check=(positive, "must be >= 1"),
+                                       aliases=("--expert-model-parallel-size",))
+    train_capacity_factor: float = option("--moe-train-capacity-factor", 1.0, "expert capacity in training: "
+                                          "ceil(tokens / experts * k * factor) slots per expert", check=(positive, "must be > 0"))
+    eval_capacity_factor: float = option("--moe-eval-capacity-factor", 1.0, "expert capacity factor in evaluation",
+                                         check=(positive, "must be > 0"))
+    min_capacity: int = option("--moe-min-capacity", 4, "lower bound on the slots of each expert",
+                               check=(non_negative, "must be >= 0"))
+    loss_coeff: float = option("--moe-loss-coeff", 0.1, "weight of the load-balancing (aux) loss, summed over MoE layers",
+                               check=(non_negative, "must be >= 0"), aliases=("--moe-aux-loss-coeff",))
+    token_dropping: bool = option("--disable-moe-token-dropping", True, "no-drop MoE: every token reaches its experts "
+                                  "(capacity grows to the demand)")
+    top2_2nd_expert_sampling: bool = option("--disable-moe-top2-2nd-expert-sampling", True,
+                                            "top-2: take the second-best expert instead of a Gumbel-sampled one in training")
+    noisy_gate_policy: Optional[str] = option("--moe-noisy-gate-policy", None, "gate noise in training: None, Jitter "
+                                              "(multiplicative input noise) or RSample (Gumbel on the logits, top-1)",
+                                              type=none_or_str, check=(lambda v: v in ("Jitter", "RSample"), "must be None, Jitter or RSample"))
+    z_loss_coeff: float = option("--moe-z-loss-coeff", 0.0, "weight of the router z-loss (mean squared logsumexp of "
+                                 "the gate logits)", check=(non_negative, "must be >= 0"))
 
     def experts_per_layer(self, num_layers: int) -> list[int]:
         """Experts of each layer (0-based); 1 means a dense MLP.
@@ -52,38 +75,25 @@ class MoEConfig:
         return any(e > 1 for e in self.num_experts)
 
     def validate(self, num_layers: int) -> None:
-        check(self.expert_interval >= 1, f"--expert-interval must be >= 1 (got {self.expert_interval})")
+        check_options(self)
         n_moe = num_layers // self.expert_interval
         check(
             len(self.num_experts) in (1, n_moe),
             f"--num-experts has {len(self.num_experts)} values but --num-layers {num_layers} with "
             f"--expert-interval {self.expert_interval} gives {n_moe} MoE layers: give one value or {n_moe}",
         )
-        check(all(e >= 1 for e in self.num_experts), f"--num-experts values must be >= 1 (got {self.num_experts})")
-        check(self.mlp_type in ("standard", "residual"), f"--mlp-type must be standard or residual (got {self.mlp_type!r})")
-        check(self.topk >= 1, f"--topk must be >= 1 (got {self.topk})")
         moe_counts = [e for e in self.experts_per_layer(num_layers) if e > 1]
         if moe_counts:
             check(
                 self.topk <= min(moe_counts),
                 f"--topk {self.topk} exceeds the experts of a MoE layer ({min(moe_counts)}): lower --topk or raise --num-experts",
             )
-        check(self.expert_parallel_size >= 1, "--moe-expert-parallel-size must be >= 1")
         for e in moe_counts:
             check(
                 e % self.expert_parallel_size == 0,
                 f"--moe-expert-parallel-size {self.expert_parallel_size} does not divide a layer's expert count {e}: "
                 f"choose an EP size that divides every value of --num-experts",
             )
-        check(self.train_capacity_factor > 0, "--moe-train-capacity-factor must be > 0")
-        check(self.eval_capacity_factor > 0, "--moe-eval-capacity-factor must be > 0")
-        check(self.min_capacity >= 0, "--moe-min-capacity must be >= 0")
-        check(self.loss_coeff >= 0, "--moe-loss-coeff must be >= 0")
-        check(self.z_loss_coeff >= 0, "--moe-z-loss-coeff must be >= 0")
-        check(
-            self.noisy_gate_policy in (None, "Jitter", "RSample"),
-            f"--moe-noisy-gate-policy must be None, Jitter or RSample (got {self.noisy_gate_policy!r})",
-        )
         check(
             not (self.noisy_gate_policy == "RSample" and self.topk != 1),
             "--moe-noisy-gate-policy RSample works with --topk 1 only: use Jitter or None for top-k > 1",
@@ -92,18 +102,30 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    ffn_hidden_size: Optional[int] = None  # None -> 4 * hidden_size
-    seq_length: int = 128
-    max_position_embeddings: Optional[int] = None  # None -> seq_length
-    vocab_size: int = 0  # padded vocabulary, filled in from the tokenizer
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    layernorm_epsilon: float = 1e-5
-    checkpoint_activations: bool = False
+    OPTION_GROUP: ClassVar[str] = "model"
+
+    num_layers: int = option("--num-layers", 2, "transformer layers", check=(positive, "must be >= 1"))
+    hidden_size: int = option("--hidden-size", 64, "model width H (embedding and residual stream)", check=(positive, "must be >= 1"))
+    num_attention_heads: int = option("--num-attention-heads", 4, "attention heads (must divide --hidden-size)",
+                                      check=(positive, "must be >= 1"))
+    ffn_hidden_size: Optional[int] = option("--ffn-hidden-size", None, "MLP and expert width F (default 4 x hidden)",
+                                            type=int, check=(positive, "must be >= 1"))
+    seq_length: int = option("--seq-length", 128, "tokens per training sample", check=(positive, "must be >= 1"))
+    max_position_embeddings: Optional[int] = option("--max-position-embeddings", None,
+                                                    "learned positions (default --seq-length)", type=int,
+                                                    check=(positive, "must be >= 1"))
+    vocab_size: int = option("--vocab-size", 0, "vocabulary size for --mock-data / NullTokenizer (a real tokenizer "
+                             "sets it; the model pads it)", check=(non_negative, "must be >= 0"))
+    init_method_std: float = option("--init-method-std", 0.02, "standard deviation of the normal weight init",
+                                    check=(positive, "must be > 0"))
+    hidden_dropout: float = option("--hidden-dropout", 0.1, "dropout on the residual branches",
+                                   check=(unit_interval, "must be in [0, 1)"))
+    attention_dropout: float = option("--attention-dropout", 0.1, "dropout on the attention probabilities",
+                                      check=(unit_interval, "must be in [0, 1)"))
+    layernorm_epsilon: float = option("--layernorm-epsilon", 1e-5, "epsilon of every LayerNorm", check=(positive, "must be > 0"))
+    checkpoint_activations: bool = option("--checkpoint-activations", False, "recompute each layer's activations in "
+                                          "the backward pass (saves memory)",
+                                          aliases=("--recompute-activations", "--deepspeed-activation-checkpointing"))
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -119,24 +141,17 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
-        check(self.num_layers >= 1, f"--num-layers must be >= 1 (got {self.num_layers})")
-        check(self.hidden_size >= 1, f"--hidden-size must be >= 1 (got {self.hidden_size})")
-        check(self.num_attention_heads >= 1, "--num-attention-heads must be >= 1")
+        check_options(self)
         check(
             self.hidden_size % self.num_attention_heads == 0,
             f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {self.num_attention_heads}: "
             f"choose a head count that divides the hidden size",
         )
-        check(self.ffn_hidden_size >= 1, "--ffn-hidden-size must be >= 1")
-        check(self.seq_length >= 1, "--seq-length must be >= 1")
         check(
             self.seq_length <= self.max_position_embeddings,
             f"--seq-length {self.seq_length} exceeds --max-position-embeddings {self.max_position_embeddings}: "
             f"raise --max-position-embeddings or shorten --seq-length",
         )
-        check(0.0 <= self.hidden_dropout < 1.0, "--hidden-dropout must be in [0, 1)")
-        check(0.0 <= self.attention_dropout < 1.0, "--attention-dropout must be in [0, 1)")
-        check(self.init_method_std > 0, "--init-method-std must be > 0")
         self.moe.validate(self.num_layers)
 
     @classmethod
@@ -158,102 +173,124 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    overlap_grad_reduce: bool = False  # all-reduce gradient buckets during the last micro-batch's backward
-    distributed_backend: Optional[str] = None  # None -> nccl on GPU, gloo on CPU
-    use_cpu: bool = False
+    OPTION_GROUP: ClassVar[str] = "parallelism"
+
+    tensor_model_parallel_size: int = option("--tensor-model-parallel-size", 1, "tensor-parallel group size (attention "
+                                             "heads, MLP and vocabulary split over TP ranks)", check=(positive, "must be >= 1"))
+    overlap_grad_reduce: bool = option("--overlap-grad-reduce", False, "all-reduce gradient buckets asynchronously "
+                                       "during the last micro-batch's backward")
+    distributed_backend: Optional[str] = option("--distributed-backend", None, "torch.distributed backend (default: "
+                                                "nccl on GPU, gloo on CPU)", type=str, choices=["gloo", "nccl"])
+    use_cpu: bool = option("--use-cpu", False, "run on CPU even if a GPU is present")
 
     def validate(self) -> None:
-        check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
-        check(
-            self.distributed_backend in (None, "gloo", "nccl"),
-            f"--distributed-backend must be gloo or nccl (got {self.distributed_backend!r})",
-        )
+        check_options(self)
 
 
 @dataclass
 class OptimizerConfig:
-    lr: Optional[float] = None
-    min_lr: float = 0.0
-    lr_decay_style: str = "linear"
-    lr_warmup_iters: int = 0
-    lr_warmup_samples: int = 0
-    lr_warmup_tokens: Optional[int] = None
-    lr_warmup_fraction: Optional[float] = None
-    lr_decay_iters: Optional[int] = None
-    lr_decay_samples: Optional[int] = None
-    lr_decay_tokens: Optional[int] = None
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False  # ZeRO-1: Adam state sharded over DP (experts: expert-DP)
+    OPTION_GROUP: ClassVar[str] = "optimizer and schedule"
+
+    optimizer: str = option("--optimizer", "adam", "optimizer (AdamW with decoupled weight decay)", choices=["adam"])
+    lr: Optional[float] = option("--lr", None, "peak learning rate (required)", type=float, check=(positive, "must be > 0"))
+    min_lr: float = option("--min-lr", 0.0, "learning rate at the end of the decay", check=(non_negative, "must be >= 0"))
+    lr_decay_style: str = option("--lr-decay-style", "linear", "decay after warm-up",
+                                 choices=["constant", "linear", "cosine", "inverse-square-root"])
+    lr_warmup_iters: int = option("--lr-warmup-iters", 0, "linear warm-up length in iterations",
+                                  check=(non_negative, "must be >= 0"))
+    lr_warmup_samples: int = option("--lr-warmup-samples", 0, "linear warm-up length in samples",
+                                    check=(non_negative, "must be >= 0"))
+    lr_warmup_tokens: Optional[int] = option("--lr-warmup-tokens", None, "linear warm-up length in tokens "
+                                             "(token-based schedule)", type=int, check=(non_negative, "must be >= 0"))
+    lr_warmup_fraction: Optional[float] = option("--lr-warmup-fraction", None, "warm-up as a fraction of the decay "
+                                                 "length", type=float, check=(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"))
+    lr_decay_iters: Optional[int] = option("--lr-decay-iters", None, "decay length in iterations (default: the "
+                                           "training length)", type=int, check=(non_negative, "must be >= 0"))
+    lr_decay_samples: Optional[int] = option("--lr-decay-samples", None, "decay length in samples", type=int,
+                                             check=(non_negative, "must be >= 0"))
+    lr_decay_tokens: Optional[int] = option("--lr-decay-tokens", None, "decay length in tokens (token-based schedule)",
+                                            type=int, check=(non_negative, "must be >= 0"))
+    weight_decay: float = option("--weight-decay", 0.01, "AdamW weight decay (not on biases and norms)",
+                                 check=(non_negative, "must be >= 0"))
+    adam_beta1: float = option("--adam-beta1", 0.9, "Adam beta1: decay rate of the running mean of gradients", check=(unit_interval, "must be in [0, 1)"))
+    adam_beta2: float = option("--adam-beta2", 0.999, "Adam beta2: decay rate of the running mean of squared gradients", check=(unit_interval, "must be in [0, 1)"))
+    adam_eps: float = option("--adam-eps", 1e-8, "Adam epsilon added to the denominator", check=(positive, "must be > 0"))
+    clip_grad: float = option("--clip-grad", 1.0, "global gradient-norm clipping threshold (0 disables clipping)",
+                              check=(non_negative, "must be >= 0 (0 disables clipping)"))
+    use_distributed_optimizer: bool = option("--use-distributed-optimizer", False, "ZeRO stage 1: shard the Adam "
+                                             "state over data-parallel ranks (experts over expert-data-parallel ranks)")
+    create_moe_param_group: bool = option("--create-moe-param-group", False, "accepted for compatibility: expert "
+                                          "parameters always have their own groups")
+    zero_stage: Optional[int] = option("--zero-stage", None, "DeepSpeed-style synonym: 1 = --use-distributed-optimizer, "
+                                       "0 = off", type=int, choices=[0, 1, 2, 3])
 
     def validate(self) -> None:
         check(self.lr is not None, "--lr is required: give the peak learning rate, e.g. --lr 3e-4")
-        check(self.lr > 0, f"--lr must be > 0 (got {self.lr})")
-        check(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
-        check(
-            self.lr_decay_style in ("constant", "linear", "cosine", "inverse-square-root"),
-            f"--lr-decay-style must be constant, linear, cosine or inverse-square-root (got {self.lr_decay_style!r})",
-        )
-        check(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam-beta1/--adam-beta2 must be in [0, 1)")
-        check(self.adam_eps > 0, "--adam-eps must be > 0")
-        check(self.weight_decay >= 0, "--weight-decay must be >= 0")
-        check(self.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
-        if self.lr_warmup_fraction is not None:
-            check(0.0 <= self.lr_warmup_fraction <= 1.0, "--lr-warmup-fraction must be in [0, 1]")
+        check_options(self)
+        check(self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        if self.zero_stage in (2, 3):
+            raise UserError(f"--zero-stage {self.zero_stage} is not implemented: use --zero-stage 1 (or "
+                            f"--use-distributed-optimizer), which shards the Adam state; gradients and parameters stay replicated")
+        if self.zero_stage == 1:
+            self.use_distributed_optimizer = True
 
 
 @dataclass
 class PrecisionConfig:
-    fp16: bool = False
-    bf16: bool = False
-    loss_scale: Optional[float] = None  # static scale; None -> dynamic
-    initial_loss_scale: float = 2.0**32
-    min_loss_scale: float = 1.0
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
+    OPTION_GROUP: ClassVar[str] = "mixed precision"
+
+    fp16: bool = option("--fp16", False, "fp16 autocast with fp32 master weights and dynamic loss scaling")
+    bf16: bool = option("--bf16", False, "bf16 autocast with fp32 master weights")
+    loss_scale: Optional[float] = option("--loss-scale", None, "static fp16 loss scale (default: dynamic)", type=float,
+                                         check=(positive, "must be > 0"))
+    initial_loss_scale: float = option("--initial-loss-scale", 2.0**32, "initial dynamic loss scale",
+                                       check=(positive, "must be > 0"))
+    min_loss_scale: float = option("--min-loss-scale", 1.0, "lower bound of the dynamic loss scale",
+                                   check=(positive, "must be > 0"))
+    loss_scale_window: int = option("--loss-scale-window", 1000, "overflow-free steps before the scale doubles",
+                                    check=(positive, "must be >= 1"))
+    hysteresis: int = option("--hysteresis", 2, "overflows tolerated before the scale halves",
+                             check=(positive, "must be >= 1"))
 
     def validate(self) -> None:
+        check_options(self)
         check(not (self.fp16 and self.bf16), "--fp16 and --bf16 are exclusive: pick one")
-        check(self.initial_loss_scale > 0, "--initial-loss-scale must be > 0")
-        check(self.min_loss_scale > 0, "--min-loss-scale must be > 0")
-        check(self.loss_scale_window >= 1, "--loss-scale-window must be >= 1")
-        check(self.hysteresis >= 1, "--hysteresis must be >= 1")
-        if self.loss_scale is not None:
-            check(self.loss_scale > 0, "--loss-scale must be > 0")
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 1
-    global_batch_size: Optional[int] = None  # None -> micro_batch_size * data-parallel size
-    rampup_batch_size: Optional[list[int]] = None  # [start, increment, ramp-up samples]
-    train_iters: Optional[int] = None
-    train_samples: Optional[int] = None
-    train_tokens: Optional[int] = None
-    eval_interval: int = 1000
-    eval_iters: int = 100
-    log_interval: int = 100
-    exit_interval: Optional[int] = None
-    exit_duration_in_mins: Optional[float] = None
-    seed: int = 1234
-    skip_train: bool = False
+    OPTION_GROUP: ClassVar[str] = "training"
+
+    micro_batch_size: int = option("--micro-batch-size", 1, "samples per micro-batch per data-parallel rank",
+                                   check=(positive, "must be >= 1"))
+    global_batch_size: Optional[int] = option("--global-batch-size", None, "samples per optimizer step over all ranks "
+                                              "(default micro-batch x data-parallel size)", type=int,
+                                              check=(positive, "must be >= 1"))
+    rampup_batch_size: Optional[list[int]] = option("--rampup-batch-size", None, "batch-size ramp-up: <start> "
+                                                    "<increment> <ramp-up samples>", type=int, nargs="*")
+    train_iters: Optional[int] = option("--train-iters", None, "training length in iterations", type=int,
+                                        check=(non_negative, "must be >= 0"))
+    train_samples: Optional[int] = option("--train-samples", None, "training length in samples", type=int,
+                                          check=(non_negative, "must be >= 0"))
+    train_tokens: Optional[int] = option("--train-tokens", None, "training length in tokens", type=int,
+                                         check=(non_negative, "must be >= 0"))
+    eval_interval: int = option("--eval-interval", 1000, "iterations between validations", check=(positive, "must be >= 1"))
+    eval_iters: int = option("--eval-iters", 100, "validation iterations (global batches) per evaluation",
+                             check=(non_negative, "must be >= 0"))
+    log_interval: int = option("--log-interval", 100, "iterations between log lines", check=(positive, "must be >= 1"))
+    exit_interval: Optional[int] = option("--exit-interval", None, "stop (after saving) at an iteration divisible by this",
+                                          type=int, check=(positive, "must be >= 1"))
+    exit_duration_in_mins: Optional[float] = option("--exit-duration-in-mins", None, "stop (after saving) once the run "
+                                                    "has lasted this many minutes", type=float, check=(positive, "must be > 0"))
+    seed: int = option("--seed", 1234, "random seed (weights, data order, dropout, routing noise)")
+    skip_train: bool = option("--skip-train", False, "load, evaluate and exit without training")
 
     def validate(self) -> None:
-        check(self.micro_batch_size >= 1, f"--micro-batch-size must be >= 1 (got {self.micro_batch_size})")
+        check_options(self)
         n = sum(x is not None for x in (self.train_iters, self.train_samples))
         check(n == 1 or (n == 0 and self.train_tokens is not None),
               "give one of --train-iters, --train-samples, --train-tokens (--train-tokens may join either: "
               "training stops at the first bound reached)")
-        for name in ("train_iters", "train_samples", "train_tokens"):
-            v = getattr(self, name)
-            check(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0")
-        check(self.eval_interval >= 1, "--eval-interval must be >= 1")
-        check(self.eval_iters >= 0, "--eval-iters must be >= 0")
-        check(self.log_interval >= 1, "--log-interval must be >= 1")
         if self.rampup_batch_size is not None:
             check(
                 len(self.rampup_batch_size) == 3,
@@ -262,17 +299,47 @@ class TrainConfig:
             check(self.train_iters is None, "--rampup-batch-size needs --train-samples or --train-tokens, not --train-iters")
 
 
+def parse_data_path(items) -> list[tuple[float, str]]:
+    """``A`` or ``0.3 A 0.7 B`` -> [(weight, prefix), ...] with weights summing to 1."""
+    items = list(items)
+    if not items:
+        return []
+    if len(items) == 1:
+        return [(1.0, items[0])]
+    if len(items) % 2 != 0:
+        raise UserError(f"--data-path {' '.join(items)!r} is malformed: give one prefix, or pairs of weight and prefix (0.3 A 0.7 B)")
+    pairs = []
+    for w, prefix in zip(items[0::2], items[1::2]):
+        try:
+            weight = float(w)
+        except ValueError:
+            raise UserError(f"--data-path weight {w!r} is not a number: give pairs of weight and prefix (0.3 A 0.7 B)") from None
+        if weight < 0:
+            raise UserError(f"--data-path weight {w} is negative: weights must be >= 0")
+        pairs.append((weight, prefix))
+    total = sum(w for w, _ in pairs)
+    if total <= 0:
+        raise UserError("--data-path weights sum to 0: give positive weights")
+    return [(w / total, prefix) for w, prefix in pairs]
+
+
 @dataclass
 class DataConfig:
-    data_path: list = field(default_factory=list)  # [(weight, prefix), ...]
-    split: str = "969, 30, 1"
-    tokenizer_type: Optional[str] = None
-    vocab_file: Optional[str] = None
-    merge_file: Optional[str] = None
-    tokenizer_model: Optional[str] = None
-    make_vocab_size_divisible_by: int = 128
-    data_cache_path: Optional[str] = None
-    mock_data: bool = False
+    OPTION_GROUP: ClassVar[str] = "data and tokenizer"
+
+    data_path: list = option("--data-path", [], "dataset prefix (P for P.bin / P.idx), or weight-prefix pairs for a "
+                             "blend: 0.3 A 0.7 B", type=str, nargs="*", convert=parse_data_path)
+    split: str = option("--split", "969, 30, 1", "train, validation, test proportions, e.g. 98,2,0")
+    tokenizer_type: Optional[str] = option("--tokenizer-type", None, "GPT2BPETokenizer, SentencePieceTokenizer or "
+                                           "NullTokenizer (default with --mock-data)", type=str)
+    vocab_file: Optional[str] = option("--vocab-file", None, "GPT-2 BPE vocabulary (vocab.json)", type=str)
+    merge_file: Optional[str] = option("--merge-file", None, "GPT-2 BPE merges (merges.txt)", type=str)
+    tokenizer_model: Optional[str] = option("--tokenizer-model", None, "SentencePiece .model file", type=str)
+    make_vocab_size_divisible_by: int = option("--make-vocab-size-divisible-by", 128, "pad the vocabulary to a "
+                                               "multiple of this", check=(positive, "must be >= 1"))
+    data_cache_path: Optional[str] = option("--data-cache-path", None, "where to cache the sample index files "
+                                            "(default: beside the data)", type=str)
+    mock_data: bool = option("--mock-data", False, "synthetic tokens, no files (smoke tests); needs --vocab-size")
 
     def split_fractions(self) -> list[float]:
         text = self.split.replace("/", ",")
@@ -287,6 +354,9 @@ class DataConfig:
         return [p / total for p in parts]
 
     def validate(self) -> None:
+        check_options(self)
+        if self.tokenizer_type is None and self.mock_data:
+            self.tokenizer_type = "NullTokenizer"
         check(
             self.tokenizer_type in ("GPT2BPETokenizer", "SentencePieceTokenizer", "NullTokenizer"),
             f"--tokenizer-type must be GPT2BPETokenizer or SentencePieceTokenizer (got {self.tokenizer_type!r})",
@@ -302,43 +372,58 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None
-    save_interval: Optional[int] = None
-    load: Optional[str] = None
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    finetune: bool = False
-    reset_iteration: bool = False
-    no_save_optim: bool = False
+    OPTION_GROUP: ClassVar[str] = "checkpointing"
+
+    save: Optional[str] = option("--save", None, "checkpoint directory to write", type=str)
+    save_interval: Optional[int] = option("--save-interval", None, "iterations between checkpoints (a final one is "
+                                          "always written)", type=int, check=(positive, "must be >= 1"))
+    load: Optional[str] = option("--load", None, "checkpoint directory to resume from", type=str)
+    no_load_optim: bool = option("--no-load-optim", False, "do not load the optimizer state")
+    no_load_rng: bool = option("--no-load-rng", False, "do not load the random-number-generator states")
+    finetune: bool = option("--finetune", False, "load weights only and start at iteration 0 (no optimizer, RNG or "
+                            "schedule state)")
+    reset_iteration: bool = option("--reset-iteration", False, "start counting iterations and samples from 0 after "
+                                   "loading")
+    no_save_optim: bool = option("--no-save-optim", False, "do not save the optimizer state")
 
     def validate(self) -> None:
-        if self.save_interval is not None:
-            check(self.save_interval >= 1, "--save-interval must be >= 1")
+        check_options(self)
 
 
 @dataclass
 class KDConfig:
-    """Knowledge distillation (--kd) and Mixture-of-Students (--mos) from a loaded teacher (SPEC §4).
+    """Knowledge distillation (--kd) and Mixture-of-Students (--mos) from a loaded teacher.
 
     Teacher architecture fields left None are taken from the teacher checkpoint's stored config;
     the ones given are checked against it.
     """
 
-    kd: bool = False
-    mos: bool = False
-    load_teacher: Optional[str] = None
-    num_layers_teacher: Optional[int] = None
-    hidden_size_teacher: Optional[int] = None
-    num_attention_heads_teacher: Optional[int] = None
-    ffn_hidden_size_teacher: Optional[int] = None
-    num_experts_teacher: Optional[list[int]] = None
-    expert_interval_teacher: Optional[int] = None
-    mlp_type_teacher: Optional[str] = None
-    topk_teacher: Optional[int] = None
-    alpha_ce: float = 1.0
-    beta_ce: float = 1.0
-    temperature: float = 1.0
-    stop_iters: Optional[int] = None  # staged KD: LM loss only from this iteration on
+    OPTION_GROUP: ClassVar[str] = "knowledge distillation / mixture of students"
+
+    kd: bool = option("--kd", False, "plain knowledge distillation from --load-teacher")
+    mos: bool = option("--mos", False, "Mixture-of-Students: distil an MoE student from --load-teacher")
+    load_teacher: Optional[str] = option("--load-teacher", None, "the teacher's checkpoint directory", type=str)
+    num_layers_teacher: Optional[int] = option("--num-layers-teacher", None, "teacher layers (checked against its "
+                                               "checkpoint)", type=int)
+    hidden_size_teacher: Optional[int] = option("--hidden-size-teacher", None, "teacher width (checked against its "
+                                                "checkpoint)", type=int)
+    num_attention_heads_teacher: Optional[int] = option("--num-attention-heads-teacher", None, "teacher attention "
+                                                        "heads (checked against its checkpoint)", type=int)
+    ffn_hidden_size_teacher: Optional[int] = option("--ffn-hidden-size-teacher", None, "teacher MLP width (checked "
+                                                    "against its checkpoint)", type=int)
+    num_experts_teacher: Optional[list[int]] = option("--num-experts-teacher", None, "teacher experts per MoE layer "
+                                                      "(checked against its checkpoint)", type=int, nargs="+")
+    expert_interval_teacher: Optional[int] = option("--expert-interval-teacher", None, "teacher MoE layer interval "
+                                                    "(checked against its checkpoint)", type=int)
+    mlp_type_teacher: Optional[str] = option("--mlp-type-teacher", None, "teacher MoE layer kind (checked against its "
+                                             "checkpoint)", type=str)
+    topk_teacher: Optional[int] = option("--topk-teacher", None, "teacher top-k (checked against its checkpoint)", type=int)
+    alpha_ce: float = option("--kd-alpha-ce", 1.0, "weight of the LM cross-entropy", check=(non_negative, "must be >= 0"))
+    beta_ce: float = option("--kd-beta-ce", 1.0, "weight of the distillation KL term", check=(non_negative, "must be >= 0"))
+    temperature: float = option("--kd-temp", 1.0, "distillation temperature T (the KL term is scaled by T^2)",
+                                check=(positive, "must be > 0"))
+    stop_iters: Optional[int] = option("--kd-stop-iters", None, "staged KD: stop distilling at this iteration, free the "
+                                       "teacher, train on LM loss only", type=int, check=(non_negative, "must be >= 0"))
 
     @property
     def enabled(self) -> bool:
@@ -359,21 +444,45 @@ class KDConfig:
             return
         check(self.load_teacher is not None,
               f"--{'mos' if self.mos else 'kd'} needs --load-teacher DIR (the teacher's checkpoint directory)")
-        check(self.temperature > 0, f"--kd-temp must be > 0 (got {self.temperature})")
-        check(self.alpha_ce >= 0 and self.beta_ce >= 0, "--kd-alpha-ce and --kd-beta-ce must be >= 0")
+        check_options(self)
         check(self.alpha_ce + self.beta_ce > 0, "--kd-alpha-ce and --kd-beta-ce are both 0: nothing to train on")
-        if self.stop_iters is not None:
-            check(self.stop_iters >= 0, "--kd-stop-iters must be >= 0")
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard_dir: Optional[str] = None
-    peak_tflops: Optional[float] = None  # for the MFU estimate; None -> known GPU or measured CPU matmul peak
+    OPTION_GROUP: ClassVar[str] = "logging"
+
+    tensorboard_dir: Optional[str] = option("--tensorboard-dir", None, "write TensorBoard event files here", type=str)
+    peak_tflops: Optional[float] = option("--peak-tflops", None, "peak TFLOP/s of one device for the MFU estimate "
+                                          "(default: known GPUs, else a measured matmul peak)", type=float,
+                                          check=(positive, "must be > 0"))
+    tensorboard_queue_size: int = option("--tensorboard-queue-size", 1000, "TensorBoard events buffered before a "
+                                         "write", check=(positive, "must be >= 1"))
+    log_timers_to_tensorboard: bool = option("--log-timers-to-tensorboard", False, "write the per-phase timers "
+                                             "(forward, backward, all-to-all, optimizer, data) to TensorBoard")
+    log_batch_size_to_tensorboard: bool = option("--log-batch-size-to-tensorboard", False, "write the global batch "
+                                                 "size to TensorBoard (it is always written)")
+    log_validation_ppl_to_tensorboard: bool = option("--log-validation-ppl-to-tensorboard", False, "write validation "
+                                                     "perplexity to TensorBoard (it is always written)")
+    log_optimizer_states_to_tensorboard: bool = option("--log-optimizer-states-to-tensorboard", False, "write Adam "
+                                                       "moment norms and max-abs values to TensorBoard")
+    wandb_project: Optional[str] = option("--wandb-project", None, "log the TensorBoard scalars to this Weights & "
+                                          "Biases project too (needs the wandb package)", type=str)
+    wandb_exp_name: Optional[str] = option("--wandb-exp-name", None, "the wandb run name", type=str)
+    wandb_save_dir: Optional[str] = option("--wandb-save-dir", None, "directory for wandb's local files", type=str)
+
+    def validate(self) -> None:
+        check_options(self)
+
+
+def _world_size_default(v: Optional[int]) -> int:
+    return v if v is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
 class Config:
+    OPTION_GROUP: ClassVar[str] = "dry run"
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -383,10 +492,17 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    dry_run: bool = False
-    dry_run_world_size: int = 1  # the number of GPUs the dry run plans memory for
+    dry_run: bool = option("--dry-run", False, "build the model on the meta device, print parameters, FLOPs and the "
+                           "per-GPU memory plan, exit")
+    dry_run_world_size: Optional[int] = option("--dry-run-world-size", None, "GPUs the dry run plans for (default: "
+                                               "$WORLD_SIZE or 1)", type=int, check=(positive, "must be >= 1"))
+    # not options: values of flags added by a caller's extra_args_provider, and the flags given on the command line
+    extra: dict = field(default_factory=dict, repr=False)
+    flags_given: tuple = field(default=(), repr=False)
 
     def validate(self) -> "Config":
+        check_options(self)
+        self.dry_run_world_size = _world_size_default(self.dry_run_world_size)
         self.model.validate()
         self.parallel.validate()
         self.optimizer.validate()
@@ -394,7 +510,10 @@ class Config:
         self.train.validate()
         if not self.dry_run:
             self.data.validate()
+        if self.data.mock_data and not self.model.vocab_size and self.data.tokenizer_type in (None, "NullTokenizer"):
+            raise UserError("--mock-data needs --vocab-size (or a real tokenizer via --tokenizer-type)")
         self.checkpoint.validate()
+        self.logging.validate()
         self.kd.validate()
         return self
 
@@ -429,7 +548,10 @@ class Config:
                   f"--rampup-batch-size start and increment must be multiples of micro-batch × data-parallel size ({mbs * dp})")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        d.pop("flags_given")
+        return d
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:

@@ -1,7 +1,8 @@
 """Flags of Megatron-DeepSpeed's launch scripts and Megatron-LM's MoE names, in our terms.
 
 One table, :data:`UPSTREAM_FLAGS`, says for each upstream flag this framework does not declare
-itself what it becomes here: an *alias* (the same meaning under our name), *accepted* (nothing to
+itself what it becomes here (flags that are plain aliases of one option are declared with it in
+megatron/config.py): an *alias* (the same meaning under two of our flags), *accepted* (nothing to
 do here, with the reason), or *refused* (the meaning differs or cannot apply: one line naming our
 equivalent). :func:`translate_argv` applies the table to a command line before it is parsed, and
 reads ``--deepspeed_config FILE`` (megatron.ds_config) into flags: a JSON value fills a flag that
@@ -20,7 +21,7 @@ from megatron.errors import UserError
 @dataclass(frozen=True)
 class UpstreamFlag:
     name: str
-    kind: str  # "alias" | "accepted" | "pending" (accepted, effect not built yet: warned) | "refused"
+    kind: str  # "alias" | "accepted" | "refused"
     takes_value: bool
     ours: tuple = ()  # alias: our flag(s) receiving the value (a switch: our switch)
     why: str = ""  # accepted: why nothing needs doing; refused: what to use instead
@@ -48,7 +49,6 @@ UPSTREAM_FLAGS = {f.name: f for f in [
     # DeepSpeed launcher / engine
     UpstreamFlag("--deepspeed", "accepted", False, why="no DeepSpeed engine: MoE, expert parallelism, ZeRO-1/2 and "
                  "mixed precision are built in; the JSON of --deepspeed_config is read"),
-    UpstreamFlag("--deepspeed-activation-checkpointing", "alias", False, ("--checkpoint-activations",)),
     UpstreamFlag("--no-pipeline-parallel", "accepted", False, why="there is no pipeline parallelism: always true"),
     UpstreamFlag("--pipeline-model-parallel-size", "accepted", True, why="1 is the only size",
                  check=_only("1", what="pipeline parallelism is not supported here (MoE upstream does not support "
@@ -62,20 +62,7 @@ UPSTREAM_FLAGS = {f.name: f for f in [
                  "training process; no loader workers are needed"),
     UpstreamFlag("--override-opt_param-scheduler", "accepted", False, why="our behaviour: on resume the learning-"
                  "rate schedule comes from the flags and only its position (samples consumed) from the checkpoint"),
-    UpstreamFlag("--tensorboard-queue-size", "accepted", True, why="TensorBoard events are flushed at every "
-                 "log interval"),
-    UpstreamFlag("--log-batch-size-to-tensorboard", "accepted", False, why="batch-size is always written"),
-    UpstreamFlag("--log-validation-ppl-to-tensorboard", "accepted", False,
-                 why="'lm loss validation ppl' is always written"),
-    UpstreamFlag("--log-timers-to-tensorboard", "pending", False,
-                 why="iteration-time is written; the per-phase timers (forward, backward, all-to-all, optimizer, "
-                     "data) are not yet"),
-    UpstreamFlag("--log-optimizer-states-to-tensorboard", "pending", False,
-                 why="Adam moment norms and max-abs values are not written yet"),
     # Megatron-LM MoE names
-    UpstreamFlag("--moe-router-topk", "alias", True, ("--topk",)),
-    UpstreamFlag("--expert-model-parallel-size", "alias", True, ("--moe-expert-parallel-size",)),
-    UpstreamFlag("--moe-aux-loss-coeff", "alias", True, ("--moe-loss-coeff",)),
     UpstreamFlag("--moe-expert-capacity-factor", "alias", True,
                  ("--moe-train-capacity-factor", "--moe-eval-capacity-factor")),
     UpstreamFlag("--moe-layer-freq", "refused", True, check=_layer_freq),
@@ -208,8 +195,6 @@ def translate_argv(argv) -> Translation:
                 raise UserError(problem)
         if spec.kind == "refused":
             raise UserError(spec.why or f"{a} is not supported here")
-        if spec.kind == "pending":
-            tr.notes.append(f"warning: {a} is accepted but not acted on in full: {spec.why}")
         if spec.kind == "alias":
             for target in spec.ours:
                 out += [target] if value is None else [target, value]

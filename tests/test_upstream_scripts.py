@@ -114,12 +114,23 @@ def test_translation_of_a_script_command_line(tmp_path):
     tr = translate_argv(argv)
     a = tr.argv
     for gone in ("--deepspeed", "--deepspeed_config", "--no-pipeline-parallel", "--pipeline-model-parallel-size",
-                 "--data-impl", "--num-workers", "--override-opt_param-scheduler", "--tensorboard-queue-size",
-                 "--deepspeed-activation-checkpointing", "--log-batch-size-to-tensorboard"):
+                 "--data-impl", "--num-workers", "--override-opt_param-scheduler"):
         assert gone not in a
-    assert a.count("--checkpoint-activations") == 2 and a[:2] == ["--tokenizer-type", "GPT2BPETokenizer"]
+    assert a[:2] == ["--tokenizer-type", "GPT2BPETokenizer"]
     assert a[a.index("--zero-stage") + 1] == "1" and a[a.index("--initial-loss-scale") + 1] == "2048"
-    assert [n.split(":")[0] for n in tr.notes] == ["warning"]  # --log-timers-to-tensorboard: not in full yet
+    assert tr.notes == []  # the JSON agrees with the flags and every field is acted on
+    cfg = pretrain_gpt_moe_config(argv)
+    lg = cfg.logging
+    assert (lg.tensorboard_queue_size, lg.log_timers_to_tensorboard, lg.log_batch_size_to_tensorboard,
+            lg.log_validation_ppl_to_tensorboard) == (1, True, True, True)
+    assert cfg.model.checkpoint_activations and cfg.optimizer.use_distributed_optimizer
+    assert (cfg.precision.fp16, cfg.precision.initial_loss_scale, cfg.precision.loss_scale_window) == (True, 2048, 500)
+
+
+def pretrain_gpt_moe_config(argv):
+    from megatron.arguments import parse_args
+
+    return parse_args(argv + ["--dry-run"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -136,12 +147,15 @@ def test_upstream_flags_that_cannot_apply_are_one_line(argv, message):
 
 
 def test_megatron_lm_moe_names_are_aliases():
-    a = translate_argv(["--moe-router-topk", "2", "--expert-model-parallel-size", "4", "--moe-aux-loss-coeff",
-                        "0.01", "--moe-expert-capacity-factor", "1.25", "--moe-token-dispatcher-type", "alltoall",
-                        "--moe-grouped-gemm", "--moe-z-loss-coeff", "0.001"]).argv
-    assert a == ["--topk", "2", "--moe-expert-parallel-size", "4", "--moe-loss-coeff", "0.01",
-                 "--moe-train-capacity-factor", "1.25", "--moe-eval-capacity-factor", "1.25",
-                 "--moe-z-loss-coeff", "0.001"]
+    from tests.runs import mock_args
+
+    cfg = pretrain_gpt_moe_config(mock_args([
+        "--num-experts", "4", "--train-iters", "1", "--moe-router-topk", "2", "--expert-model-parallel-size", "2",
+        "--moe-aux-loss-coeff", "0.01", "--moe-expert-capacity-factor", "1.25", "--moe-token-dispatcher-type",
+        "alltoall", "--moe-grouped-gemm", "--moe-z-loss-coeff", "0.001"]))
+    moe = cfg.model.moe
+    assert (moe.topk, moe.expert_parallel_size, moe.loss_coeff, moe.train_capacity_factor, moe.eval_capacity_factor,
+            moe.z_loss_coeff) == (2, 2, 0.01, 1.25, 1.25, 0.001)
 
 
 def test_json_contradicting_a_typed_flag_is_one_line(tmp_path):
