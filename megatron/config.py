@@ -473,6 +473,11 @@ class LoggingConfig:
 
     def validate(self) -> None:
         check_options(self)
+        check(self.wandb_project is not None or (self.wandb_exp_name is None and self.wandb_save_dir is None),
+              "--wandb-exp-name / --wandb-save-dir need --wandb-project (the Weights & Biases project to log to)")
+        from megatron.wandb_sink import require_wandb
+
+        require_wandb(self.wandb_project)
 
 
 def _world_size_default(v: Optional[int]) -> int:
