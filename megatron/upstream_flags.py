@@ -62,6 +62,10 @@ UPSTREAM_FLAGS = {f.name: f for f in [
                  "training process; no loader workers are needed"),
     UpstreamFlag("--override-opt_param-scheduler", "accepted", False, why="our behaviour: on resume the learning-"
                  "rate schedule comes from the flags and only its position (samples consumed) from the checkpoint"),
+    UpstreamFlag("--use-checkpoint-opt_param-scheduler", "refused", False,
+                 why="--use-checkpoint-opt_param-scheduler: on resume the learning-rate schedule always comes from the "
+                     "flags (only its position from the checkpoint): drop the flag and repeat the first run's schedule "
+                     "flags"),
     # Megatron-LM MoE names
     UpstreamFlag("--moe-expert-capacity-factor", "alias", True,
                  ("--moe-train-capacity-factor", "--moe-eval-capacity-factor")),

@@ -36,13 +36,13 @@ SCRIPTS = {
 }
 
 
-def ds_config(path, gbs, mbs, zero=1, fp16=True, cl=None, prescale=False):
+def ds_config(path, gbs, mbs, zero=1, fp16=True, bf16=False, cl=None, prescale=False):
     """The JSON the scripts' sed step writes from ds_config_gpt_TEMPLATE.json."""
     cfg = {"train_batch_size": gbs, "train_micro_batch_size_per_gpu": mbs, "steps_per_print": 10,
            "zero_optimization": {"stage": zero}, "gradient_clipping": 1.0, "prescale_gradients": prescale,
            "fp16": {"enabled": fp16, "loss_scale": 0, "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1,
                     "initial_scale_power": 11},
-           "bf16": {"enabled": not fp16},
+           "bf16": {"enabled": bf16},
            "curriculum_learning": {"enabled": cl is not None, "curriculum_type": "seqlen",
                                    "min_difficulty": (cl or (72, 0, 0))[0], "max_difficulty": (cl or (0, SEQ, 0))[1],
                                    "schedule_type": "fixed_linear",
@@ -139,6 +139,7 @@ def pretrain_gpt_moe_config(argv):
     (["--moe-layer-freq", "2"], "use --expert-interval 2"),
     (["--moe-router-load-balancing-type", "sinkhorn"], "only the auxiliary load-balancing loss"),
     (["--deepspeed_config"], "--deepspeed_config needs a file"),
+    (["--use-checkpoint-opt_param-scheduler"], "the learning-rate schedule always comes from the flags"),
 ])
 def test_upstream_flags_that_cannot_apply_are_one_line(argv, message):
     with pytest.raises(UserError, match=re.escape(message)) as e:
@@ -179,17 +180,35 @@ def tiny_corpus(tmp_path, vocab=50257):
     return prefix
 
 
-@pytest.mark.parametrize("name, experts", [("350M_dense", "1"), ("350M_MoE128", "4"), ("350M_PR-MoE32or64", "4")])
-def test_upstream_script_trains_tiny_on_cpu(name, experts, tmp_path):
+def tiny_script_argv(name, tmp_path, experts, cl=None):
+    """The script's flags with tiny sizes appended and the JSON its sed step writes for them (fp32 on CPU)."""
     vocab, merges = require_shared("gpt2", "gpt2-vocab.json"), shared_path("gpt2", "gpt2-merges.txt")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     argv, _ = script_argv(name, tmp_path, data=tiny_corpus(tmp_path), vocab=vocab, merges=merges, mbs=2)
-    ds_config(tmp_path / f"ds_config_{name}.json", 4, 2, fp16=False)  # the script's sed with tiny sizes, fp32 on CPU
+    ds_config(tmp_path / f"ds_config_{name}.json", 4, 2, zero=0 if cl else 1, fp16=False, cl=cl)
     argv = [a for a in argv if a != "--fp16"]
     argv[argv.index("--global-batch-size") + 1] = "4"
-    (tmp_path / "output" / "ck").mkdir(parents=True)
-    res = pretrain_gpt_moe.main(argv + TINY + ["--num-experts", experts, "--use-cpu"])
+    (tmp_path / "output" / "ck").mkdir(parents=True, exist_ok=True)
+    return argv + TINY + ["--num-experts", experts, "--use-cpu"]
+
+
+@pytest.mark.parametrize("name, experts", [("350M_dense", "1"), ("350M_MoE128", "4"), ("350M_PR-MoE32or64", "4"),
+                                           ("125M_dense_cl", "1")])
+def test_upstream_script_trains_tiny_on_cpu(name, experts, tmp_path):
+    res = pretrain_gpt_moe.main(tiny_script_argv(name, tmp_path, experts, cl=(8, 32, 10) if "_cl" in name else None))
     assert len(res["losses"]) == 3 and all(l == l for l in res["losses"])
     assert res["losses"][-1] < res["losses"][0] + 0.5
+
+
+def test_upstream_mos_script_trains_tiny_from_a_tiny_teacher(tmp_path):
+    teacher = tiny_script_argv("350M_PR-MoE32or64", tmp_path / "t", "4")
+    teacher[teacher.index("--save") + 1] = str(tmp_path / "teacher")
+    pretrain_gpt_moe.main(teacher)
+    student = tiny_script_argv("350M_PR-MoE32or64_MoS", tmp_path / "s", "4")
+    res = pretrain_gpt_moe.main(student + ["--load-teacher", str(tmp_path / "teacher"), "--num-layers-teacher", "2",
+                                           "--num-experts-teacher", "4", "--hidden-size-teacher", "64",
+                                           "--num-attention-heads-teacher", "4"])
+    assert len(res["losses"]) == 3 and len(res["kd_losses"]) == 3 and all(k > 0 for k in res["kd_losses"])
 
 
 def test_migrating_guide_names_every_flag_the_scripts_use(tmp_path):
