@@ -485,6 +485,31 @@ def _world_size_default(v: Optional[int]) -> int:
 
 
 @dataclass
+class DeepSpeedCompatConfig:
+    """Megatron-DeepSpeed's launch flags. The JSON's values are applied to the other options while the
+    command line is read (megatron/upstream_flags.py); what needs the run — the data-parallel size
+    for the batch identity, the curriculum — is read from it again here (megatron/ds_config.py)."""
+
+    OPTION_GROUP: ClassVar[str] = "DeepSpeed compatibility"
+
+    deepspeed: bool = option("--deepspeed", False, "accepted: there is no DeepSpeed engine here (MoE, expert "
+                             "parallelism, ZeRO-1 and mixed precision are built in)")
+    deepspeed_config: Optional[str] = option("--deepspeed_config", None, "a DeepSpeed JSON: its batch sizes, precision, "
+                                             "loss scaling, clipping, ZeRO stage and curriculum are read (a value that "
+                                             "contradicts a typed flag is an error)", type=str,
+                                             aliases=("--deepspeed-config",))
+
+    def validate(self) -> None:
+        check_options(self)
+
+    def read(self):
+        """The parsed JSON (megatron.ds_config.DeepSpeedConfig), or None without --deepspeed_config."""
+        from megatron.ds_config import read_deepspeed_config
+
+        return None if self.deepspeed_config is None else read_deepspeed_config(self.deepspeed_config)
+
+
+@dataclass
 class Config:
     OPTION_GROUP: ClassVar[str] = "dry run"
 
@@ -497,6 +522,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    deepspeed: DeepSpeedCompatConfig = field(default_factory=DeepSpeedCompatConfig)
     dry_run: bool = option("--dry-run", False, "build the model on the meta device, print parameters, FLOPs and the "
                            "per-GPU memory plan, exit")
     dry_run_world_size: Optional[int] = option("--dry-run-world-size", None, "GPUs the dry run plans for (default: "
@@ -520,6 +546,7 @@ class Config:
         self.checkpoint.validate()
         self.logging.validate()
         self.kd.validate()
+        self.deepspeed.validate()
         return self
 
     def validate_world(self, world_size: int) -> None:
@@ -547,6 +574,9 @@ class Config:
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size × data-parallel size ({mbs} × {dp} = {mbs * dp}): "
             f"change one of them",
         )
+        ds = self.deepspeed.read()
+        if ds is not None:
+            ds.check_batch(gbs, mbs, dp)
         if self.train.rampup_batch_size is not None:
             start, incr, _ = self.train.rampup_batch_size
             check(start % (mbs * dp) == 0 and incr % (mbs * dp) == 0,

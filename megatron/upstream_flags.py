@@ -47,8 +47,6 @@ def _drop_policy(v: str) -> Optional[str]:
 
 UPSTREAM_FLAGS = {f.name: f for f in [
     # DeepSpeed launcher / engine
-    UpstreamFlag("--deepspeed", "accepted", False, why="no DeepSpeed engine: MoE, expert parallelism, ZeRO-1/2 and "
-                 "mixed precision are built in; the JSON of --deepspeed_config is read"),
     UpstreamFlag("--no-pipeline-parallel", "accepted", False, why="there is no pipeline parallelism: always true"),
     UpstreamFlag("--pipeline-model-parallel-size", "accepted", True, why="1 is the only size",
                  check=_only("1", what="pipeline parallelism is not supported here (MoE upstream does not support "
@@ -203,7 +201,7 @@ def translate_argv(argv) -> Translation:
             for target in spec.ours:
                 out += [target] if value is None else [target, value]
     if ds_path is not None:
-        out = _apply_deepspeed(out, ds_path, tr)
+        out = _apply_deepspeed(out, ds_path, tr) + ["--deepspeed_config", ds_path]
     if "--vocab-file" in out and "--merge-file" in out and "--tokenizer-type" not in out and "--mock-data" not in out:
         out = ["--tokenizer-type", "GPT2BPETokenizer"] + out  # Megatron-DeepSpeed's scripts rely on this default
     tr.argv = out

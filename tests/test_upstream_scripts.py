@@ -113,8 +113,8 @@ def test_translation_of_a_script_command_line(tmp_path):
     argv, _ = script_argv("350M_MoE128", tmp_path)
     tr = translate_argv(argv)
     a = tr.argv
-    for gone in ("--deepspeed", "--deepspeed_config", "--no-pipeline-parallel", "--pipeline-model-parallel-size",
-                 "--data-impl", "--num-workers", "--override-opt_param-scheduler"):
+    for gone in ("--no-pipeline-parallel", "--pipeline-model-parallel-size", "--data-impl", "--num-workers",
+                 "--override-opt_param-scheduler"):
         assert gone not in a
     assert a[:2] == ["--tokenizer-type", "GPT2BPETokenizer"]
     assert a[a.index("--zero-stage") + 1] == "1" and a[a.index("--initial-loss-scale") + 1] == "2048"
@@ -124,6 +124,7 @@ def test_translation_of_a_script_command_line(tmp_path):
     assert (lg.tensorboard_queue_size, lg.log_timers_to_tensorboard, lg.log_batch_size_to_tensorboard,
             lg.log_validation_ppl_to_tensorboard) == (1, True, True, True)
     assert cfg.model.checkpoint_activations and cfg.optimizer.use_distributed_optimizer
+    assert cfg.deepspeed.deepspeed and cfg.deepspeed.read().curriculum is None
     assert (cfg.precision.fp16, cfg.precision.initial_loss_scale, cfg.precision.loss_scale_window) == (True, 2048, 500)
 
 
@@ -157,6 +158,21 @@ def test_megatron_lm_moe_names_are_aliases():
     moe = cfg.model.moe
     assert (moe.topk, moe.expert_parallel_size, moe.loss_coeff, moe.train_capacity_factor, moe.eval_capacity_factor,
             moe.z_loss_coeff) == (2, 2, 0.01, 1.25, 1.25, 0.001)
+
+
+def test_json_accumulation_steps_checked_against_the_world(tmp_path):
+    from megatron.arguments import parse_args
+    from tests.runs import mock_args
+
+    js = ds_config(tmp_path / "ds.json", 8, 2)
+    cfg_json = json.loads(open(js).read())
+    cfg_json["gradient_accumulation_steps"] = 2
+    (tmp_path / "ds.json").write_text(json.dumps(cfg_json))
+    cfg = parse_args(mock_args(["--train-iters", "1", "--deepspeed", "--deepspeed_config", js]))
+    assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (8, 2)
+    cfg.validate_world(2)  # 2 x 2 x 2 = 8
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps 2 x micro batch 2 x data-parallel size 4 = 16"):
+        cfg.validate_world(4)
 
 
 def test_json_contradicting_a_typed_flag_is_one_line(tmp_path):
