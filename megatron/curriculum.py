@@ -147,3 +147,12 @@ def truncate_batch(seq_len: int, tokens: torch.Tensor, labels: torch.Tensor, los
 def tokens_trained(samples: int, seq_len: int) -> int:
     """Tokens one step trains: every sample contributes its (possibly truncated) length."""
     return samples * seq_len
+
+
+def build_curriculum(cfg) -> Optional[SeqLenCurriculum]:
+    """The run's curriculum from ``--deepspeed_config`` (None when absent or disabled)."""
+    ds = cfg.deepspeed.read()
+    if ds is None or ds.curriculum is None:
+        return None
+    ds.curriculum.check_seq_length(cfg.model.seq_length, f"--deepspeed_config {ds.path}")
+    return SeqLenCurriculum(ds.curriculum)

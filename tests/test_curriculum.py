@@ -57,3 +57,24 @@ def test_truncation_keeps_labels_and_positions_aligned():
     assert torch.equal(t, tokens) and torch.equal(l, labels)
     assert m.tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]] and p.tolist() == [[0, 1, 2, 3]] * 2
     assert tokens_trained(256, 72) == 18432
+
+
+def test_built_from_the_deepspeed_config_of_the_command_line(tmp_path):
+    import json
+
+    from megatron.arguments import parse_args
+    from megatron.curriculum import build_curriculum
+    from tests.runs import mock_args
+
+    cl = {"enabled": True, "curriculum_type": "seqlen", "min_difficulty": 8, "max_difficulty": 16,
+          "schedule_type": "fixed_linear", "schedule_config": {"total_curriculum_step": 4, "difficulty_step": 8}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"curriculum_learning": cl}))
+    cfg = parse_args(mock_args(["--train-iters", "1", "--deepspeed", "--deepspeed_config", str(path)]))
+    cur = build_curriculum(cfg)
+    assert [cur.update(s) for s in (1, 2, 3, 4)] == [8, 8, 8, 16]
+    assert build_curriculum(parse_args(mock_args(["--train-iters", "1"]))) is None
+    cl["max_difficulty"] = 32  # above --seq-length 16
+    path.write_text(json.dumps({"curriculum_learning": cl}))
+    with pytest.raises(UserError, match="max_difficulty 32 exceeds --seq-length 16"):
+        parse_args(mock_args(["--train-iters", "1", "--deepspeed_config", str(path)]))
