@@ -330,11 +330,11 @@ class DataConfig:
     data_path: list = option("--data-path", [], "dataset prefix (P for P.bin / P.idx), or weight-prefix pairs for a "
                              "blend: 0.3 A 0.7 B", type=str, nargs="*", convert=parse_data_path)
     split: str = option("--split", "969, 30, 1", "train, validation, test proportions, e.g. 98,2,0")
-    tokenizer_type: Optional[str] = option("--tokenizer-type", None, "GPT2BPETokenizer, SentencePieceTokenizer or "
-                                           "NullTokenizer (default with --mock-data)", type=str)
+    tokenizer_type: Optional[str] = option("--tokenizer-type", None, "GPT2BPETokenizer, SentencePieceTokenizer, "
+                                           "HuggingFaceTokenizer (--tokenizer-model DIR) or NullTokenizer (default with --mock-data)", type=str)
     vocab_file: Optional[str] = option("--vocab-file", None, "GPT-2 BPE vocabulary (vocab.json)", type=str)
     merge_file: Optional[str] = option("--merge-file", None, "GPT-2 BPE merges (merges.txt)", type=str)
-    tokenizer_model: Optional[str] = option("--tokenizer-model", None, "SentencePiece .model file", type=str)
+    tokenizer_model: Optional[str] = option("--tokenizer-model", None, "SentencePiece .model file, or a Hugging Face tokenizer directory", type=str)
     make_vocab_size_divisible_by: int = option("--make-vocab-size-divisible-by", 128, "pad the vocabulary to a "
                                                "multiple of this", check=(positive, "must be >= 1"))
     data_cache_path: Optional[str] = option("--data-cache-path", None, "where to cache the sample index files "
@@ -357,15 +357,10 @@ class DataConfig:
         check_options(self)
         if self.tokenizer_type is None and self.mock_data:
             self.tokenizer_type = "NullTokenizer"
-        check(
-            self.tokenizer_type in ("GPT2BPETokenizer", "SentencePieceTokenizer", "NullTokenizer"),
-            f"--tokenizer-type must be GPT2BPETokenizer or SentencePieceTokenizer (got {self.tokenizer_type!r})",
-        )
-        if self.tokenizer_type == "GPT2BPETokenizer":
-            check(self.vocab_file is not None and self.merge_file is not None,
-                  "GPT2BPETokenizer needs --vocab-file and --merge-file (GPT-2's vocab.json and merges.txt)")
-        if self.tokenizer_type == "SentencePieceTokenizer":
-            check(self.tokenizer_model is not None, "SentencePieceTokenizer needs --tokenizer-model (a .model file)")
+        from megatron.tokenizer.registry import check_data_config
+
+        check_data_config(self.tokenizer_type, vocab_file=self.vocab_file, merge_file=self.merge_file,
+                          tokenizer_model=self.tokenizer_model)
         check(self.mock_data or len(self.data_path) > 0, "--data-path is required (or --mock-data for a synthetic run)")
         self.split_fractions()
 

@@ -57,26 +57,38 @@ def build_tokenizer_from_config(config: dict, vocab_file=None, merge_file=None, 
 
 def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor: Optional[float] = None,
                dtype: Optional[torch.dtype] = None, vocab_file=None, merge_file=None, tokenizer_model=None,
-               flag: str = "--load") -> LoadedModel:
-    """The model in eval mode on ``device``. No token is dropped unless ``eval_capacity_factor`` is given."""
+               flag: str = "--load", ps: Optional[ParallelState] = None) -> LoadedModel:
+    """The model in eval mode on ``device``. No token is dropped unless ``eval_capacity_factor`` is given.
+
+    With ``ps`` (expert-parallel size > 1) this rank holds only its 1/N of each layer's experts, and the
+    MoE layers are wired for the expert-parallel all-to-all over ``ps.ep_group``; every rank of the group
+    must then run the same forwards."""
     from megatron.model.gpt_model import GPTModel
 
     path, common = read_checkpoint_config(load_dir, flag)
     cfg = ModelConfig.from_dict(common["config"]["model"])
     cfg.hidden_dropout = cfg.attention_dropout = 0.0
     cfg.checkpoint_activations = False
-    cfg.moe.expert_parallel_size = 1
+    ep_size, ep_rank = (ps.ep_size, ps.ep_rank) if ps is not None else (1, 0)
+    if ep_size > 1 and any(n % ep_size for n in cfg.moe.experts_per_layer(cfg.num_layers) if n > 1):
+        raise UserError(f"--moe-expert-parallel-size {ep_size}: the checkpoint's expert counts "
+                        f"{cfg.moe.experts_per_layer(cfg.num_layers)} are not all divisible by it")
+    cfg.moe.expert_parallel_size = ep_size
     if eval_capacity_factor is None:
         cfg.moe.token_dropping = False
     else:
         cfg.moe.token_dropping = True
         cfg.moe.eval_capacity_factor = eval_capacity_factor
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = ps.device if ps is not None else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.device("meta"):
-        model = GPTModel(cfg)
+        model = GPTModel(cfg, ep_rank=ep_rank, ep_size=ep_size)
     model = model.to_empty(device=dev)
-    load_checkpoint(load_dir, model, None, None, None, SimpleNamespace(model=cfg), ParallelState(device=dev),
+    load_checkpoint(load_dir, model, None, None, None, SimpleNamespace(model=cfg), ps or ParallelState(device=dev),
                     load_optim=False, load_rng=False, flag=flag)
+    if ep_size > 1:
+        from megatron.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, ps)
     if dtype is not None:
         model = model.to(dtype)
     model.eval()

@@ -22,6 +22,16 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
     return logits
 
 
+def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
+                 generator: Optional[torch.Generator] = None) -> int:
+    """One token id from next-token logits [V]: argmax when ``temperature`` is 0, else a draw from the
+    temperature-scaled, top-k / nucleus-filtered distribution using ``generator``."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 0.0, eod: Optional[int] = None, use_cache: bool = True,
@@ -38,12 +48,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     offset = 0
     while len(out) < max_new_tokens and len(prompt) + len(out) < max_length:
         logits, _ = model(tokens, kv_caches=caches, position_offset=offset)  # [1, T, V]
-        nxt = logits[0, -1].float()
-        if temperature <= 0:
-            token = int(torch.argmax(nxt))
-        else:
-            probs = torch.softmax(filter_logits(nxt / temperature, top_k, top_p), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
+        token = sample_token(logits[0, -1].float(), temperature, top_k, top_p, generator)
         out.append(token)
         if token == eod or (stop is not None and stop(out)):
             break

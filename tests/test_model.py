@@ -74,3 +74,57 @@ def test_kv_cache_generation_equals_full_forward():
         o, _ = m(tok[:, t:t + 1], kv_caches=caches, position_offset=t)
         steps.append(o[:, -1])
     torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 5:9], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_output_cross_entropy_equals_linear_then_cross_entropy(dtype):
+    from megatron.model.cross_entropy import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 37, 16, generator=g).requires_grad_()
+    w = (0.5 * torch.randn(100, 16, generator=g)).requires_grad_()
+    labels = torch.randint(0, 100, (2, 37), generator=g)
+    upstream = torch.randn(2, 37, generator=g)  # per-token weights, as a loss mask would give
+    results = []
+    for fused in (False, True):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if fused:
+                loss = linear_cross_entropy(h, w, labels)
+            else:
+                logits = torch.nn.functional.linear(h, w).float()
+                loss = torch.nn.functional.cross_entropy(logits.view(74, -1), labels.view(-1), reduction="none").view(2, 37)
+        (loss * upstream).sum().backward()
+        results.append((loss.detach(), h.grad.clone(), w.grad.clone()))
+    assert results[1][0].dtype == torch.float32
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+
+
+def test_model_takes_the_fused_loss_and_matches_logits_path():
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=12, vocab_size=64,
+                      hidden_dropout=0, attention_dropout=0)
+    m = GPTModel(cfg)
+    m.init_weights(0)
+    assert m._fused_output_loss()
+    tok = torch.randint(0, 64, (2, 13))
+    loss, _ = m(tok[:, :-1], tok[:, 1:])
+    loss.mean().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    logits, _ = m(tok[:, :-1])
+    ref = m.loss_fn(logits, tok[:, 1:])
+    ref.mean().backward()
+    torch.testing.assert_close(loss, ref)
+    for a, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_fused_output_cross_entropy_refuses_a_second_backward():
+    from megatron.model.cross_entropy import linear_cross_entropy
+
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, torch.randn(16, 8), torch.randint(0, 16, (1, 4))).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        loss.backward()

@@ -46,3 +46,68 @@ def test_missing_tokenizer_files_are_user_errors(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(UserError, match="--tokenizer-model"):
         build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(bad))
+
+
+def _python_and_fast():
+    from megatron.tokenizer.fast_gpt2_bpe import FastGPT2BPETokenizer
+    from megatron.tokenizer.gpt2_bpe import GPT2BPETokenizer
+
+    pytest.importorskip("tiktoken")
+    files = (require_shared("gpt2", "gpt2-vocab.json"), require_shared("gpt2", "gpt2-merges.txt"))
+    return GPT2BPETokenizer(*files), FastGPT2BPETokenizer(*files)
+
+
+@pytest.mark.parametrize("corpus", [("wikitext-2-raw", "valid.txt"), ("gutenberg", "valid.txt")])
+def test_fast_gpt2_gives_the_python_ids(corpus):
+    python, fast = _python_and_fast()
+    with open(require_shared("corpus", *corpus), encoding="utf-8") as f:
+        text = f.read(150_000)
+    text += " <|endoftext|> Ünïcödé — 東京 🙂 don't  double  spaces \t\n\n\r\n  end  "
+    assert fast.tokenize(text) == python.tokenize(text)
+    docs = text.split("\n\n")[:300]
+    assert fast.tokenize_batch(docs) == [python.tokenize(d) for d in docs]
+    assert fast.eod == python.eod and fast.vocab_size == python.vocab_size
+    ids = fast.tokenize(text)
+    assert fast.detokenize(ids) == python.detokenize(ids) == text
+
+
+def test_gpt2_bpe_type_uses_the_fast_one_unless_told(monkeypatch):
+    from megatron.tokenizer.fast_gpt2_bpe import FastGPT2BPETokenizer
+    from megatron.tokenizer.gpt2_bpe import GPT2BPETokenizer
+
+    pytest.importorskip("tiktoken")
+    assert isinstance(gpt2(), FastGPT2BPETokenizer)
+    monkeypatch.setenv("MEGATRON_PYTHON_BPE", "1")
+    assert isinstance(gpt2(), GPT2BPETokenizer)
+
+
+def test_huggingface_tokenizer_directory(tmp_path):
+    import json
+
+    tokenizers = pytest.importorskip("tokenizers")
+    python, _ = _python_and_fast()
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(require_shared("gpt2", "gpt2-vocab.json"),
+                                                             require_shared("gpt2", "gpt2-merges.txt")))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
+    text = "Hello world, the HuggingFaceTokenizer reads tokenizer.json."
+    assert tok.tokenize(text) == python.tokenize(text) and tok.eod == 50256 and tok.vocab_size == 50257
+    with pytest.raises(UserError, match="--tokenizer-model .*no tokenizer.json"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path.parent))
+    with pytest.raises(UserError, match="--tokenizer-type 'WordPiece' is unknown: use one of GPT2BPETokenizer"):
+        build_tokenizer("WordPiece")
+
+
+def test_registry_rebuilds_a_stored_config(tmp_path):
+    from megatron.tokenizer import registry
+
+    stored = {"data": {"tokenizer_type": "NullTokenizer"}, "model": {"vocab_size": 64}}
+    assert registry.from_stored_config(stored).eod == 63
+    with pytest.raises(UserError, match="--vocab-file .*pass --vocab-file with its location"):
+        registry.from_stored_config({"data": {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": str(tmp_path / "v"),
+                                              "merge_file": str(tmp_path / "m")}, "model": {"vocab_size": 64}})
+    with pytest.raises(UserError, match="GPT2BPETokenizer needs --merge-file"):
+        registry.check_data_config("GPT2BPETokenizer", vocab_file="v.json")

@@ -3,12 +3,18 @@
 
     python tools/checkpoint_util.py inspect --load CKPT
     python tools/checkpoint_util.py export-hf --load CKPT --save OUT_DIR
+    python tools/checkpoint_util.py import-hf --load HF_DIR --save CKPT
+    python tools/checkpoint_util.py upcycle --load DENSE --save MOE --num-experts 8 [--expert-interval 2]
+                                            [--mlp-type residual] [--topk 2]
     python tools/checkpoint_util.py reshard --load CKPT --save OUT_DIR --target-expert-parallel-size N
 
-export-hf: a dense checkpoint becomes a Hugging Face GPT-2 model (model.safetensors + config.json)
-that ``transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)`` loads with the same logits. An MoE
-checkpoint becomes model.safetensors with our parameter names (experts stacked [E, H, F]) plus a
-config.json describing the layout (experts per layer, mlp type, top-k, tensor names and shapes).
+export-hf: a dense checkpoint becomes a Hugging Face GPT-2 model that
+``transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)`` loads with the same logits. An MoE, PR-MoE,
+Residual-MoE or MoS-student checkpoint becomes a ``megatron_moe`` model (its configuration and modeling
+code copied into OUT_DIR, ``auto_map`` in config.json) that
+``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` loads, with the same logits
+(evaluation routing, no token dropped) and ``generate()`` with the KV cache. Both write the tokenizer
+files, so ``AutoTokenizer.from_pretrained(OUT_DIR)`` gives our token ids. --save may not overlap --load.
 
 reshard: our checkpoints store every expert (weights and Adam state) under its global id, so one
 saved at any EP size already loads at any other (training with --load and a new
@@ -44,6 +50,20 @@ def parse(argv=None):
     s.add_argument("--load", required=True)
     s.add_argument("--save", required=True)
     s.add_argument("--force", action="store_true", help="overwrite a non-empty --save directory")
+    s = sub.add_parser("import-hf", help="a transformers GPT-2 directory -> our checkpoint at iteration 0")
+    s.add_argument("--load", required=True, help="transformers directory: config.json + model.safetensors or "
+                   "pytorch_model.bin (+ vocab.json, merges.txt)")
+    s.add_argument("--save", required=True)
+    s.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary like training will (padding rows are zero); 1 keeps it unpadded")
+    s = sub.add_parser("upcycle", help="a dense checkpoint -> an MoE checkpoint computing the same function")
+    s.add_argument("--load", required=True)
+    s.add_argument("--save", required=True)
+    s.add_argument("--num-experts", type=int, nargs="+", required=True, help="experts per MoE layer: one value or "
+                   "one per MoE layer (PR-MoE)")
+    s.add_argument("--expert-interval", type=int, default=2)
+    s.add_argument("--mlp-type", choices=["standard", "residual"], default="standard")
+    s.add_argument("--topk", type=int, choices=[1, 2], default=1)
     s = sub.add_parser("reshard", help="copy a checkpoint for another expert-parallel size")
     s.add_argument("--load", required=True)
     s.add_argument("--save", required=True)
@@ -66,6 +86,19 @@ def _publish(tmp: str, path: str) -> None:
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def _write_and_publish(load: str, save: str, write, force: bool = False):
+    """``write(tmp_dir)`` fills a temporary folder that replaces ``save`` only when complete; returns its result."""
+    _refuse_overlap(load, save)
+    tmp = _prepare_out(save, force)
+    try:
+        result = write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, save)
+    return result
 
 
 def inspect(a) -> dict:
@@ -91,64 +124,51 @@ def inspect(a) -> dict:
     return {"iteration": common["iteration"], "total": counts.total, "active": counts.active, "files": len(files)}
 
 
-def hf_gpt2_state(model) -> dict:
-    """Our dense GPT -> transformers GPT2LMHeadModel state (Conv1D weights are [in, out])."""
-    sd = {"transformer.wte.weight": model.word_embeddings.weight, "transformer.wpe.weight": model.position_embeddings.weight,
-          "transformer.ln_f.weight": model.final_layernorm.weight, "transformer.ln_f.bias": model.final_layernorm.bias}
-    for i, layer in enumerate(model.layers):
-        h = f"transformer.h.{i}."
-        mlp = layer.mlp.mlp
-        sd.update({
-            h + "ln_1.weight": layer.input_layernorm.weight, h + "ln_1.bias": layer.input_layernorm.bias,
-            h + "attn.c_attn.weight": layer.attention.qkv.weight.t(), h + "attn.c_attn.bias": layer.attention.qkv.bias,
-            h + "attn.c_proj.weight": layer.attention.proj.weight.t(), h + "attn.c_proj.bias": layer.attention.proj.bias,
-            h + "ln_2.weight": layer.post_attention_layernorm.weight, h + "ln_2.bias": layer.post_attention_layernorm.bias,
-            h + "mlp.c_fc.weight": mlp.fc1.weight.t(), h + "mlp.c_fc.bias": mlp.fc1.bias,
-            h + "mlp.c_proj.weight": mlp.fc2.weight.t(), h + "mlp.c_proj.bias": mlp.fc2.bias,
-        })
-    return {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
-
-
-def hf_gpt2_config(cfg, tokenizer_eod: int) -> dict:
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.max_position_embeddings, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
-        "n_head": cfg.num_attention_heads, "n_inner": cfg.ffn_hidden_size, "activation_function": "gelu",
-        "layer_norm_epsilon": cfg.layernorm_epsilon, "initializer_range": cfg.init_method_std,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
-        "tie_word_embeddings": True, "bos_token_id": tokenizer_eod, "eos_token_id": tokenizer_eod,
-        "torch_dtype": "float32",
-    }
+def _refuse_overlap(load: str, save: str) -> None:
+    """--save equal to --load, inside it, or containing it would replace the checkpoint being read."""
+    lo, sv = os.path.realpath(load), os.path.realpath(save)
+    if sv == lo or lo.startswith(sv + os.sep) or sv.startswith(lo + os.sep):
+        raise UserError(f"--save {save} overlaps --load {load}: choose a --save directory outside the checkpoint "
+                        f"(the source checkpoint is never modified)")
 
 
 def export_hf(a) -> dict:
     try:
-        from safetensors.torch import save_file
+        import safetensors  # noqa: F401
     except ImportError:
         raise UserError("export-hf needs the safetensors package: pip install safetensors") from None
+    from megatron.hf.export import write_export
+
+    _refuse_overlap(a.load, a.save)
     lm = load_model(a.load, "cpu")
-    cfg = lm.cfg
-    tmp = _prepare_out(a.save, a.force)
-    if not cfg.moe.enabled:
-        state = hf_gpt2_state(lm.model)
-        config = hf_gpt2_config(cfg, lm.tokenizer.eod)
-        kind = "Hugging Face GPT-2 (transformers.GPT2LMHeadModel)"
-    else:
-        state = {n: p.detach().float().contiguous().cpu() for n, p in lm.model.named_parameters()}
-        config = {"format": "megatron-moe", "model": {k: v for k, v in lm.config["model"].items()},
-                  "experts_per_layer": cfg.moe.experts_per_layer(cfg.num_layers),
-                  "mlp_type": cfg.moe.mlp_type, "topk": cfg.moe.topk, "activation": "gelu",
-                  "layout": "pre-LayerNorm GPT, learned positions, tied output embedding; an MoE layer's experts are "
-                            "stacked: experts.w1 [E, H, F], b1 [E, F], w2 [E, F, H], b2 [E, H]; router.wg [E, H]; "
-                            "Residual-MoE adds residual_mlp (fc1, fc2) and coefficient [2, H]",
-                  "tensors": {n: list(t.shape) for n, t in state.items()}}
-        kind = "safetensors with our parameter names + layout config (MoE has no transformers class)"
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    _publish(tmp, a.save)
-    print(f"> exported iteration {lm.iteration} of {a.load} to {a.save}: {kind}; {len(state)} tensors")
-    return {"path": a.save, "moe": cfg.moe.enabled}
+    summary = _write_and_publish(a.load, a.save, lambda tmp: write_export(lm, tmp), a.force)
+    print(f"> exported iteration {lm.iteration} of {a.load} to {a.save}: {summary['kind']}; {summary['tensors']} "
+          f"tensors; tokenizer: {summary['tokenizer']}")
+    return {"path": a.save, "moe": lm.cfg.moe.enabled}
+
+
+def import_hf(a) -> dict:
+    from megatron.hf.import_gpt2 import import_gpt2
+
+    if a.make_vocab_size_divisible_by < 1:
+        raise UserError("--make-vocab-size-divisible-by must be >= 1")
+    summary = _write_and_publish(a.load, a.save,
+                                 lambda tmp: import_gpt2(a.load, tmp, a.save, a.make_vocab_size_divisible_by))
+    print(f"> imported {a.load} -> {a.save} (iteration 0, {summary['layers']} layers, padded vocabulary "
+          f"{summary['vocab']}, tokenizer {summary['tokenizer']}); train on with --load {a.save} --finetune"
+          f"{summary['note']}")
+    return summary
+
+
+def upcycle(a) -> dict:
+    from megatron.hf.upcycle import upcycle_checkpoint
+
+    summary = _write_and_publish(a.load, a.save, lambda tmp: upcycle_checkpoint(
+        a.load, tmp, a.num_experts, a.expert_interval, a.mlp_type, a.topk))
+    print(f"> upcycled {a.load} (iteration {summary['from_iteration']}) -> {a.save}: experts per layer "
+          f"{summary['experts_per_layer']}, mlp-type {a.mlp_type}, top-{a.topk}; train on with the same MoE flags and "
+          f"--load {a.save} --no-load-optim --no-load-rng (data goes on) or --finetune (from iteration 0)")
+    return summary
 
 
 def reshard(a) -> dict:
@@ -161,8 +181,7 @@ def reshard(a) -> dict:
     if bad:
         raise UserError(f"--target-expert-parallel-size {n} does not divide the expert count(s) {bad} of this "
                         f"checkpoint: choose a divisor of every layer's experts")
-    if os.path.abspath(a.save) == os.path.abspath(a.load):
-        raise UserError("--save must differ from --load (the source checkpoint is never modified)")
+    _refuse_overlap(a.load, a.save)
     tmp = _prepare_out(a.save)
     name = iter_dir_name(int(common["iteration"]))
     shutil.copytree(path, os.path.join(tmp, name))
@@ -178,7 +197,8 @@ def reshard(a) -> dict:
 
 def main(argv=None):
     a = parse(argv)
-    return {"inspect": inspect, "export-hf": export_hf, "reshard": reshard}[a.command](a)
+    return {"inspect": inspect, "export-hf": export_hf, "import-hf": import_hf, "upcycle": upcycle,
+            "reshard": reshard}[a.command](a)
 
 
 if __name__ == "__main__":

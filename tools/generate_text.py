@@ -63,6 +63,22 @@ def main(argv=None) -> dict:
     lm = load_model(a.load, a.device, a.moe_eval_capacity_factor, torch.bfloat16 if a.bf16 else None,
                     a.vocab_file, a.merge_file, a.tokenizer_model)
     tok = lm.tokenizer
+    context = lm.cfg.max_position_embeddings
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids = tok.tokenize(prompt)
+        except Exception as e:
+            raise UserError(f"--prompt {i} cannot be tokenized by the checkpoint's tokenizer ({e})") from None
+        if not ids:
+            raise UserError(f"--prompt {i} is empty: give some text to continue")
+        if len(ids) >= context:
+            raise UserError(f"--prompt {i} is {len(ids)} tokens; the model's context of {context} (max position "
+                            f"embeddings) leaves no room to generate: shorten it")
+        if len(ids) + a.max_new_tokens > context:
+            print(f"WARNING: --prompt {i} ({len(ids)} tokens) + --max-new-tokens {a.max_new_tokens} is past the "
+                  f"context of {context}: it stops after {context - len(ids)} tokens", flush=True)
+        encoded.append(ids)
     g = torch.Generator().manual_seed(a.seed)
     outputs, n_tokens, t0 = [], 0, time.perf_counter()
     batched = a.temperature == 0 and not a.no_kv_cache and a.batch_size > 1
@@ -70,9 +86,9 @@ def main(argv=None) -> dict:
     for start in range(0, len(prompts), step):
         chunk = prompts[start: start + step]
         if batched:  # greedy prompts share one left-padded KV cache
-            rows = generate_greedy_batch(lm.model, [tok.tokenize(p) for p in chunk], a.max_new_tokens, eod=tok.eod)
+            rows = generate_greedy_batch(lm.model, encoded[start: start + step], a.max_new_tokens, eod=tok.eod)
         else:
-            rows = [generate(lm.model, tok.tokenize(chunk[0]), a.max_new_tokens, temperature=a.temperature,
+            rows = [generate(lm.model, encoded[start], a.max_new_tokens, temperature=a.temperature,
                              top_k=a.top_k, top_p=a.top_p, eod=tok.eod, use_cache=not a.no_kv_cache, generator=g)]
         for prompt, ids in zip(chunk, rows):
             n_tokens += len(ids)

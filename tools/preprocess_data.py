@@ -8,6 +8,10 @@ Inputs (``--input``, one or more files or globs):
       ``file``       one document per file,
       ``line``       one document per non-empty line.
 
+Input is read as a stream (a line at a time, a bounded number of documents in flight between the workers),
+so files of any size go through in bounded memory; ``--max-shard-size MB`` writes several shards that
+``tools/merge_datasets.py`` merges. Input must be UTF-8; JSON fields must be strings.
+
 Example::
 
     python tools/preprocess_data.py --input corpus.jsonl --json-keys text --output-prefix data/corpus \\
@@ -24,6 +28,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype  # noqa: E402
@@ -32,62 +38,90 @@ from megatron.tokenizer import build_tokenizer  # noqa: E402
 
 _TOKENIZER = None
 _ARGS = None
+_DTYPE = None
+BATCH = 256  # documents sent to a worker at once
 
 
 def _init_worker(args):
-    global _TOKENIZER, _ARGS
+    global _TOKENIZER, _ARGS, _DTYPE
     _ARGS = args
     _TOKENIZER = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model, args.vocab_size)
+    _DTYPE = best_dtype(_TOKENIZER.vocab_size)
 
 
-def _encode(item):
-    """item: (doc dict key -> text, nbytes) -> (key -> ids, nbytes)."""
-    texts, nbytes = item
-    out = {}
-    for key, text in texts.items():
-        ids = _TOKENIZER.tokenize(text) if text else []
-        if ids and _ARGS.append_eod:
-            ids.append(_TOKENIZER.eod)
-        out[key] = ids
-    return out, nbytes
+def _encode_batch(items):
+    """[(doc dict key -> text, nbytes)] -> [(key -> token array, nbytes)]; arrays (not lists) travel back from
+    the workers cheaply, and a tokenizer with ``tokenize_batch`` gets the whole batch at once."""
+    keys = list(items[0][0]) if items else []
+    by_key = {}
+    for key in keys:
+        texts = [texts[key] or "" for texts, _ in items]
+        if hasattr(_TOKENIZER, "tokenize_batch"):
+            ids = _TOKENIZER.tokenize_batch(texts)
+        else:
+            ids = [_TOKENIZER.tokenize(t) if t else [] for t in texts]
+        if _ARGS.append_eod:
+            ids = [list(x) + [_TOKENIZER.eod] if len(x) else x for x in ids]
+        by_key[key] = [np.asarray(x, dtype=_DTYPE) for x in ids]
+    return [({k: by_key[k][i] for k in keys}, nbytes) for i, (_, nbytes) in enumerate(items)]
+
+
+def _json_documents(path, f, json_keys):
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--input {path}:{lineno}: not valid JSON ({e.msg}); give one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"--input {path}:{lineno}: a JSON {type(obj).__name__}, not an object; give one JSON "
+                            f"object per line")
+        missing = [k for k in json_keys if k not in obj]
+        if missing:
+            raise UserError(f"--input {path}:{lineno}: no key {missing[0]!r}; set --json-keys to the text field")
+        bad = [k for k in json_keys if not isinstance(obj[k], str)]
+        if bad:
+            kind = "null" if obj[bad[0]] is None else type(obj[bad[0]]).__name__
+            raise UserError(f"--input {path}:{lineno}: key {bad[0]!r} holds a {kind}, not a string; fix the line or "
+                            f"choose another --json-keys field")
+        yield {k: obj[k] for k in json_keys}, len(line.encode("utf-8"))
+
+
+def _text_documents(f, key, text_document):
+    """Plain text, read line by line (bounded memory except for --text-document file)."""
+    if text_document == "file":
+        text = f.read()
+        yield {key: text}, len(text.encode("utf-8"))
+    elif text_document == "line":
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield {key: line}, len(line.encode("utf-8")) + 1
+    else:
+        block = []
+        for line in f:
+            if line.strip():
+                block.append(line)
+            elif block:
+                doc = "".join(block)
+                block = []
+                yield {key: doc}, len(doc.encode("utf-8"))
+        if block:
+            doc = "".join(block)
+            yield {key: doc}, len(doc.encode("utf-8"))
 
 
 def iter_documents(paths, json_keys, text_document):
     for path in paths:
-        if path.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"--input {path}:{lineno}: not valid JSON ({e.msg}); give one JSON object per line")
-                    missing = [k for k in json_keys if k not in obj]
-                    if missing:
-                        raise UserError(f"--input {path}:{lineno}: no key {missing[0]!r}; set --json-keys to the text field")
-                    yield {k: obj[k] for k in json_keys}, len(line.encode("utf-8"))
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            if text_document == "file":
-                yield {json_keys[0]: text}, len(text.encode("utf-8"))
-            elif text_document == "line":
-                for line in text.splitlines():
-                    if line.strip():
-                        yield {json_keys[0]: line}, len(line.encode("utf-8")) + 1
-            else:
-                block = []
-                for line in text.splitlines(keepends=True):
-                    if line.strip():
-                        block.append(line)
-                    elif block:
-                        doc = "".join(block)
-                        block = []
-                        yield {json_keys[0]: doc}, len(doc.encode("utf-8"))
-                if block:
-                    doc = "".join(block)
-                    yield {json_keys[0]: doc}, len(doc.encode("utf-8"))
+        with open(path, encoding="utf-8", newline=None) as f:
+            docs = (_json_documents(path, f, json_keys) if path.endswith((".jsonl", ".json"))
+                    else _text_documents(f, json_keys[0], text_document))
+            try:
+                yield from docs
+            except UnicodeDecodeError as e:
+                raise UserError(f"--input {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it first, "
+                                f"e.g. iconv -f latin1 -t utf-8 {path}") from None
 
 
 def get_args(argv=None):
@@ -105,11 +139,92 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--log-interval", type=int, default=1000)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--max-shard-size", type=float, default=None, metavar="MB",
+                   help="write shards PREFIX_shardNNNN_KEY_document.{bin,idx} of about this much input each "
+                        "(tools/merge_datasets.py joins them into the single-file output, byte for byte)")
     return p.parse_args(argv)
+
+
+def _check_args(args) -> None:
+    for key in args.json_keys:
+        if not key or any(c in key for c in "/\\\0") or key in (".", ".."):
+            raise UserError(f"--json-keys {key!r}: a key names the output file PREFIX_KEY_document; use a plain "
+                            f"field name without '/', '\\' or '..'")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {args.workers})")
+    if args.max_shard_size is not None and not args.max_shard_size > 0:
+        raise UserError(f"--max-shard-size must be > 0 MB (got {args.max_shard_size})")
+
+
+class ShardedWriter:
+    """One IndexedDatasetBuilder per json key, cut into shards of about ``max_bytes`` of input when given."""
+
+    def __init__(self, prefix, keys, dtype, max_bytes=None):
+        self.prefix, self.keys, self.dtype, self.max_bytes = prefix, keys, dtype, max_bytes
+        self.shard, self.shard_bytes, self.done, self.builders = 0, 0, [], None
+        self._open()
+
+    def _name(self, key):
+        if self.max_bytes is None:
+            return f"{self.prefix}_{key}_document"
+        return f"{self.prefix}_shard{self.shard:04d}_{key}_document"
+
+    def _open(self):
+        self.builders = {k: IndexedDatasetBuilder(self._name(k), self.dtype) for k in self.keys}
+
+    def add(self, encoded, nbytes):
+        if self.max_bytes is not None and self.shard_bytes >= self.max_bytes:
+            self.done.append(self.builders)
+            self.shard, self.shard_bytes = self.shard + 1, 0
+            self._open()
+        for key, ids in encoded.items():
+            if len(ids):
+                self.builders[key].add_document(ids)
+        self.shard_bytes += nbytes
+
+    def abort(self):
+        for builders in self.done + [self.builders]:
+            for b in builders.values():
+                b.abort()
+
+    def finalize(self):
+        for builders in self.done + [self.builders]:
+            for b in builders.values():
+                b.finalize()
+        return self.shard + 1
+
+
+def _batches(docs, size):
+    batch = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encoded_documents(args, docs, pool):
+    """Encoded documents in input order. With a pool, at most ``workers * 4`` batches of BATCH documents are in
+    flight, so memory stays bounded however large the input (Pool.imap would read the whole input ahead)."""
+    if pool is None:
+        for batch in _batches(docs, BATCH):
+            yield from _encode_batch(batch)
+        return
+    window = args.workers * 4
+    pending = []
+    for batch in _batches(docs, BATCH):
+        pending.append(pool.apply_async(_encode_batch, (batch,)))
+        if len(pending) >= window:
+            yield from pending.pop(0).get()
+    for r in pending:
+        yield from r.get()
 
 
 def main(argv=None) -> int:
     args = get_args(argv)
+    _check_args(args)
     paths = []
     for pattern in args.input:
         found = sorted(glob.glob(pattern))
@@ -120,46 +235,46 @@ def main(argv=None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     if not os.path.isdir(out_dir):
         raise UserError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist; create it first")
-    builders = {k: IndexedDatasetBuilder(f"{args.output_prefix}_{k}_document", best_dtype(tokenizer.vocab_size))
-                for k in args.json_keys}
+    max_bytes = None if args.max_shard_size is None else int(args.max_shard_size * 1e6)
+    writer = ShardedWriter(args.output_prefix, args.json_keys, best_dtype(tokenizer.vocab_size), max_bytes)
     docs = iter_documents(paths, args.json_keys, args.text_document)
     t0 = time.time()
     total_bytes = total_tokens = n_docs = 0
+    pool = None
     if args.workers > 1:
         pool = multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=(args,))
-        results = pool.imap(_encode, docs, chunksize=32)
     else:
         _init_worker(args)
-        pool, results = None, map(_encode, docs)
     try:
-        for encoded, nbytes in results:
-            for key, ids in encoded.items():
-                if ids:
-                    builders[key].add_document(ids)
-                    total_tokens += len(ids)
+        for encoded, nbytes in encoded_documents(args, docs, pool):
+            writer.add(encoded, nbytes)
+            total_tokens += sum(len(ids) for ids in encoded.values())
             n_docs += 1
             total_bytes += nbytes
             if not args.quiet and n_docs % args.log_interval == 0:
                 dt = time.time() - t0
                 print(f"\rprocessed {n_docs} documents | {total_bytes / 1e6:.1f} MB | {total_bytes / 1e6 / dt:.2f} MB/s | "
                       f"{total_tokens / dt:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
+        if total_tokens == 0:
+            raise UserError(f"--input {' '.join(args.input)}: no text found ({n_docs} documents, 0 tokens); nothing "
+                            f"written - check the files and --json-keys / --text-document")
     except BaseException:
         if pool is not None:
             pool.terminate()
             pool.join()
-        for b in builders.values():
-            b.abort()
+        writer.abort()
         raise
     if pool is not None:
         pool.close()
         pool.join()
-    for b in builders.values():
-        b.finalize()
+    shards = writer.finalize()
     dt = max(time.time() - t0, 1e-9)
     if not args.quiet:
         print(file=sys.stderr)
+    where = (f"{args.output_prefix}_{args.json_keys[0]}_document.bin/.idx" if max_bytes is None else
+             f"{shards} shards {args.output_prefix}_shardNNNN_{args.json_keys[0]}_document.bin/.idx")
     print(f"done: {n_docs} documents, {total_tokens} tokens, {total_bytes / 1e6:.2f} MB in {dt:.1f} s "
-          f"({total_bytes / 1e6 / dt:.2f} MB/s) -> {args.output_prefix}_{args.json_keys[0]}_document.bin/.idx")
+          f"({total_bytes / 1e6 / dt:.2f} MB/s) -> {where}")
     return 0
 
 

@@ -59,6 +59,22 @@ class IndexedDatasetBuilder:
         self.sizes.extend(lengths)
         self.doc_idx.append(len(self.sizes))
 
+    def add_index(self, prefix: str, chunk_bytes: int = 64 << 20) -> None:
+        """Append the whole dataset ``prefix`` (same dtype): its tokens streamed, its index shifted."""
+        other = IndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise UserError(f"{prefix}: token dtype {other.dtype} differs from {self.dtype} of the datasets before it; "
+                            f"preprocess all parts with the same tokenizer")
+        offset = len(self.sizes)
+        self.sizes.extend(int(n) for n in other.sizes)
+        self.doc_idx.extend(int(d) + offset for d in other.doc_idx[1:])
+        with open(data_path(prefix), "rb") as f:
+            while True:
+                block = f.read(chunk_bytes)
+                if not block:
+                    break
+                self._bin.write(block)
+
     def abort(self) -> None:
         """Drop the partial output (nothing at the final path is touched)."""
         self._bin.close()

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron.model.cross_entropy import linear_cross_entropy
 from megatron.model.fused import layer_norm
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
@@ -54,6 +55,10 @@ class GPTModel(nn.Module):
         self.final_layernorm = layer_norm(H, cfg.layernorm_epsilon)
         self.output_layer = TiedOutputLayer()  # no parameters of its own
         self.loss_fn = CrossEntropy()
+
+    def _fused_output_loss(self) -> bool:
+        """The tied projection and the loss fuse into one step unless tensor parallelism swapped them out."""
+        return type(self.output_layer) is TiedOutputLayer and type(self.loss_fn) is CrossEntropy
 
     def moe_layers(self) -> list[MoELayer]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
@@ -107,6 +112,8 @@ class GPTModel(nn.Module):
             if s is not None:
                 stats.append(s)
         h = self.final_layernorm(h)
+        if labels is not None and self._fused_output_loss():
+            return linear_cross_entropy(h, self.word_embeddings.weight, labels), stats  # no [B, T, V] logits kept
         logits = self.output_layer(h, self.word_embeddings.weight, gather=labels is None)  # [B, T, V] (tied)
         if labels is None:
             return logits, stats

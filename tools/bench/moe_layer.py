@@ -1,96 +1,195 @@
 #!/usr/bin/env python3
-"""fwd+bwd time of one MoE layer divided by the dense FFN of the same shape, side by side in one run.
+"""fwd+bwd time of one MoE layer against the dense FFN, DeepSpeed's own MoE layer and the memory floor.
 
-Contenders: our layer (index dispatch + batched experts), and an upstream-style layer (one-hot
-[S, E, C] einsum dispatch + a Python loop over deep-copied experts, as DeepSpeed's MOELayer does).
+    python tools/bench/moe_layer.py                 # S=2048, H=256, F=1024, E = 8 32 128, 5 repeats
+    python tools/bench/moe_layer.py --quick         # 2 repeats, E = 8 32
+    pip install -r tools/bench/requirements.txt     # DeepSpeed (CPU build), bench-only; skipped when absent
 
-    python tools/bench/moe_layer.py --hidden 512 --tokens 4096 --experts 8 32 128
+Contenders, interleaved in one process (median of the repeats): the dense FFN (H -> F -> H, the same
+FLOPs per token as top-1), our MoELayer (top-1, capacity factor 1.0, min capacity 4), ours without token
+dropping, and ``deepspeed.moe.layer.MoE`` (ep_size 1, world size 1 on gloo, the same gate settings).
+
+The floor: the layer must stream its expert weights twice (forward, backward) and read-modify-write
+their gradients (accumulated across repeats), 4 x W bytes with W = E x 2 x H x F x 4; at this machine's
+copy bandwidth (measured in the same run) that takes ``traffic`` seconds. No implementation can beat
+max(dense FFN time, traffic); the table gives ours as a multiple of that.
+
+Precision: fp32, plus bf16 autocast where bf16 is fast on this machine (megatron.precision_probe);
+``--dtypes`` overrides.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
+import tempfile
+import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megatron.config import MoEConfig  # noqa: E402
-from megatron.model.moe.capacity import expert_capacity  # noqa: E402
 from megatron.model.moe.layer import MoELayer  # noqa: E402
 from megatron.model.transformer import MLP  # noqa: E402
+from megatron.precision_probe import bf16_is_fast  # noqa: E402
 from tools.bench.common import interleaved_median  # noqa: E402
 
 
-class UpstreamStyleMoE(nn.Module):
-    """DeepSpeed's MOELayer shape of computation: one-hot dispatch/combine einsums, experts in a loop."""
+class _FusedWgradFFN(torch.autograd.Function):
+    """PROTOTYPE for a proposed change in megatron/model/moe/experts.py (not used by training): the experts'
+    weight gradients accumulate straight into ``.grad`` (``baddbmm_``) instead of a fresh [E, H, F] tensor that
+    autograd then adds (Megatron-LM's gradient-accumulation fusion). Bypasses post-accumulate-grad hooks."""
 
-    def __init__(self, H, F_, E, cf=1.0, min_cap=4):
-        super().__init__()
-        self.wg = nn.Linear(H, E, bias=False)
-        self.experts = nn.ModuleList([copy.deepcopy(MLP(H, F_)) for _ in range(E)])
-        self.E, self.cf, self.min_cap = E, cf, min_cap
+    @staticmethod
+    def forward(ctx, buf, w1, b1, w2, b2):
+        # buf [E, C, H] -> [E, C, H]
+        h = torch.baddbmm(b1[:, None, :], buf, w1)  # [E, C, F]
+        a = torch.nn.functional.gelu(h)
+        ctx.save_for_backward(buf, h, a)
+        ctx.params = (w1, b1, w2, b2)
+        return torch.baddbmm(b2[:, None, :], a, w2)
 
-    def forward(self, x):  # x [S, H]
-        S = x.shape[0]
-        probs = torch.softmax(self.wg(x).float(), -1)  # [S, E]
-        idx = probs.argmax(-1)
-        C = expert_capacity(S, self.E, self.cf, self.min_cap)
-        mask = F.one_hot(idx, self.E).float()  # [S, E]
-        loc = (torch.cumsum(mask, 0) - 1) * mask
-        mask = mask * (loc < C)
-        gates = (probs * mask).sum(-1)  # [S]
-        loc_sc = F.one_hot(loc.sum(-1).long().clamp(max=C - 1), C).float()  # [S, C]
-        combine = gates[:, None, None] * mask[:, :, None] * loc_sc[:, None, :]  # [S, E, C]
-        dispatch = combine.bool().to(x.dtype)
-        buf = torch.einsum("sec,sm->ecm", dispatch, x)  # [E, C, H]
-        out = torch.stack([e(buf[i]) for i, e in enumerate(self.experts)])  # loop over experts
-        return torch.einsum("sec,ecm->sm", combine.to(x.dtype), out)
+    @staticmethod
+    def backward(ctx, gy):
+        buf, h, a = ctx.saved_tensors
+        w1, b1, w2, b2 = ctx.params
+        for p in ctx.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        w2.grad.baddbmm_(a.transpose(1, 2), gy)  # [E, F, H]
+        b2.grad.add_(gy.sum(1))
+        gh = torch.ops.aten.gelu_backward(torch.bmm(gy, w2.transpose(1, 2)), h)  # [E, C, F]
+        w1.grad.baddbmm_(buf.transpose(1, 2), gh)  # [E, H, F]
+        b1.grad.add_(gh.sum(1))
+        return torch.bmm(gh, w1.transpose(1, 2)), None, None, None, None
+
+
+class FusedWgradMoE(MoELayer):
+    """Our layer with the prototype experts (fp32 only)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        ex = self.experts
+        ex.forward = lambda buf: _FusedWgradFFN.apply(buf, ex.w1, ex.b1, ex.w2, ex.b2)
+
+
+def check_prototype() -> None:
+    """The prototype's gradients equal our layer's (two accumulated steps on a tiny layer)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=[4], train_capacity_factor=4.0)
+    ref = MoELayer(cfg, 16, 64, 4, layer_number=1)
+    ref.experts.init_weights(0, 1, 0.02, 0.02)
+    proto = FusedWgradMoE(cfg, 16, 64, 4, layer_number=1)
+    proto.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 32, 16)
+    for m in (ref, proto):
+        for _ in range(2):
+            torch.manual_seed(1)  # the same random token priorities
+            m(x.clone().requires_grad_())[0].square().sum().backward()
+    for a, b in zip(ref.parameters(), proto.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes moved per second by a large out-of-cache copy (read + write), best of ``repeats``."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def deepspeed_moe(H: int, F_: int, E: int):
+    """DeepSpeed's own MoE layer, or (None, reason) where DeepSpeed is not installed."""
+    try:
+        import torch.distributed as dist
+        from deepspeed.moe.layer import MoE
+    except ImportError as e:
+        return None, f"DeepSpeed not installed ({e.name}): pip install -r tools/bench/requirements.txt"
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/rendezvous", rank=0, world_size=1)
+    return MoE(H, MLP(H, F_), num_experts=E, ep_size=1, k=1, capacity_factor=1.0, eval_capacity_factor=1.0,
+               min_capacity=4, drop_tokens=True), ""
+
+
+def fwd_bwd(fn, x, dtype):
+    def run():
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            y = fn(xi)
+        y = y[0] if isinstance(y, tuple) else y
+        y.float().sum().backward()
+    return run
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
+                   help="default: fp32, and bf16 where this machine runs it fast")
+    p.add_argument("--prototype", action="store_true",
+                   help="also time the proposed in-place weight-gradient experts (a prototype in this file)")
+    p.add_argument("--quick", action="store_true", help="2 repeats, E = 8 32")
     a = p.parse_args(argv)
+    if a.quick:
+        a.repeats, a.experts = 2, [e for e in a.experts if e <= 32]
     if a.threads:
         torch.set_num_threads(a.threads)
-    H, F_ = a.hidden, 4 * a.hidden
+    bf16_fast, why = bf16_is_fast("cpu")
+    if a.dtypes is None:
+        a.dtypes = ["fp32", "bf16"] if bf16_fast else ["fp32"]
+    if a.prototype:
+        check_prototype()
+    H, F_, S = a.hidden, 4 * a.hidden, a.tokens
     torch.manual_seed(0)
-    x = torch.randn(1, a.tokens, H)
-    print(f"# MoE layer fwd+bwd / dense FFN fwd+bwd, H={H}, F={F_}, S={a.tokens}, top-1, cf 1.0, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| experts | dense FFN (ms) | ours (ms) | ours / dense | ours no-drop / dense | upstream-style / dense |")
-    print("|---|---|---|---|---|---|")
+    x = torch.randn(1, S, H)
+    bw = copy_bandwidth()
+    print(f"# MoE layer fwd+bwd, H={H}, F={F_}, S={S}, top-1, capacity factor 1.0; {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s; bf16: {why}")
     dense = MLP(H, F_)
-    for E in a.experts:
-        ours = MoELayer(MoEConfig(num_experts=[E]), H, F_, E, layer_number=1)
-        ours.experts.init_weights(0, 1, 0.02, 0.02)
-        nodrop = MoELayer(MoEConfig(num_experts=[E], token_dropping=False), H, F_, E, layer_number=1)
-        nodrop.load_state_dict(ours.state_dict())
-        up = UpstreamStyleMoE(H, F_, E)
-
-        def step(fn):
-            def run():
-                xi = x.clone().requires_grad_()
-                y = fn(xi)
-                y = y[0] if isinstance(y, tuple) else y
-                y.float().sum().backward()
-            return run
-
-        t = interleaved_median({
-            "dense": step(lambda z: dense(z)), "ours": step(lambda z: ours(z)),
-            "nodrop": step(lambda z: nodrop(z)), "up": step(lambda z: up(z[0])),
-        }, repeats=a.repeats)
-        print(f"| {E} | {1e3 * t['dense']:.1f} | {1e3 * t['ours']:.1f} | {t['ours'] / t['dense']:.2f} | "
-              f"{t['nodrop'] / t['dense']:.2f} | {t['up'] / t['dense']:.2f} |", flush=True)
+    for dname in a.dtypes:
+        dtype = torch.bfloat16 if dname == "bf16" else torch.float32
+        print(f"\n| {dname} | dense FFN (ms) | weight traffic (ms) | ours (ms) | ours / floor | ours / dense | "
+              "ours no-drop / dense | DeepSpeed / dense | ours / DeepSpeed |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for E in a.experts:
+            ours = MoELayer(MoEConfig(num_experts=[E]), H, F_, E, layer_number=1)
+            ours.experts.init_weights(0, 1, 0.02, 0.02)
+            nodrop = MoELayer(MoEConfig(num_experts=[E], token_dropping=False), H, F_, E, layer_number=1)
+            nodrop.load_state_dict(ours.state_dict())
+            fns = {"dense": fwd_bwd(dense, x, dtype), "ours": fwd_bwd(ours, x, dtype),
+                   "nodrop": fwd_bwd(nodrop, x, dtype)}
+            if a.prototype and dtype == torch.float32:
+                proto = FusedWgradMoE(MoEConfig(num_experts=[E]), H, F_, E, layer_number=1)
+                proto.load_state_dict(ours.state_dict())
+                fns["proto"] = fwd_bwd(proto, x, dtype)
+            ds, reason = deepspeed_moe(H, F_, E)
+            if ds is not None:
+                fns["ds"] = fwd_bwd(ds, x, dtype)
+            t = interleaved_median(fns, repeats=a.repeats)
+            expert_bytes = E * 2 * H * F_ * 4
+            traffic = 4 * expert_bytes / bw
+            floor = max(t["dense"], traffic)
+            ds_cols = (f"{t['ds'] / t['dense']:.2f} | **{t['ours'] / t['ds']:.2f}**" if "ds" in t else "- | -")
+            print(f"| E={E} | {1e3 * t['dense']:.1f} | {1e3 * traffic:.1f} | {1e3 * t['ours']:.1f} | "
+                  f"**{t['ours'] / floor:.2f}** | {t['ours'] / t['dense']:.2f} | {t['nodrop'] / t['dense']:.2f} | "
+                  f"{ds_cols} |", flush=True)
+            if ds is None:
+                print(f"(DeepSpeed column skipped: {reason})")
+            if "proto" in t:
+                print(f"(E={E}: prototype, weight gradients accumulated in place: {1e3 * t['proto']:.1f} ms, "
+                      f"{t['proto'] / t['ours']:.2f}x ours)")
+            del ours, nodrop, ds, fns
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@
   3. preprocessing throughput (MB/s) of tools/preprocess_data.py with GPT-2 BPE, if the shared data is present.
 
     python tools/bench/train_throughput.py            # transformers is a bench-only dependency
+    python tools/bench/train_throughput.py --quick --profile   # 2 repeats, and the top of the profile
+
+fp32, plus bf16 autocast where this machine runs bf16 fast (megatron.precision_probe); --dtypes overrides.
+"ours dense, unfused loss" is our model with the logits materialised and F.cross_entropy on them: the
+fused output cross-entropy's gain, measured side by side.
 """
 from __future__ import annotations
 
@@ -24,12 +29,29 @@ sys.path.insert(0, ROOT)
 
 from megatron.config import ModelConfig, MoEConfig  # noqa: E402
 from megatron.model.gpt_model import GPTModel  # noqa: E402
-from megatron.model_stats import flops_per_token, measure_matmul_tflops  # noqa: E402
+from megatron.model_stats import flops_per_token  # noqa: E402
+from megatron.precision_probe import bf16_is_fast  # noqa: E402
 from tools.bench.common import interleaved_median  # noqa: E402
 
 
-def ours(cfg):
-    m = GPTModel(cfg)
+class UnfusedLossGPT(GPTModel):
+    """Our model with the logits materialised and F.cross_entropy on them (the path before the fused loss)."""
+
+    def _fused_output_loss(self) -> bool:
+        return False
+
+
+def profile_step(fn, rows: int = 15) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44)
+
+
+def ours(cfg, cls=GPTModel):
+    m = cls(cfg)
     m.init_weights(0)
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)
@@ -74,8 +96,20 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
+                   help="default: fp32, and bf16 where this machine runs it fast (megatron.precision_probe)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="2 repeats, no preprocessing step")
+    p.add_argument("--compile", action="store_true", help="add our dense model under torch.compile as a contender")
+    p.add_argument("--profile", action="store_true", help="print the top of a torch.profiler table for ours and HF")
     a = p.parse_args(argv)
+    if a.quick:
+        a.repeats = 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    bf16_fast, why = bf16_is_fast("cpu")
+    if a.dtypes is None:
+        a.dtypes = ["fp32", "bf16"] if bf16_fast else ["fp32"]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     base = dict(num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads, seq_length=a.seq,
                 vocab_size=a.vocab, hidden_dropout=0.0, attention_dropout=0.0)
@@ -85,16 +119,23 @@ def main(argv=None):
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
     ntok = a.batch * a.seq
     print(f"# L={a.layers} H={a.hidden} heads={a.heads} seq={a.seq} batch={a.batch} vocab={a.vocab}; "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads; torch {torch.__version__}; bf16: {why}")
     print("| contender | dtype | ms / step | tokens/s | MFU vs measured matmul peak | ratio |")
     print("|---|---|---|---|---|---|")
     for name in a.dtypes:
         dt = dtypes[name]
-        peak = measure_matmul_tflops(dt) * 1e12
+        mm = torch.randn(512, 512).to(dt)
         fns, fpt = {}, {}
         m1, o1 = ours(dense_cfg)
         fns["ours dense"] = step_fn("ours", m1, o1, tokens, dt)
         fpt["ours dense"] = flops_per_token(dense_cfg)
+        m0, o0 = ours(dense_cfg, UnfusedLossGPT)
+        fns["ours dense, unfused loss"] = step_fn("ours", m0, o0, tokens, dt)
+        fpt["ours dense, unfused loss"] = flops_per_token(dense_cfg)
+        if a.compile:
+            mc, oc = ours(dense_cfg)
+            fns["ours dense, torch.compile"] = step_fn("ours", torch.compile(mc), oc, tokens, dt)
+            fpt["ours dense, torch.compile"] = flops_per_token(dense_cfg)
         try:
             m2, o2 = hf(dense_cfg)
             fns["HF GPT2LMHeadModel"] = step_fn("hf", m2, o2, tokens[:, :-1], dt)
@@ -104,14 +145,22 @@ def main(argv=None):
         m3, o3 = ours(moe_cfg)
         fns[f"ours MoE-{a.experts}"] = step_fn("ours", m3, o3, tokens, dt)
         fpt[f"ours MoE-{a.experts}"] = flops_per_token(moe_cfg)
+        if a.profile:
+            for k in ("ours dense", "HF GPT2LMHeadModel"):
+                if k in fns:
+                    print(f"\n### profile: {k}, {name}, one step after warm-up (self CPU time)\n```")
+                    print(profile_step(fns[k]))
+                    print("```\n")
+        fns["matmul peak"] = lambda: [mm @ mm for _ in range(8)]  # timed among the steps, as loaded as they are
         t = interleaved_median(fns, repeats=a.repeats)
+        peak = 2 * 512**3 * 8 / t.pop("matmul peak")
         for k, sec in t.items():
-            ref = "HF GPT2LMHeadModel" if k == "ours dense" else "ours dense"
-            ratio = f"{t[ref] / sec:.2f}x vs {ref}" if ref in t and k != ref else ""
+            ref = "ours dense" if k.startswith("ours MoE") else "HF GPT2LMHeadModel"
+            ratio = f"**{t[ref] / sec:.2f}x** vs {ref}" if ref in t and k != ref else ""
             print(f"| {k} | {name} | {1e3 * sec:.0f} | {ntok / sec:,.0f} | {100 * fpt[k] * ntok / sec / peak:.1f}% | {ratio} |",
                   flush=True)
     data = os.path.join(ROOT, "..", "shared", "data")
-    if os.path.isdir(data):
+    if os.path.isdir(data) and not a.quick:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.time()
             r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",

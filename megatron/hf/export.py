@@ -1,0 +1,86 @@
+"""Export a checkpoint to a transformers directory.
+
+Dense checkpoints become transformers' own GPT2LMHeadModel. MoE, PR-MoE, Residual-MoE and MoS-student
+checkpoints become ``megatron_moe`` models: config.json with ``auto_map`` plus the self-contained
+configuration and modeling files copied beside the weights, so that
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads them with nothing of ours
+installed. Both carry the tokenizer files of the checkpoint's tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from megatron.hf.tokenizer_files import write_tokenizer_files
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REMOTE_CODE = ("configuration_megatron_moe.py", "modeling_megatron_moe.py")
+
+
+def hf_gpt2_state(model) -> dict:
+    """Our dense GPT -> transformers GPT2LMHeadModel state (Conv1D weights are [in, out])."""
+    sd = {"transformer.wte.weight": model.word_embeddings.weight, "transformer.wpe.weight": model.position_embeddings.weight,
+          "transformer.ln_f.weight": model.final_layernorm.weight, "transformer.ln_f.bias": model.final_layernorm.bias}
+    for i, layer in enumerate(model.layers):
+        h = f"transformer.h.{i}."
+        mlp = layer.mlp.mlp
+        sd.update({
+            h + "ln_1.weight": layer.input_layernorm.weight, h + "ln_1.bias": layer.input_layernorm.bias,
+            h + "attn.c_attn.weight": layer.attention.qkv.weight.t(), h + "attn.c_attn.bias": layer.attention.qkv.bias,
+            h + "attn.c_proj.weight": layer.attention.proj.weight.t(), h + "attn.c_proj.bias": layer.attention.proj.bias,
+            h + "ln_2.weight": layer.post_attention_layernorm.weight, h + "ln_2.bias": layer.post_attention_layernorm.bias,
+            h + "mlp.c_fc.weight": mlp.fc1.weight.t(), h + "mlp.c_fc.bias": mlp.fc1.bias,
+            h + "mlp.c_proj.weight": mlp.fc2.weight.t(), h + "mlp.c_proj.bias": mlp.fc2.bias,
+        })
+    return {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
+
+
+def hf_gpt2_config(cfg, eod: int) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_position_embeddings, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
+        "n_head": cfg.num_attention_heads, "n_inner": cfg.ffn_hidden_size, "activation_function": "gelu",
+        "layer_norm_epsilon": cfg.layernorm_epsilon, "initializer_range": cfg.init_method_std,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
+        "tie_word_embeddings": True, "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": "float32",
+    }
+
+
+def moe_config(cfg, eod: int) -> dict:
+    """config.json of a ``megatron_moe`` export (read by configuration_megatron_moe.MegatronMoEConfig)."""
+    return {
+        "architectures": ["MegatronMoEForCausalLM"], "model_type": "megatron_moe", "format": "megatron-moe",
+        "auto_map": {"AutoConfig": "configuration_megatron_moe.MegatronMoEConfig",
+                     "AutoModelForCausalLM": "modeling_megatron_moe.MegatronMoEForCausalLM"},
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads, "ffn_hidden_size": cfg.ffn_hidden_size,
+        "max_position_embeddings": cfg.max_position_embeddings, "layernorm_epsilon": cfg.layernorm_epsilon,
+        "experts_per_layer": cfg.moe.experts_per_layer(cfg.num_layers), "mlp_type": cfg.moe.mlp_type,
+        "topk": cfg.moe.topk, "initializer_range": cfg.init_method_std, "tie_word_embeddings": True,
+        "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": "float32",
+    }
+
+
+def write_export(lm, out_dir: str) -> dict:
+    """Write ``lm`` (megatron.inference.LoadedModel) into the empty directory ``out_dir``; returns a summary."""
+    from safetensors.torch import save_file
+
+    cfg = lm.cfg
+    if cfg.moe.enabled:
+        state = {n: p.detach().float().contiguous().cpu() for n, p in lm.model.named_parameters()}
+        config = moe_config(cfg, lm.tokenizer.eod)
+        for name in REMOTE_CODE:
+            shutil.copyfile(os.path.join(HERE, name), os.path.join(out_dir, name))
+        kind = "megatron_moe (AutoModelForCausalLM with trust_remote_code=True)"
+    else:
+        state = hf_gpt2_state(lm.model)
+        config = hf_gpt2_config(cfg, lm.tokenizer.eod)
+        kind = "transformers GPT2LMHeadModel"
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": lm.tokenizer.eod, "eos_token_id": lm.tokenizer.eod}, f, indent=2)
+    tokenizer = write_tokenizer_files(lm.config["data"], out_dir, cfg.max_position_embeddings)
+    return {"kind": kind, "tensors": len(state), "tokenizer": tokenizer}

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Serving throughput and latency: a bounded load generator against the HTTP server on loopback.
+
+    python tools/bench/serving.py [--concurrency 1,4,16,64] [--requests-per-client 1] [--max-tokens 48] \
+        [--prompt-tokens 8,32]
+
+Models: 6 layers, hidden 256, 8 heads, vocab 8192, context 512 (random weights; speed only), dense
+and with 8 experts in every other layer (top-1, no token dropping: the same active size). Each model
+is served twice by the real app (FastAPI + uvicorn on 127.0.0.1), all four servers in one child
+process (the clients run in this one, so they do not compete with the engines for the interpreter):
+with continuous batching (up to 64 rows) and one request at a time (--max-batch-size 1). For each
+concurrency level C, C client threads each send ``--requests-per-client`` greedy completions (prompts
+of ``--prompt-tokens`` random tokens, ``--max-tokens`` new tokens, no early stop) one after another;
+the four servers take turns at each level, so a noisy machine affects them alike. Reported: generated tokens/s over the level's
+wall time, and p50 / p99 of the request latency.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import requests  # noqa: E402
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
+
+from megatron.config import ModelConfig, MoEConfig  # noqa: E402
+from megatron.model.gpt_model import GPTModel  # noqa: E402
+from megatron.serving.app import Server, build_app  # noqa: E402
+from megatron.serving.engine import Engine  # noqa: E402
+from megatron.tokenizer import build_tokenizer  # noqa: E402
+
+VOCAB, CONTEXT = 8192, 512
+
+
+def build(moe: bool) -> GPTModel:
+    cfg = ModelConfig(num_layers=6, hidden_size=256, num_attention_heads=8, vocab_size=VOCAB, seq_length=CONTEXT,
+                      hidden_dropout=0.0, attention_dropout=0.0,
+                      moe=MoEConfig(num_experts=[8] if moe else [1], token_dropping=False))
+    m = GPTModel(cfg)
+    m.init_weights(1)
+    return m.eval()
+
+
+SERVERS = [(name, mode, mbs) for name in ("dense", "MoE-8") for mode, mbs in (("continuous batching", 64),
+                                                                             ("one at a time", 1))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_all(ports: list, threads: int) -> None:
+    """Child process: the four servers, each uvicorn on its own thread, until killed."""
+    torch.set_num_threads(threads)
+    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
+    models = {"dense": build(False), "MoE-8": build(True)}
+    servers = []
+    for k, (name, _, mbs) in enumerate(SERVERS):
+        engine = Engine(models[name], -1, CONTEXT, tok.detokenize, mbs, max_waiting=256).start()  # -1: no early stop
+        app = build_app(Server(engine, tok, CONTEXT, VOCAB, name))
+        servers.append(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=ports[k], log_level="warning")))
+        threading.Thread(target=servers[-1].run, daemon=True).start()
+    while True:
+        time.sleep(3600)
+
+
+def wait_ready(port: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def load(url: str, clients: int, per_client: int, max_tokens: int, seed: int, prompt_tokens=(16, 64)):
+    """``clients`` threads, each ``per_client`` requests in a row -> (tokens/s, latencies in s)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(*prompt_tokens))] for _ in range(clients * per_client)]
+    latencies, tokens, errors = [], [0], []
+    lock = threading.Lock()
+
+    def client(k):
+        with requests.Session() as s:
+            for j in range(per_client):
+                t0 = time.perf_counter()
+                r = s.post(url, json={"prompt": prompts[k * per_client + j], "max_tokens": max_tokens,
+                                      "temperature": 0}, timeout=600)
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code != 200:
+                        errors.append(r.text)
+                        continue
+                    latencies.append(dt)
+                    tokens[0] += r.json()["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return tokens[0] / wall, latencies
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests-per-client", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--prompt-tokens", default="8,32", help="prompt lengths are drawn uniformly from this range")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the servers")
+    a = p.parse_args()
+    levels = [int(c) for c in a.concurrency.split(",")]
+    lengths = tuple(int(x) for x in a.prompt_tokens.split(","))
+    ports = [free_port() for _ in SERVERS]
+    child = multiprocessing.get_context("spawn").Process(target=serve_all, args=(ports, a.threads), daemon=True)
+    child.start()
+    urls = {}
+    for port, (name, mode, _) in zip(ports, SERVERS):
+        wait_ready(port)
+        urls[(name, mode)] = f"http://127.0.0.1:{port}/v1/completions"
+    print(f"torch {torch.__version__}, {a.threads} torch thread(s); {a.requests_per_client} requests per client, "
+          f"prompts of {lengths[0]}-{lengths[1]} tokens, {a.max_tokens} new tokens each\n")
+    print("| model | serving | clients | tokens/s | p50 latency (s) | p99 latency (s) |\n|---|---|---|---|---|---|")
+    results = {}
+    try:
+        for url in urls.values():  # warm-up
+            load(url, 2, 1, 4, seed=0)
+        for c in levels:
+            for (name, mode), url in urls.items():
+                tps, lat = load(url, c, a.requests_per_client, a.max_tokens, seed=c, prompt_tokens=lengths)
+                results[(name, mode, c)] = tps
+                print(f"| {name} | {mode} | {c} | {tps:.0f} | {statistics.median(lat):.2f} | {pct(lat, 0.99):.2f} |",
+                      flush=True)
+    finally:
+        child.kill()
+    print("\n| model | clients | continuous batching / one at a time (tokens/s) |\n|---|---|---|")
+    for name in ("dense", "MoE-8"):
+        for c in levels:
+            print(f"| {name} | {c} | {results[(name, 'continuous batching', c)] / results[(name, 'one at a time', c)]:.2f}x |")
+    print("\n| clients | MoE-8 / dense tokens/s (continuous batching) |\n|---|---|")
+    for c in levels:
+        print(f"| {c} | {results[('MoE-8', 'continuous batching', c)] / results[('dense', 'continuous batching', c)]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
