@@ -2,6 +2,7 @@
 per-expert load; a missing package or a lone --wandb-exp-name is a one-line error."""
 import glob
 import os
+import time
 
 import pytest
 
@@ -25,7 +26,11 @@ def test_offline_run_files_hold_the_scalars(tmp_path, monkeypatch):
     runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     (log,) = glob.glob(os.path.join(runs[0], "*.wandb"))  # the run's record log, for `wandb sync`
-    data = open(log, "rb").read()
+    for _ in range(100):  # wandb's service process may still be writing it when finish() returns
+        data = open(log, "rb").read()
+        if data.count(b"lm loss") >= 3 and b"moe/layer1/tokens-per-expert" in data:
+            break
+        time.sleep(0.2)
     assert data.count(b"lm loss") >= 3 and b"moe/layer1/tokens-per-expert" in data
 
 
