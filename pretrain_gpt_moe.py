@@ -15,14 +15,14 @@ import torch.nn.functional as F
 
 from megatron.data.builder import build_datasets
 from megatron.distillation import build_teacher, kd_loss, teacher_logits
-from megatron.model.gpt_model import GPTModel
+from megatron.model.provider import gpt_module
 from megatron.errors import run_cli
 from megatron.training import pretrain
 
 
 def model_provider(cfg, ps):
     """The GPT model; this rank holds experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) of each MoE layer."""
-    return GPTModel(cfg.model, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
+    return gpt_module(cfg.model, ps)
 
 
 def train_valid_test_datasets_provider(cfg, num_samples):
@@ -54,9 +54,9 @@ def loss_func(loss_mask, cfg, output):
         loss = cfg.kd.alpha_ce * lm_loss + kd_term
         logs["kd loss"] = kd_term.detach()
     if stats:
-        moe_loss = moe_cfg.loss_coeff * torch.stack([s["aux_loss"] for s in stats]).sum()
+        moe_loss = moe_cfg.loss_coeff * torch.stack([s.aux_loss for s in stats]).sum()
         if moe_cfg.z_loss_coeff > 0:
-            moe_loss = moe_loss + moe_cfg.z_loss_coeff * torch.stack([s["z_loss"] for s in stats]).sum()
+            moe_loss = moe_loss + moe_cfg.z_loss_coeff * torch.stack([s.z_loss for s in stats]).sum()
         loss = loss + moe_loss
         logs["moe loss"] = moe_loss.detach()
         logs["moe stats"] = stats

@@ -12,10 +12,17 @@ Layout::
         rng/rank_{r}.pt           python / numpy / torch RNG states of rank r
 
 A save goes to ``.iter_0000100.tmp`` first and is renamed when complete, so a process killed at
-any moment leaves the previous checkpoint loadable. Loads use ``torch.load(weights_only=True)``.
+any moment leaves the previous checkpoint loadable. Re-saving an iteration that exists swaps the
+new copy in with one atomic exchange (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two
+renames, and a crash between them is repaired by :func:`recover_and_clean` on the next start), so
+the tracker always names a complete checkpoint. Nothing is written unless every parameter is
+finite. Loads use ``torch.load(weights_only=True)``; a file holding other pickled objects is
+refused as unsafe.
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import os
 import random
 import shutil
@@ -23,8 +30,8 @@ import shutil
 import numpy as np
 import torch
 
-from megatron.errors import UserError
-from megatron.optimizer import is_expert
+from megatron.errors import TrainingFault, UserError
+from megatron.parallel.param_tags import is_expert
 from megatron.parallel.tensor_parallel import full_shape, gather_tp, is_tp_sharded, shard_tp
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -58,7 +65,12 @@ def _load(path: str, flag: str = "--load"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{flag}: checkpoint file {path} is missing; the checkpoint is incomplete") from None
-    except Exception as e:  # corrupt file
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"{flag}: {path} was refused as unsafe: it holds pickled objects other than tensors and "
+                            f"plain containers, which could run code when loaded; use a checkpoint from a trusted "
+                            f"source") from None
+        # corrupt file
         raise UserError(f"{flag}: cannot read {path} ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
 
 
@@ -107,10 +119,83 @@ def _full(t: torch.Tensor, p, ps) -> torch.Tensor:
     return (gather_tp(t, p, ps) if is_tp_sharded(p) else t).detach().cpu()
 
 
+def _tmp_dir(save_dir: str, iteration: int) -> str:
+    return os.path.join(save_dir, "." + iter_dir_name(iteration) + ".tmp")
+
+
+def _old_dir(save_dir: str, iteration: int) -> str:
+    return os.path.join(save_dir, "." + iter_dir_name(iteration) + ".old")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _publish(tmp: str, final: str, old: str) -> None:
+    """Make the complete directory ``tmp`` the checkpoint ``final`` without a moment where ``final`` is absent
+    (or, without an atomic exchange, with its previous copy at ``old`` for :func:`recover_and_clean`)."""
+    if not os.path.exists(final):
+        os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):  # now tmp holds the previous copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_and_clean(save_dir: str) -> list[str]:
+    """On start-up (main rank): restore a checkpoint a crash left at its ``.old`` name, then delete the
+    orphans of killed saves (``.iter_*.tmp``, ``.iter_*.old``, tracker temp files). Returns log lines."""
+    lines = []
+    if not os.path.isdir(save_dir):
+        return lines
+    try:
+        iteration = read_tracker(save_dir, "--save")
+    except UserError:
+        iteration = None
+    if iteration:
+        final, old = os.path.join(save_dir, iter_dir_name(iteration)), _old_dir(save_dir, iteration)
+        if not os.path.isdir(final) and os.path.isdir(old):
+            os.replace(old, final)
+            lines.append(f"> restored {final} from {old} (a re-save was interrupted between its two renames)")
+    orphans = (glob.glob(os.path.join(save_dir, ".iter_*.tmp")) + glob.glob(os.path.join(save_dir, ".iter_*.old"))
+               + glob.glob(os.path.join(save_dir, TRACKER + ".tmp*")))
+    for path in sorted(orphans):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        lines.append(f"> removed {path}, left by an interrupted save")
+    return lines
+
+
+def check_finite(model, ps, iteration: int) -> None:
+    """Every parameter finite on every rank, or a TrainingFault on every rank (before anything is written)."""
+    from megatron.parallel.grad_sync import any_rank
+
+    bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+    if any_rank(bad is not None, ps):
+        where = f" ({bad} on rank {ps.rank})" if bad else ""
+        raise TrainingFault(f"iteration {iteration}: the weights hold NaN or infinity{where}; no checkpoint was "
+                            f"written and the tracker still names the last finite one")
+
+
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, scaler, cfg, ps, extra: dict,
                     save_optim: bool = True) -> str:
+    check_finite(model, ps, iteration)
     final = os.path.join(save_dir, iter_dir_name(iteration))
-    tmp = os.path.join(save_dir, "." + iter_dir_name(iteration) + ".tmp")
+    tmp = _tmp_dir(save_dir, iteration)
     if ps.is_main:
         os.makedirs(save_dir, exist_ok=True)
         if os.path.exists(tmp):
@@ -150,14 +235,8 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, scheduler, 
     _save(rng_state(), os.path.join(tmp, "rng", f"rank_{ps.rank:05d}.pt"))
     ps.barrier()
     if ps.is_main:
-        old = None
-        if os.path.exists(final):
-            old = final + f".old{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
+        _publish(tmp, final, _old_dir(save_dir, iteration))
         _atomic_write_text(os.path.join(save_dir, TRACKER), str(iteration))
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
     ps.barrier()
     return final
 
@@ -166,7 +245,12 @@ def read_tracker(load_dir: str, flag: str = "--load"):
     path = os.path.join(load_dir, TRACKER)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{flag}: {path} is not UTF-8 text (it should hold an iteration number); fix or delete "
+                        f"the file") from None
     if text == "release":
         return 0
     try:
@@ -195,8 +279,16 @@ def locate_checkpoint(load_dir: str, flag: str = "--load"):
         return None
     path = os.path.join(load_dir, iter_dir_name(iteration))
     if not os.path.isdir(path):
-        raise UserError(f"{flag}: {TRACKER} names iteration {iteration} but {path} is missing")
-    return path, _load(os.path.join(path, "common.pt"), flag)
+        hint = f"; its previous copy is at {_old_dir(load_dir, iteration)}: rename it back" \
+            if os.path.isdir(_old_dir(load_dir, iteration)) else ""
+        raise UserError(f"{flag}: {TRACKER} names iteration {iteration} but {path} is missing{hint}")
+    common_file = os.path.join(path, "common.pt")
+    common = _load(common_file, flag)
+    if not (isinstance(common, dict) and isinstance(common.get("config"), dict) and "iteration" in common
+            and isinstance(common["config"].get("model"), dict)):
+        raise UserError(f"{flag}: {common_file} is not a checkpoint of this framework (no stored config and "
+                        f"iteration); convert it first or point {flag} at a checkpoint saved by pretrain_gpt_moe.py")
+    return path, common
 
 
 def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps, load_optim=True, load_rng=True,
@@ -233,8 +325,13 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps,
             params = dict(experts.named_parameters(recurse=False))
             slices = {k: {"exp_avg": [], "exp_avg_sq": [], "step": None} for k in params}
             for i in range(experts.num_local):
-                blob = _load(os.path.join(path, expert_file(layer, experts.first_expert + i)), flag)
+                file = os.path.join(path, expert_file(layer, experts.first_expert + i))
+                blob = _load(file, flag)
                 for k, p in params.items():
+                    if k not in blob or tuple(blob[k].shape) != tuple(p[i].shape):
+                        got = tuple(blob[k].shape) if k in blob else "nothing"
+                        raise UserError(f"{flag}: {file} holds {got} for {k} but the model's expert has "
+                                        f"{tuple(p[i].shape)}; pass the flags the checkpoint was trained with")
                     p[i].copy_(blob[k])
                     if f"optim.{k}.exp_avg" in blob:
                         slices[k]["exp_avg"].append(blob[f"optim.{k}.exp_avg"])

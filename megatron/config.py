@@ -54,6 +54,21 @@ class MoEConfig:
                                               type=none_or_str, check=(lambda v: v in ("Jitter", "RSample"), "must be None, Jitter or RSample"))
     z_loss_coeff: float = option("--moe-z-loss-coeff", 0.0, "weight of the router z-loss (mean squared logsumexp of "
                                  "the gate logits)", check=(non_negative, "must be >= 0"))
+    router_type: str = option("--moe-router-type", "topk", "router, a name in megatron/model/moe/routers: topk "
+                              "(DeepSpeed's top-k gate) or aux_free (DeepSeek-V3's auxiliary-loss-free balancing: a "
+                              "per-expert bias on the scores, for the choice only, updated after each step)")
+    router_bias_update_rate: float = option("--moe-router-bias-update-rate", 1e-3, "aux_free router: bias step per "
+                                            "optimizer step (bias += rate * sign(mean load - load))",
+                                            check=(non_negative, "must be >= 0"))
+    use_rts: bool = option("--disable-moe-rts", True, "top-1 under a capacity: keep tokens in position order instead "
+                           "of random token selection (DeepSpeed's use_rts=False); top-2 always keeps position order")
+    force_layer: bool = option("--moe-force-layer", False, "build MoE layers in the MoE positions even with "
+                               "--num-experts 1 (a one-expert MoE layer, e.g. to check it against the dense model)")
+
+    def is_moe_layer(self, index: int, num_experts: int) -> bool:
+        """Whether layer ``index`` (0-based) with ``num_experts`` experts is an MoE layer: more than one
+        expert, or an MoE position with one expert under force_layer."""
+        return num_experts > 1 or (self.force_layer and (index + 1) % self.expert_interval == 0)
 
     def experts_per_layer(self, num_layers: int) -> list[int]:
         """Experts of each layer (0-based); 1 means a dense MLP.
@@ -72,7 +87,7 @@ class MoEConfig:
 
     @property
     def enabled(self) -> bool:
-        return any(e > 1 for e in self.num_experts)
+        return any(e > 1 for e in self.num_experts) or self.force_layer
 
     def validate(self, num_layers: int) -> None:
         check_options(self)
@@ -82,7 +97,10 @@ class MoEConfig:
             f"--num-experts has {len(self.num_experts)} values but --num-layers {num_layers} with "
             f"--expert-interval {self.expert_interval} gives {n_moe} MoE layers: give one value or {n_moe}",
         )
-        moe_counts = [e for e in self.experts_per_layer(num_layers) if e > 1]
+        from megatron.model.moe.routers import ROUTERS
+
+        check(self.router_type in ROUTERS, f"--moe-router-type must be one of {', '.join(ROUTERS)} (got {self.router_type!r})")
+        moe_counts = [e for i, e in enumerate(self.experts_per_layer(num_layers)) if self.is_moe_layer(i, e)]
         if moe_counts:
             check(
                 self.topk <= min(moe_counts),
@@ -282,6 +300,11 @@ class TrainConfig:
                                           type=int, check=(positive, "must be >= 1"))
     exit_duration_in_mins: Optional[float] = option("--exit-duration-in-mins", None, "stop (after saving) once the run "
                                                     "has lasted this many minutes", type=float, check=(positive, "must be > 0"))
+    exit_signal_handler: bool = option("--exit-signal-handler", False, "on SIGTERM (a preempted job), save a checkpoint "
+                                       "at the end of the current step and exit 0")
+    max_skipped_iterations: int = option("--max-skipped-iterations", 10, "stop (exit 3) after this many consecutive "
+                                         "steps skipped for a non-finite gradient norm; with fp16 dynamic loss scaling "
+                                         "only steps at the minimum loss scale count", check=(non_negative, "must be >= 0"))
     seed: int = option("--seed", 1234, "random seed (weights, data order, dropout, routing noise)")
     skip_train: bool = option("--skip-train", False, "load, evaluate and exit without training")
 
@@ -419,6 +442,9 @@ class KDConfig:
                                 check=(positive, "must be > 0"))
     stop_iters: Optional[int] = option("--kd-stop-iters", None, "staged KD: stop distilling at this iteration, free the "
                                        "teacher, train on LM loss only", type=int, check=(non_negative, "must be >= 0"))
+    teacher_capacity_factor: Optional[float] = option("--kd-teacher-capacity-factor", None, "run the teacher with "
+                                                      "token dropping at this eval capacity factor (default: it drops no token)",
+                                                      type=float, check=(positive, "must be > 0"))
 
     @property
     def enabled(self) -> bool:

@@ -2,7 +2,9 @@
 
 The teacher is built from its OWN full config, read from its checkpoint (flags given for it are
 checked against that config), placed with the student's expert-parallel layout, loaded, frozen,
-and run in eval mode under no_grad: no dropout, no random token selection, no gate noise.
+and run in eval mode under no_grad: no dropout, no random token selection, no gate noise, and no
+token dropping (as in evaluation: every token gets its experts' output, whatever capacity factor
+the teacher was trained with) unless ``--kd-teacher-capacity-factor`` asks for one.
 
 Loss per token: alpha * CE(student, labels) + beta * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
 """
@@ -60,6 +62,10 @@ def teacher_model_config(kd_cfg, student_cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"--seq-length {student_cfg.seq_length} exceeds the teacher's max position embeddings "
                         f"({teacher.max_position_embeddings}): shorten --seq-length")
     teacher.hidden_dropout = teacher.attention_dropout = 0.0
+    # its eval capacity would cut each micro-batch's overflow in position order: no dropping unless asked for
+    teacher.moe.token_dropping = kd_cfg.teacher_capacity_factor is not None
+    if kd_cfg.teacher_capacity_factor is not None:
+        teacher.moe.eval_capacity_factor = kd_cfg.teacher_capacity_factor
     teacher.checkpoint_activations = False
     return teacher
 

@@ -27,6 +27,7 @@ import torch
 from megatron.config import MoEConfig, pad_vocab_size
 from megatron.errors import UserError
 from megatron.model_stats import count_parameters, flops_per_token
+from megatron.parallel.param_tags import is_expert
 
 GPT2_VOCAB = 50257
 GiB = 1024**3
@@ -56,7 +57,7 @@ def built_counts(model_cfg) -> tuple[int, int]:
     with torch.device("meta"):
         model = GPTModel(model_cfg, ep_rank=0, ep_size=1)
     total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for p in model.parameters() if getattr(p, "is_expert", False))
+    expert = sum(p.numel() for p in model.parameters() if is_expert(p))
     return total, expert
 
 

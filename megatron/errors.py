@@ -10,6 +10,16 @@ class UserError(Exception):
     exit_code = 2
 
 
+class TrainingFault(UserError):
+    """Training itself went wrong (a non-finite loss, too many skipped steps, diverged replicas).
+
+    Reported like a UserError (one line) but with exit status 3, so a job scheduler can tell a
+    diverged run from a bad command line; the last good checkpoint is kept.
+    """
+
+    exit_code = 3
+
+
 def check(condition: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
     if not condition:
@@ -27,6 +37,6 @@ def run_cli(main) -> None:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-        sys.exit(UserError.exit_code)
+        sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

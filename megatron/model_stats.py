@@ -29,13 +29,13 @@ def count_parameters(cfg) -> ParamCounts:
     total = embedding + ln  # final layernorm
     active = embedding + ln
     expert = 0
-    for e in cfg.moe.experts_per_layer(L):
+    for i, e in enumerate(cfg.moe.experts_per_layer(L)):
         base = 2 * ln + attn
-        if e <= 1:
+        if not cfg.moe.is_moe_layer(i, e):
             total += base + mlp
             active += base + mlp
             continue
-        router = H * e
+        router = H * e + (e if cfg.moe.router_type == "aux_free" else 0)  # + the balancing bias
         layer_expert = e * mlp
         residual = (mlp + 2 * H + 2) if cfg.moe.mlp_type == "residual" else 0
         total += base + router + layer_expert + residual

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def is_expert(p: torch.nn.Parameter) -> bool:
-    return bool(getattr(p, "is_expert", False))
+from megatron.parallel.param_tags import is_expert
 
 
 def no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:

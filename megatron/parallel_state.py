@@ -5,16 +5,23 @@ Rank layout (Megatron's): rank = d * tp + t, TP ranks consecutive. DP groups hol
 same TP rank t; EP groups are consecutive blocks of ``ep`` DP indices d (same t), so the all-to-all
 runs only among ranks of the same TP rank (the paper's parallelism-coordinated communication);
 EDP groups hold the ranks with the same TP rank and the same EP rank.
+
+Timeouts: the default group, used only during start-up (the settings check, preflight), gives up
+after ``STARTUP_TIMEOUT`` so that a rank that never arrives ends the job in minutes; the groups of
+the training collectives (TP, DP, EP, EDP and ``world_group``) wait ``TRAINING_TIMEOUT``.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+STARTUP_TIMEOUT = datetime.timedelta(minutes=5)
+TRAINING_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass
@@ -35,6 +42,7 @@ class ParallelState:
     tp_size: int = 1
     tp_rank: int = 0
     tp_group: Optional[Any] = None
+    world_group: Optional[Any] = None  # every rank, with the training timeout
 
     @property
     def distributed(self) -> bool:
@@ -46,7 +54,7 @@ class ParallelState:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.world_group)
 
 
 def choose_device(use_cpu: bool, local_rank: int) -> torch.device:
@@ -66,8 +74,10 @@ def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device,
     if world_size == 1:
         return ps
 
+    timeout = TRAINING_TIMEOUT if dist.is_initialized() else None
+
     def group(ranks):
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         return g if rank in ranks else None
 
     def assign(name, g):
@@ -82,11 +92,16 @@ def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device,
             assign("ep_group", group([dd * tp_size + tt for dd in range(start, start + ep_size)]))
         for j in range(ep_size):
             assign("edp_group", group([dd * tp_size + tt for dd in range(j, dp_size, ep_size)]))
+    ps.world_group = group(list(range(world_size)))
     return ps
 
 
-def initialize(parallel_cfg, ep_size: int) -> ParallelState:
-    """Start torch.distributed from torchrun's environment (or run as one process)."""
+def initialize(parallel_cfg, ep_size: int, before_groups: Optional[Callable[[], None]] = None) -> ParallelState:
+    """Start torch.distributed from torchrun's environment (or run as one process).
+
+    ``before_groups()`` runs once the default group is up and before any other group is created
+    (the ranks' settings check: a rank with another EP or TP size would otherwise hang in new_group).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -95,7 +110,9 @@ def initialize(parallel_cfg, ep_size: int) -> ParallelState:
         backend = parallel_cfg.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=30), **kwargs)
+                                timeout=STARTUP_TIMEOUT, **kwargs)
+    if before_groups is not None:
+        before_groups()
     ps = build_groups(rank, world_size, ep_size, device, parallel_cfg.tensor_model_parallel_size)
     ps.local_rank = local_rank
     return ps

@@ -6,16 +6,19 @@ import pytest
 from tests.dist_utils import run_distributed
 from tests.runs import close, mock_args, train
 
-# no token dropping (capacity large), no dropout: runs must agree to float rounding
+# no token dropping (capacity large), no dropout: runs must agree to float rounding; no gradient clipping,
+# so that a wrong gradient scale shows in the grad norms and the losses
 EXACT = ["--hidden-dropout", "0", "--attention-dropout", "0", "--moe-train-capacity-factor", "8",
-         "--moe-eval-capacity-factor", "8"]
+         "--moe-eval-capacity-factor", "8", "--clip-grad", "0"]
 
 
 def test_dp2_equals_dp1(tmp_path):
     argv = mock_args(EXACT + ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4"])
-    single = train(0, argv)["losses"]
+    one = train(0, argv)
+    single = one["losses"]
     multi = run_distributed(train, 2, str(tmp_path), argv)
     close(multi[0]["losses"], single)
+    close(multi[0]["grad_norms"], one["grad_norms"])
     assert multi[0]["losses"] == multi[1]["losses"]
     assert single[-1] < single[0]
 
@@ -25,17 +28,22 @@ def test_ep2_equals_ep1(tmp_path, topk):
     # top-2's Gumbel-sampled 2nd expert draws from each rank's RNG stream: turn it off for exactness
     moe = ["--num-experts", "4", "--topk", str(topk), "--disable-moe-top2-2nd-expert-sampling"]
     base = EXACT + moe + ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4"]
-    single = train(0, mock_args(base))["losses"]
+    one = train(0, mock_args(base))
     ep2 = run_distributed(train, 2, str(tmp_path), mock_args(base + ["--moe-expert-parallel-size", "2"]))
-    close(ep2[0]["losses"], single)
+    close(ep2[0]["losses"], one["losses"])
+    close(ep2[0]["grad_norms"], one["grad_norms"])
 
 
-def test_no_drop_mode_under_ep_agrees_capacity(tmp_path):
-    base = EXACT + ["--num-experts", "4", "--disable-moe-token-dropping", "--micro-batch-size", "2",
-                    "--global-batch-size", "4", "--train-iters", "3"]
-    single = train(0, mock_args(base))["losses"]
+@pytest.mark.parametrize("topk", [1, 2])
+def test_no_drop_mode_under_ep_equals_ep1(tmp_path, topk):
+    """No drop under EP: variable-size all-to-all of each expert's rows into the grouped kernel."""
+    base = EXACT + ["--num-experts", "4", "--topk", str(topk), "--disable-moe-top2-2nd-expert-sampling",
+                    "--disable-moe-token-dropping", "--micro-batch-size", "2", "--global-batch-size", "4",
+                    "--train-iters", "3"]
+    one = train(0, mock_args(base))
     ep2 = run_distributed(train, 2, str(tmp_path), mock_args(base + ["--moe-expert-parallel-size", "2"]))
-    close(ep2[0]["losses"], single)
+    close(ep2[0]["losses"], one["losses"])
+    close(ep2[0]["grad_norms"], one["grad_norms"])
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_padding_changes_neither_routing_nor_loglikelihood(checkpoints):
             tokens[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
         with torch.no_grad():
             logits, stats = model(tokens, token_mask=mask)
-        return logits, [s["counts"] for s in stats]
+        return logits, [s.counts for s in stats]
 
     logits_pair, c_pair = counts([short, long])
     logits_short, c_short = counts([short])

@@ -6,7 +6,7 @@ from megatron.config import MoEConfig
 from megatron.model.moe.capacity import expert_capacity
 from megatron.model.moe.dispatch import plan_capacity
 from megatron.model.moe.layer import MoELayer
-from megatron.model.moe.router import load_balancing_loss
+from megatron.model.moe.routing import load_balancing_loss
 from megatron.model.transformer import MLP
 from tests.moe_oracle import loop_experts, loop_moe_reference
 
@@ -42,7 +42,7 @@ def test_one_expert_equals_dense_mlp():
     x = torch.randn(2, 12, H)
     y, stats = layer(x)
     torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
-    assert stats["dropped"].item() == 0
+    assert stats.dropped.item() == 0
 
 
 def test_batched_experts_equal_loop_oracle_forward_and_grads():
@@ -95,9 +95,9 @@ def test_nodrop_equals_capacity_mode_when_nothing_overflows(topk):
         y1, s1 = capped(x)
         torch.manual_seed(7)
         y2, s2 = nodrop(x)
-        assert s1["dropped"].item() == 0
+        assert s1.dropped.item() == 0
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(s1["aux_loss"], s2["aux_loss"])
+        torch.testing.assert_close(s1.aux_loss, s2.aux_loss)
 
 
 def test_capacity_drops_overflow_and_dropped_tokens_output_zero():
@@ -110,7 +110,7 @@ def test_capacity_drops_overflow_and_dropped_tokens_output_zero():
     y, stats = layer(x)
     C = expert_capacity(16, 2, 0.25, 0, 1)
     assert C == 2
-    assert stats["dropped"].item() == 16 - C
+    assert stats.dropped.item() == 16 - C
     # deterministic eval order: the first C tokens by position keep their output
     assert torch.count_nonzero(y[0].abs().sum(-1)) == C
     assert y[0, :C].abs().sum() > 0 and y[0, C:].abs().sum() == 0
@@ -191,7 +191,7 @@ def test_padding_mask_keeps_padding_out_of_routing():
     mask = torch.tensor([[True] * 8 + [False] * 4])
     y_pad, s_pad = layer(padded, token_mask=mask)
     torch.testing.assert_close(y_pad[:, :8], y_real)
-    assert torch.equal(s_pad["counts"], s_real["counts"])
+    assert torch.equal(s_pad.counts, s_real.counts)
 
 
 def test_experts_initialised_independently_and_layout_free():
@@ -221,3 +221,52 @@ def test_grouped_kernels_equal_loop_oracle(kernel):
     gr = torch.autograd.grad((ref * g).sum(), [x, ex.w1, ex.b2])
     for a, b in zip(gy, gr):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_one_expert_moe_model_trains_like_the_dense_model():
+    """--num-experts 1 --moe-force-layer: a one-expert MoE layer in every MoE position. With the dense model's
+    MLP weights copied into the expert, three AdamW steps give the same LM losses and gradient norms."""
+    from megatron.arguments import parse_args
+    from megatron.config import ModelConfig, OptimizerConfig
+    from megatron.model.gpt_model import GPTModel
+    from megatron.optimizer import build_optimizer
+    from megatron.parallel.grad_sync import global_grad_norm
+    from megatron.parallel_state import ParallelState
+    from tests.runs import mock_args
+
+    flags = parse_args(mock_args(["--num-experts", "1", "--moe-force-layer", "--train-iters", "1"]))
+    assert flags.model.moe.force_layer and flags.model.moe.enabled
+    shape = dict(num_layers=4, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=64,
+                 hidden_dropout=0.0, attention_dropout=0.0)
+    dense = GPTModel(ModelConfig(**shape))
+    moe = GPTModel(ModelConfig(**shape, moe=MoEConfig(num_experts=[1], force_layer=True)))
+    assert len(moe.moe_layers()) == 2 and len(dense.moe_layers()) == 0
+    dense.init_weights(3)
+    moe.init_weights(4)
+    with torch.no_grad():  # the dense model's weights everywhere, the MLP into expert 0
+        sd = moe.state_dict()
+        for name, t in dense.state_dict().items():
+            if name in sd:
+                sd[name].copy_(t)
+        for i in (1, 3):
+            mlp, ex = dense.layers[i].mlp.mlp, moe.layers[i].mlp.experts
+            ex.w1[0].copy_(mlp.fc1.weight.t()), ex.b1[0].copy_(mlp.fc1.bias)
+            ex.w2[0].copy_(mlp.fc2.weight.t()), ex.b2[0].copy_(mlp.fc2.bias)
+    ps = ParallelState()
+    opt_cfg = OptimizerConfig(lr=1e-2, weight_decay=0.1)
+    opts = [build_optimizer(m, opt_cfg, torch.device("cpu")) for m in (dense, moe)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        tokens = torch.randint(0, 64, (2, 9), generator=g)
+        out = []
+        for model, opt in zip((dense, moe), opts):
+            opt.zero_grad(set_to_none=True)
+            per_token, stats = model(tokens[:, :-1], tokens[:, 1:])
+            lm = per_token.mean()
+            aux = sum((s.aux_loss for s in stats), torch.zeros(()))  # 1.0 per one-expert layer, no gradient
+            (lm + 0.1 * aux).backward()
+            out.append((lm.item(), global_grad_norm(model, ps)))
+            opt.step()
+        (l_dense, n_dense), (l_moe, n_moe) = out
+        assert l_moe == pytest.approx(l_dense, rel=1e-5) and n_moe == pytest.approx(n_dense, rel=1e-5), step
+        assert n_dense > 0.1

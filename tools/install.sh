@@ -21,6 +21,7 @@ quiet() {  # pip's own failure still fails the script; only its location / root 
   "$@" 2>&1 | { grep -v -E "^WARNING: (Location|Running pip)" || true; }
 }
 quiet $PIP -r requirements.txt
+quiet $PIP --no-deps -e .  # megatron importable from anywhere: the tools need no sys.path edits
 if [ "${1:-}" = "test" ]; then
   quiet $PIP -r tests/requirements.txt
 fi

@@ -8,6 +8,7 @@ import numpy as np
 from megatron.data.blended_dataset import BlendedDataset
 from megatron.data.gpt_dataset import GPTDataset, MockGPTDataset
 from megatron.data.indexed_dataset import IndexedDataset
+from megatron.data.validate import validate_dataset
 from megatron.errors import UserError
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -29,9 +30,14 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: list[int],
         return [MockGPTDataset(n, max(num_samples[i], 1), seq_length, vocab_size, seed) if num_samples[i] > 0 else None
                 for i, n in enumerate(SPLIT_NAMES)]
     fractions = data_cfg.split_fractions()
+    weights = [w for w, _ in data_cfg.data_path]
+    if not all(math.isfinite(w) for w in weights):
+        raise UserError(f"--data-path weights {weights} include NaN or infinity: give finite weights (0.3 A 0.7 B)")
     per_prefix = []
     for weight, prefix in data_cfg.data_path:
         indexed = IndexedDataset(prefix)
+        if vocab_size:
+            validate_dataset(indexed, vocab_size, data_cfg.data_cache_path)
         per_prefix.append((weight, indexed, split_documents(len(indexed.sizes), fractions)))
     out = []
     for i, name in enumerate(SPLIT_NAMES):

@@ -16,6 +16,7 @@ from megatron.model.fused import layer_norm
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
 from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer, padding_attention_mask
+from megatron.parallel.param_tags import is_output_layer
 
 
 class TiedOutputLayer(nn.Module):
@@ -44,7 +45,7 @@ class GPTModel(nn.Module):
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         layers = []
         for i, num_experts in enumerate(cfg.moe.experts_per_layer(cfg.num_layers)):
-            if num_experts > 1:
+            if cfg.moe.is_moe_layer(i, num_experts):
                 mlp = MoELayer(cfg.moe, H, cfg.ffn_hidden_size, num_experts, layer_number=i,
                                ep_rank=ep_rank, ep_size=ep_size,
                                dense_mlp_factory=lambda: MLP(H, cfg.ffn_hidden_size))
@@ -80,7 +81,7 @@ class GPTModel(nn.Module):
             elif isinstance(module, nn.Embedding):
                 module.weight.copy_(torch.empty_like(module.weight).normal_(0.0, std, generator=g))
             elif isinstance(module, nn.Linear):
-                s = out_std if getattr(module, "is_output_layer", False) else std
+                s = out_std if is_output_layer(module) else std
                 module.weight.copy_(torch.empty_like(module.weight).normal_(0.0, s, generator=g))
                 if module.bias is not None:
                     module.bias.zero_()

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.model.fused import layer_norm
+from megatron.parallel.param_tags import mark_output_layer
 
 
 class SelfAttention(nn.Module):
@@ -17,7 +18,7 @@ class SelfAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
-        self.proj.is_output_layer = True
+        mark_output_layer(self.proj)
         self.attention_dropout = attention_dropout
 
     def forward(self, x: torch.Tensor, kv_cache=None, attn_mask=None) -> torch.Tensor:
@@ -75,7 +76,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
         self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
-        self.fc2.is_output_layer = True
+        mark_output_layer(self.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

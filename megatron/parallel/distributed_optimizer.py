@@ -16,7 +16,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron.optimizer import is_expert, param_groups
+from megatron.optimizer import param_groups
+from megatron.parallel.param_tags import is_expert
 
 
 class _Domain:

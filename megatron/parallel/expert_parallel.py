@@ -1,73 +1,114 @@
-"""Expert parallelism applied from outside the model.
+"""Expert parallelism applied from outside the model: the all-to-all token dispatcher.
 
-Each MoE layer's ``experts`` module (holding E_l = E / ep local experts) gets hooks: the input
-buffer [E, C, H] is exchanged with an all-to-all so that each rank receives the tokens of all EP
-ranks for its experts ([E_l, ep * C, H]), and the output goes back the same way. Capacity is
-agreed (MAX) across the EP group before dispatch, so ranks never disagree on buffer shapes.
+Each rank holds E_l = E / ep experts (global ids r*E_l .. (r+1)*E_l - 1 on EP rank r).
+:func:`apply_expert_parallel` installs an :class:`AllToAllDispatcher` in every MoE layer. It
+plans like the local dispatchers and then exchanges tokens over the EP group:
+
+- with a capacity (token dropping): capacity is agreed (MAX) across the EP group, then the
+  [E, C, H] buffer is exchanged with one equal-split all-to-all so that each rank receives
+  [E_l, ep * C, H] for its experts, and the output goes back the same way;
+- without (no drop): each rank sends only the rows its tokens routed to each expert. The
+  per-expert counts are exchanged first (all-to-all of [ep, E_l] counts), then the rows with a
+  variable-size all-to-all; the receiver sorts them by local expert and runs the grouped kernel
+  (no padding to the largest demand).
+
 Parameter names do not change, so checkpoints are layout-independent.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
+from megatron.model.moe.dispatch import DispatchPlan
+from megatron.model.moe.dispatchers import ExpertBatch, TokenDispatcher, scatter_to_capacity, weighted_combine
+
 
 class _AllToAll(torch.autograd.Function):
-    """Autograd-aware all_to_all_single along dim 0 (its backward is the same exchange)."""
+    """Autograd-aware all_to_all_single along dim 0 with split sizes (its backward swaps them)."""
 
     @staticmethod
-    def forward(ctx, group, x):
-        ctx.group = group
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
+    def forward(ctx, group, x, out_splits, in_splits):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        rows = x.shape[0] if out_splits is None else sum(out_splits)
+        out = x.new_empty((rows,) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
-        return None, out
+        rows = grad.shape[0] if ctx.in_splits is None else sum(ctx.in_splits)
+        out = grad.new_empty((rows,) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return None, out, None, None
 
 
-def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    return _AllToAll.apply(group, x)
+def all_to_all(x: torch.Tensor, group, out_splits=None, in_splits=None) -> torch.Tensor:
+    """Rows of x go to the ranks of ``group`` in blocks of ``in_splits`` (equal blocks when None)."""
+    return _AllToAll.apply(group, x, out_splits, in_splits)
 
 
-def _agree_capacity(group, device):
-    def agree(capacity: int) -> int:
-        t = torch.tensor([capacity], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return int(t.item())
-    return agree
+@dataclass
+class _Exchange:
+    """What the no-drop path needs to send expert outputs back."""
+
+    send_splits: list  # rows sent to each EP rank
+    recv_splits: list  # rows received from each EP rank
+    order: torch.Tensor  # [N_l] received rows sorted by local expert (a permutation)
+
+
+class AllToAllDispatcher(TokenDispatcher):
+    def __init__(self, group, ep_size: int, num_experts: int, device):
+        self.group, self.ep, self.num_experts, self.device = group, ep_size, num_experts, device
+        self.num_local = num_experts // ep_size
+
+    def plan(self, routing, num_experts, capacity, priority, renormalize) -> DispatchPlan:
+        if capacity is not None:  # ranks must agree on the buffer shape
+            t = torch.tensor([capacity], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            capacity = int(t.item())
+        return super().plan(routing, num_experts, capacity, priority, renormalize)
+
+    def dispatch(self, x, plan):
+        ep, E_l = self.ep, self.num_local
+        if plan.capacity:
+            buf = scatter_to_capacity(x, plan, self.num_experts)  # [E, C, H], rank j's experts at rows j*E_l..
+            E, C, H = buf.shape
+            recv = all_to_all(buf.reshape(ep, E_l * C * H), self.group)  # [ep(src), E_l*C*H]
+            return ExpertBatch(recv.view(ep, E_l, C, H).transpose(0, 1).reshape(E_l, ep * C, H))  # [E_l, ep*C, H]
+        rows = x.index_select(0, plan.token)  # [N, H] sorted by global expert
+        send_counts = plan.counts.view(ep, E_l)  # [ep(dst), E_l]
+        recv_counts = all_to_all(send_counts.contiguous(), self.group)  # [ep(src), E_l]
+        send_splits = send_counts.sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+        recv = all_to_all(rows, self.group, recv_splits, send_splits)  # [N_l, H] by source rank, then expert
+        local_expert = torch.arange(E_l, device=x.device).repeat(ep)  # [ep * E_l]
+        expert_of_row = torch.repeat_interleave(local_expert, recv_counts.reshape(-1))  # [N_l]
+        order = torch.argsort(expert_of_row, stable=True)  # [N_l]
+        plan.exchange = _Exchange(send_splits, recv_splits, order)
+        return ExpertBatch(recv.index_select(0, order), recv_counts.sum(0))  # [N_l, H], [E_l]
+
+    def combine(self, expert_out, plan, num_tokens):
+        ep, E_l = self.ep, self.num_local
+        if plan.capacity:
+            _, epC, H = expert_out.shape  # [E_l, ep*C, H]
+            C = epC // ep
+            send = expert_out.view(E_l, ep, C, H).transpose(0, 1).reshape(ep, E_l * C * H)  # [ep(dst), ...]
+            back = all_to_all(send, self.group).view(ep * E_l, C, H)  # [E, C, H]
+            return weighted_combine(back, plan, num_tokens)
+        ex = plan.exchange
+        by_source = torch.empty_like(expert_out).index_copy(0, ex.order, expert_out)  # [N_l, H] source order
+        back = all_to_all(by_source, self.group, ex.send_splits, ex.recv_splits)  # [N, H] sorted by global expert
+        return weighted_combine(back, plan, num_tokens)
 
 
 def apply_expert_parallel(model: torch.nn.Module, ps) -> None:
-    """Wire every MoE layer of ``model`` for expert parallelism over ``ps.ep_group``."""
+    """Install the all-to-all dispatcher over ``ps.ep_group`` in every MoE layer of ``model``."""
     if ps.ep_size == 1:
         return
     from megatron.model.moe.layer import MoELayer
 
-    ep, group = ps.ep_size, ps.ep_group
     for module in model.modules():
-        if not isinstance(module, MoELayer):
-            continue
-        experts = module.experts
-        E_l = experts.num_local
-
-        def pre_hook(mod, args, E_l=E_l):
-            buf, = args  # [E, C, H], experts of rank j at rows j*E_l .. (j+1)*E_l
-            E, C, H = buf.shape
-            recv = all_to_all(buf.reshape(ep, E_l * C * H), group)  # [ep(src), E_l*C*H]
-            recv = recv.view(ep, E_l, C, H).transpose(0, 1).reshape(E_l, ep * C, H)  # [E_l, ep*C, H]
-            return (recv,)
-
-        def post_hook(mod, args, out, E_l=E_l):
-            _, epC, H = out.shape  # [E_l, ep*C, H]
-            C = epC // ep
-            send = out.view(E_l, ep, C, H).transpose(0, 1).reshape(ep, E_l * C * H)  # [ep(dst), ...]
-            return all_to_all(send, group).view(ep * E_l, C, H)  # [E, C, H]
-
-        experts.register_forward_pre_hook(pre_hook)
-        experts.register_forward_hook(post_hook)
-        experts.is_expert_parallel = True
-        experts.agree_capacity = _agree_capacity(group, ps.device)
+        if isinstance(module, MoELayer):
+            module.set_dispatcher(AllToAllDispatcher(ps.ep_group, ps.ep_size, module.num_experts, ps.device))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megatron.optimizer import is_expert
+from megatron.parallel.param_tags import is_expert
 from megatron.parallel.tensor_parallel import is_tp_sharded
 
 BUCKET_BYTES = 32 * 1024 * 1024
@@ -57,6 +57,39 @@ def allreduce_gradients(model: torch.nn.Module, ps) -> None:
         elif ps.dp_size > 1:
             for p in expert:
                 p.grad.mul_(1.0 / ps.dp_size)
+
+
+class GradReducer:
+    """The gradient reduction of one step, in front of the blocking and the overlapped paths.
+
+    ``arm()`` is called before the backward of the step's last micro-batch, ``finish()`` after it;
+    afterwards every gradient is reduced (dense over DP, experts over EDP) and divided by DP.
+    """
+
+    def arm(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+class BlockingGradReducer(GradReducer):
+    """Bucketed all-reduces after the last backward (the default)."""
+
+    def __init__(self, model: torch.nn.Module, ps):
+        self.model, self.ps = model, ps
+
+    def finish(self) -> None:
+        allreduce_gradients(self.model, self.ps)
+
+
+def build_grad_reducer(model: torch.nn.Module, ps, overlap: bool) -> GradReducer:
+    """``--overlap-grad-reduce`` (with more than one process) overlaps the reduction with backward."""
+    if overlap and ps.distributed:
+        from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
+
+        return OverlappedGradReducer(model, ps)
+    return BlockingGradReducer(model, ps)
 
 
 def global_grad_norm(model: torch.nn.Module, ps) -> float:
@@ -111,5 +144,5 @@ def any_rank(flag: bool, ps) -> bool:
     if not ps.distributed:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=ps.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.world_group)
     return bool(t.item() > 0)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megatron.parallel.grad_sync import BUCKET_BYTES, split_params
+from megatron.parallel.grad_sync import BUCKET_BYTES, GradReducer, split_params
 
 
 class _Bucket:
@@ -23,7 +23,7 @@ class _Bucket:
         self.ready, self.handle, self.flat = 0, None, None
 
 
-class OverlappedGradReducer:
+class OverlappedGradReducer(GradReducer):
     def __init__(self, model: torch.nn.Module, ps, bucket_bytes: int = BUCKET_BYTES):
         dense, expert = split_params(model)
         self.ps, self.buckets, self.bucket_of = ps, [], {}

@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.parallel.param_tags import is_tp_sharded, mark_tp_shard  # noqa: F401 (is_tp_sharded re-exported)
+
 
 class _CopyToTP(torch.autograd.Function):
     """Identity forward; all-reduce of the input gradient over TP (entry of a column-parallel op)."""
@@ -73,7 +75,7 @@ class _GatherFromTP(torch.autograd.Function):
 
 def _shard(param: torch.Tensor, dim: int, indices: list[torch.Tensor], rank: int) -> nn.Parameter:
     p = nn.Parameter(param.detach().index_select(dim, indices[rank].to(param.device)).clone())
-    p.tp_dim, p.tp_indices = dim, indices
+    mark_tp_shard(p, dim, indices)
     return p
 
 
@@ -174,10 +176,6 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
     model.word_embeddings = emb
     model.output_layer = VocabParallelOutputLayer(ps)
     model.loss_fn = VocabParallelCrossEntropy(ps, emb.start)
-
-
-def is_tp_sharded(p: torch.Tensor) -> bool:
-    return hasattr(p, "tp_indices")
 
 
 def gather_tp(t: torch.Tensor, p: torch.Tensor, ps) -> torch.Tensor:

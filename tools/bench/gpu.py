@@ -82,7 +82,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss, stats = model(tokens[:, :-1], tokens[:, 1:])
-                loss = loss.mean() + 0.01 * sum((s["aux_loss"] for s in stats), torch.zeros((), device=device))
+                loss = loss.mean() + 0.01 * sum((s.aux_loss for s in stats), torch.zeros((), device=device))
             loss.backward()
             opt.step()
 

@@ -80,7 +80,7 @@ def step_fn(kind, model, opt, tokens, dtype):
                 per_tok, stats = model(tokens[:, :-1], tokens[:, 1:])
                 loss = per_tok.mean()
                 if stats:
-                    loss = loss + 0.01 * sum(s["aux_loss"] for s in stats)
+                    loss = loss + 0.01 * sum(s.aux_loss for s in stats)
         loss.backward()
         opt.step()
     return step

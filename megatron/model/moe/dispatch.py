@@ -1,4 +1,4 @@
-"""Index-based token dispatch and combine (argsort / gather / index_add; no one-hot einsum).
+"""Dispatch plans: which slot of which expert each kept (token, choice) assignment takes.
 
 Shapes: S tokens, H hidden, E experts, k choices per token, C capacity (slots per expert),
 N kept assignments (<= S * k).
@@ -19,20 +19,23 @@ class DispatchPlan:
     counts: torch.Tensor  # [E] kept assignments per expert
     capacity: int  # C (capacity mode) or 0 (grouped)
     dropped: torch.Tensor  # [] assignments dropped for lack of capacity
+    exchange: Optional[object] = None  # what a communicating dispatcher needs to route results back
 
 
 def _sorted_assignments(indices: torch.Tensor, weights: torch.Tensor, priority: Optional[torch.Tensor]):
-    """Flatten [S, k] choices tier-major (all first choices, then all second ...), order tokens within a
-    tier by descending ``priority`` (random token selection) or by position, then stable-sort by expert.
+    """Flatten [S, k] choices tier-major (all first choices, then all second ...), in position order or,
+    given ``priority`` [S, k], by descending priority; then stable-sort by expert.
 
     Returns expert, token, weight of each assignment in sorted order ([S * k] each).
     """
     S, k = indices.shape
-    token_order = torch.arange(S, device=indices.device) if priority is None else torch.argsort(priority, descending=True)
-    expert = indices.t()[:, token_order].reshape(-1)  # [k * S] tier-major
-    token = token_order.repeat(k)  # [k * S]
-    weight = weights.t()[:, token_order].reshape(-1)  # [k * S]
-    order = torch.argsort(expert, stable=True)  # [k * S] grouped by expert, tier then priority within
+    expert = indices.t().reshape(-1)  # [k * S] tier-major
+    token = torch.arange(S, device=indices.device).repeat(k)  # [k * S]
+    weight = weights.t().reshape(-1)  # [k * S]
+    if priority is not None:
+        first = torch.argsort(priority.t().reshape(-1), descending=True, stable=True)  # [k * S]
+        expert, token, weight = expert[first], token[first], weight[first]
+    order = torch.argsort(expert, stable=True)  # [k * S] grouped by expert, keep-first order within
     return expert[order], token[order], weight[order]
 
 
@@ -65,26 +68,3 @@ def plan_grouped(indices, weights, num_experts: int, renormalize: bool = False) 
     slot = torch.arange(expert.numel(), device=expert.device)
     return DispatchPlan(token=token, slot=slot, weight=weight, counts=counts, capacity=0,
                         dropped=torch.zeros((), dtype=torch.long, device=expert.device))
-
-
-def dispatch(x: torch.Tensor, plan: DispatchPlan, num_experts: int) -> torch.Tensor:
-    """x [S, H] -> expert buffer [E, C, H] (empty slots are zero)."""
-    H = x.shape[-1]
-    buf = x.new_zeros(num_experts * plan.capacity, H)  # [E * C, H]
-    buf = buf.index_copy(0, plan.slot, x.index_select(0, plan.token))
-    return buf.view(num_experts, plan.capacity, H)  # [E, C, H]
-
-
-def gather_grouped(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """x [S, H] -> tokens sorted by expert [N, H]."""
-    return x.index_select(0, plan.token)
-
-
-def combine(expert_out: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """expert output [E, C, H] or [N, H] -> [S, H]; each token gets the weighted sum of its kept choices,
-    a fully dropped token gets 0 (only the residual stream carries it)."""
-    H = expert_out.shape[-1]
-    flat = expert_out.reshape(-1, H)  # [E * C, H] or [N, H]
-    picked = flat.index_select(0, plan.slot) * plan.weight.to(flat.dtype)[:, None]  # [N, H]
-    out = flat.new_zeros(num_tokens, H)
-    return out.index_add(0, plan.token, picked)  # [S, H]

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.parallel.param_tags import mark_expert
+
 
 def expert_generator(seed: int, layer_number: int, global_expert: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + layer_number * 10_007 + global_expert * 101 + 17) % (2**63))
@@ -18,8 +20,6 @@ def expert_generator(seed: int, layer_number: int, global_expert: int) -> torch.
 
 class StackedExperts(nn.Module):
     """``num_local`` GeLU MLP experts H -> F -> H; global ids start at ``first_expert``."""
-
-    is_expert_parallel = False
 
     def __init__(self, num_local: int, hidden_size: int, ffn_hidden_size: int, first_expert: int = 0):
         super().__init__()
@@ -32,7 +32,7 @@ class StackedExperts(nn.Module):
 
     def _mark_expert_parameters(self) -> None:
         for p in self.parameters(recurse=False):
-            p.is_expert = True  # read by grad sync, the optimizer groups and checkpointing
+            mark_expert(p)  # read by grad sync, the optimizer groups and checkpointing
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -50,9 +50,11 @@ class StackedExperts(nn.Module):
         self.b1.zero_()
         self.b2.zero_()
 
-    def agree_capacity(self, capacity: int) -> int:
-        """Local experts: every token is on this rank, nothing to agree on."""
-        return capacity
+    def run(self, batch) -> torch.Tensor:
+        """An ExpertBatch from a dispatcher -> the experts' output in the same layout."""
+        if batch.counts is None:
+            return self(batch.tokens)  # [E_l, C, H]
+        return self.forward_grouped(batch.tokens, batch.counts)  # [N_l, H]
 
     def forward(self, buf: torch.Tensor) -> torch.Tensor:
         # buf: [E, C, H] (one row block per local expert, zero-padded to capacity) -> [E, C, H]
@@ -66,6 +68,7 @@ class StackedExperts(nn.Module):
         # expert to the largest count + one batched matmul: work proportional to E x the largest count).
         # GPU: grouped_mm. CPU: padded when the load is even (it measured ~2x faster than _grouped_mm for
         # equal work), grouped_mm when most padded rows would be empty (decoding: 1 token, 1 expert).
+        x = x.to(compute_dtype(x))  # torch._grouped_mm is outside autocast: follow --bf16 / --fp16 here
         cap = None
         if kernel is None:
             if not hasattr(torch, "_grouped_mm"):
@@ -95,6 +98,12 @@ class StackedExperts(nn.Module):
         slot = expert_of_row * cap + pos  # [N]
         buf = x.new_zeros(E * cap, H).index_copy(0, slot, x).view(E, cap, H)  # [E, C, H]
         return self.forward(buf).reshape(E * cap, H).index_select(0, slot)  # [N, H]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device (--bf16 / --fp16), else x's own dtype."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

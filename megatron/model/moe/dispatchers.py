@@ -1,0 +1,83 @@
+"""Token dispatchers: how routed tokens reach the experts and how their outputs come back.
+
+A dispatcher turns a :class:`~megatron.model.moe.routing.Routing` into a
+:class:`~megatron.model.moe.dispatch.DispatchPlan` (``plan``), moves tokens to the experts
+(``dispatch(x, plan) -> ExpertBatch``) and brings the experts' output back to token order
+(``combine(expert_out, plan) -> y``). The two here are local (no communication); expert
+parallelism installs its all-to-all dispatcher with ``MoELayer.set_dispatcher``.
+
+Shapes: S tokens, H hidden, E experts, E_l local experts, C capacity, N kept assignments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron.model.moe.dispatch import DispatchPlan, plan_capacity, plan_grouped
+
+
+@dataclass
+class ExpertBatch:
+    tokens: torch.Tensor  # [E_l, C, H] zero-padded per expert, or [N_l, H] rows sorted by local expert
+    counts: Optional[torch.Tensor] = None  # [E_l] rows per local expert ([N_l, H] form), None when padded
+
+
+class TokenDispatcher:
+    """Interface. ``capacity`` None means no token is dropped."""
+
+    def plan(self, routing, num_experts: int, capacity: Optional[int], priority, renormalize: bool) -> DispatchPlan:
+        if capacity is None:
+            return plan_grouped(routing.indices, routing.weights, num_experts, renormalize=renormalize)
+        return plan_capacity(routing.indices, routing.weights, num_experts, capacity, priority, renormalize=renormalize)
+
+    def dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> ExpertBatch:
+        raise NotImplementedError
+
+    def combine(self, expert_out: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def scatter_to_capacity(x: torch.Tensor, plan: DispatchPlan, num_experts: int) -> torch.Tensor:
+    """x [S, H] -> expert buffer [E, C, H] (empty slots are zero)."""
+    H = x.shape[-1]
+    buf = x.new_zeros(num_experts * plan.capacity, H)  # [E * C, H]
+    buf = buf.index_copy(0, plan.slot, x.index_select(0, plan.token))
+    return buf.view(num_experts, plan.capacity, H)  # [E, C, H]
+
+
+def weighted_combine(expert_out: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    """expert output [E, C, H] or [N, H] -> [S, H]; each token gets the weighted sum of its kept choices,
+    a fully dropped token gets 0 (only the residual stream carries it)."""
+    H = expert_out.shape[-1]
+    flat = expert_out.reshape(-1, H)  # [E * C, H] or [N, H]
+    picked = flat.index_select(0, plan.slot) * plan.weight.to(flat.dtype)[:, None]  # [N, H]
+    return flat.new_zeros(num_tokens, H).index_add(0, plan.token, picked)  # [S, H]
+
+
+class LocalCapacityDispatcher(TokenDispatcher):
+    """All experts on this rank; each gets a zero-padded [C, H] block (token dropping)."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x, plan):
+        return ExpertBatch(scatter_to_capacity(x, plan, self.num_experts))  # [E, C, H]
+
+    def combine(self, expert_out, plan, num_tokens):
+        return weighted_combine(expert_out, plan, num_tokens)
+
+
+class LocalGroupedDispatcher(TokenDispatcher):
+    """All experts on this rank; rows sorted by expert, no padding (no token dropping)."""
+
+    def dispatch(self, x, plan):
+        return ExpertBatch(x.index_select(0, plan.token), plan.counts)  # [N, H]
+
+    def combine(self, expert_out, plan, num_tokens):
+        return weighted_combine(expert_out, plan, num_tokens)
+
+
+def local_dispatcher(num_experts: int, token_dropping: bool) -> TokenDispatcher:
+    return LocalCapacityDispatcher(num_experts) if token_dropping else LocalGroupedDispatcher()

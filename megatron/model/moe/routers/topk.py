@@ -1,0 +1,68 @@
+"""DeepSpeed's TopKGate in fp32: top-1, top-2 and top-k gating with their balancing losses and drop orders.
+
+Shapes: S tokens, H hidden, E experts, k choices per token.
+
+Drop order under a capacity (which assignments an expert keeps first):
+- k = 1: random token selection in training (DeepSpeed's ``use_rts``; ``--disable-moe-rts`` turns it
+  off), else position order;
+- k = 2: first choices before second choices, each in position order (DeepSpeed's top2gating);
+- k > 2: highest gate probability first (DeepSpeed's topkgating, drop policy "probs").
+Evaluation always keeps position order for k <= 2 (deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron.model.moe.routing import Routing, gumbel_like, load_balancing_loss, topk_balancing_loss
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, moe_cfg):
+        super().__init__()
+        self.num_experts, self.topk = num_experts, moe_cfg.topk
+        self.noisy_gate_policy = moe_cfg.noisy_gate_policy
+        self.second_expert_sampling = moe_cfg.top2_2nd_expert_sampling
+        self.use_rts = moe_cfg.use_rts
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)  # kept in fp32
+
+    def select(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """logits, probs [S, E] -> chosen experts [S, k], best first."""
+        if self.topk == 1:
+            if self.training and self.noisy_gate_policy == "RSample":
+                return torch.argmax(logits + gumbel_like(logits), dim=-1)[:, None]  # [S, 1]
+            return torch.argmax(probs, dim=-1)[:, None]  # [S, 1]
+        if self.topk == 2 and self.training and self.second_expert_sampling:
+            first = torch.argmax(probs, dim=-1)  # [S]
+            masked = (logits + gumbel_like(logits)).scatter(1, first[:, None], float("-inf"))
+            second = torch.argmax(masked, dim=-1)  # [S] 2nd expert by Gumbel sampling (training only)
+            return torch.stack([first, second], dim=1)  # [S, 2]
+        return torch.topk(probs, self.topk, dim=-1).indices  # [S, k]
+
+    def drop_priority(self, routing: Routing):
+        """[S, k] keep-first key for a capacity-limited dispatch, or None for tier-major position order."""
+        S = routing.indices.shape[0]
+        if self.topk == 1 and self.training and self.use_rts:
+            return torch.rand(S, 1, device=routing.indices.device)  # random token selection
+        if self.topk > 2:
+            return routing.weights  # drop by gate probability
+        return None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        # x: [S, H] -> Routing
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.float()
+            if self.training and self.noisy_gate_policy == "Jitter":
+                xf = xf * torch.empty_like(xf).uniform_(1.0 - 1e-2, 1.0 + 1e-2)
+            logits = F.linear(xf, self.wg.weight.float())  # [S, E]
+            probs = torch.softmax(logits, dim=-1)  # [S, E]
+            indices = self.select(logits, probs)  # [S, k]
+            weights = probs.gather(1, indices)  # [S, k]
+            if self.topk <= 2:
+                aux = load_balancing_loss(probs, indices[:, 0])
+            else:
+                aux = topk_balancing_loss(probs, indices)
+            z = torch.logsumexp(logits, dim=-1).square().mean()
+            counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)  # [E]
+        return Routing(indices=indices, weights=weights, probs=probs, aux_loss=aux, z_loss=z, counts=counts)

@@ -1,0 +1,114 @@
+"""Ranks that agree: the same settings at start-up, one verdict for per-rank checks, identical replicas.
+
+* ``agree_on_settings``: every rank all-gathers a hash of its flattened config right after the
+  default process group is up, before any other group or collective; on a mismatch every rank
+  raises the same one-line error naming the differing option and the ranks.
+* ``agree_on_error``: a check that runs on some ranks only (rank 0 proving the save directory
+  writable) becomes an error on every rank instead of a hang in the next collective.
+* ``check_replicas``: before a save, the data-parallel replicas of the dense weights must be
+  identical; a cheap checksum (sum and sum of squares, float64) is all-gathered over DP.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import torch.distributed as dist
+
+from megatron.errors import TrainingFault, UserError
+from megatron.parallel.param_tags import is_expert
+from megatron.parallel.grad_sync import any_rank
+
+
+def flatten_settings(d: dict, prefix: str = "") -> dict:
+    """{"train": {"seed": 1}} -> {"train.seed": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_hash(flat: dict) -> str:
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flag_of(key: str) -> str:
+    """The flag of a config field ("train.global_batch_size" -> "--global-batch-size (train.global_batch_size)")."""
+    from megatron.config import Config
+    from megatron.options import iter_options
+
+    flags = {path: f.metadata["flag"] for path, _, f in iter_options(Config)}
+    return f"{flags[key]} ({key})" if key in flags else key
+
+
+def describe_mismatch(per_rank: list[dict]) -> str | None:
+    """One line naming the first differing option and each rank's value, or None if all agree."""
+    keys = sorted(set().union(*per_rank))
+    for k in keys:
+        values = [json.dumps(r.get(k), default=str) for r in per_rank]
+        if len(set(values)) > 1:
+            groups: dict = {}
+            for rank, v in enumerate(values):
+                groups.setdefault(v, []).append(rank)
+            parts = "; ".join(f"rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))}: {v}" for v, r in groups.items())
+            return (f"the ranks were launched with different settings: {_flag_of(k)} differs ({parts}); "
+                    f"launch every rank with the same flags")
+    return None
+
+
+def agree_on_settings(settings: dict, world_size: int) -> None:
+    """Raise the same UserError on every rank unless all ranks hold the same settings (default group)."""
+    if world_size <= 1 or not dist.is_initialized():
+        return
+    flat = flatten_settings(settings)
+    hashes = [None] * world_size
+    dist.all_gather_object(hashes, settings_hash(flat))
+    if len(set(hashes)) == 1:
+        return
+    per_rank = [None] * world_size
+    dist.all_gather_object(per_rank, flat)
+    raise UserError(describe_mismatch(per_rank) or "the ranks were launched with different settings")
+
+
+def agree_on_error(message: str | None, ps) -> None:
+    """Every rank raises the first rank's error message, if any rank has one (one collective)."""
+    if not ps.distributed:
+        if message:
+            raise UserError(message)
+        return
+    messages = [None] * ps.world_size
+    dist.all_gather_object(messages, message, group=ps.world_group)
+    first = next((m for m in messages if m), None)
+    if first:
+        raise UserError(first)
+
+
+def dense_checksum(model) -> torch.Tensor:
+    """[2] float64: sum and sum of squares of every non-expert parameter of this rank."""
+    acc = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        if not is_expert(p):
+            t = p.detach().double()
+            acc[0] += t.sum().cpu()
+            acc[1] += t.square().sum().cpu()
+    return acc
+
+
+def check_replicas(model, ps, iteration: int) -> None:
+    """The dense weights of every data-parallel replica are identical, or an error on every rank."""
+    if ps.dp_size <= 1:
+        return
+    local = dense_checksum(model).to(ps.device)
+    gathered = [torch.empty_like(local) for _ in range(ps.dp_size)]
+    dist.all_gather(gathered, local, group=ps.dp_group)
+    sums = [g.cpu() for g in gathered]
+    bad = [r for r, s in enumerate(sums) if not torch.equal(s, sums[0])]
+    if any_rank(bool(bad), ps):
+        raise TrainingFault(
+            f"iteration {iteration}: the dense weights of data-parallel replicas differ (checksums "
+            f"{[round(float(s[0]), 6) for s in sums]}); the replicas diverged, so no checkpoint was written "
+            f"and the last one is kept: check that every rank runs the same code, flags and hardware")

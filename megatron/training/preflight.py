@@ -1,0 +1,76 @@
+"""Checks before the first step, so that no compute is spent on a run that cannot finish.
+
+* batch arithmetic: a ramp-up that moves (start, increment > 0, start <= the global batch);
+* the save directory: created, proved writable by a test write, enough free space for one more
+  checkpoint, and a per-process file-size limit (``ulimit -f``) above the largest checkpoint file;
+* the training split is not empty.
+Each failure is one line naming the flag (a :class:`UserError`).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+
+from megatron.errors import UserError, check
+from megatron.model_stats import count_parameters
+
+BYTES_PER_VALUE = 4  # checkpoints hold fp32 weights and fp32 Adam moments
+
+
+def check_batch_arithmetic(train_cfg) -> None:
+    """The ramp-up moves from a positive start to the global batch (its size >= 1 is an option check)."""
+    gbs = train_cfg.global_batch_size
+    if train_cfg.rampup_batch_size is not None:
+        start, incr, samples = train_cfg.rampup_batch_size
+        check(start >= 1, f"--rampup-batch-size: the start batch size must be >= 1 (got {start})")
+        check(incr >= 1, f"--rampup-batch-size: the increment must be >= 1 (got {incr}); a zero increment never "
+                         f"reaches --global-batch-size")
+        check(samples >= 0, f"--rampup-batch-size: the ramp-up samples must be >= 0 (got {samples})")
+        check(gbs is None or start <= gbs,
+              f"--rampup-batch-size: the start batch size {start} exceeds --global-batch-size {gbs}")
+
+
+def checkpoint_bytes(model_cfg, save_optim: bool) -> tuple[int, int]:
+    """(whole checkpoint, largest file) in bytes, from the parameter counts the dry run prints."""
+    counts = count_parameters(model_cfg)
+    per_value = BYTES_PER_VALUE * (3 if save_optim else 1)
+    dense = counts.total - counts.expert
+    return counts.total * per_value, dense * BYTES_PER_VALUE * (2 if save_optim else 1)  # optim_dense.pt
+
+
+def check_save_dir(save_dir: str, model_cfg, save_optim: bool, free_bytes=None) -> None:
+    """Create ``--save``, prove it writable, and check space and the file-size limit (main rank)."""
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise UserError(f"--save {save_dir}: this is a file, not a directory; choose a directory")
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--save {save_dir}: cannot create the directory ({e.strerror}); choose a writable path") from None
+    probe = os.path.join(save_dir, f".write_test.{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"--save {save_dir}: a test write failed ({e.strerror}); choose a writable directory "
+                        f"with free space") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    total, largest = checkpoint_bytes(model_cfg, save_optim)
+    free = shutil.disk_usage(save_dir).free if free_bytes is None else free_bytes
+    if free < total:
+        raise UserError(f"--save {save_dir}: {free / 2**30:.2f} GiB free but one checkpoint needs about "
+                        f"{total / 2**30:.2f} GiB; free space or choose another directory")
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < largest:
+        raise UserError(f"--save {save_dir}: the file-size limit (ulimit -f) is {soft} bytes but the largest "
+                        f"checkpoint file needs about {largest}; raise the limit (ulimit -f unlimited)")
+
+
+def check_train_split(train_ds, data_cfg, train_iters: int, skip_train: bool) -> None:
+    if train_ds is None and train_iters > 0 and not skip_train:
+        raise UserError(f"--split {data_cfg.split!r} leaves no training documents in --data-path: give the "
+                        f"train split a positive share (e.g. 98,2,0)")

@@ -1,0 +1,421 @@
+"""The training driver: a :class:`Trainer` and ``pretrain(datasets_provider, model_provider, forward_step)``.
+
+Model-specific code (``pretrain_gpt_moe.py``) supplies hooks; the Trainer owns the run in small
+steps: :meth:`~Trainer.setup` (tokenizer, preflight, model, optimizer, resume, teacher, data,
+metrics), :meth:`~Trainer.forward_backward` (the micro-batches of one step: the one place a
+pipeline schedule would replace), :meth:`~Trainer.step` (gradient reduction, loss scaling,
+clipping, the optimizer), :meth:`~Trainer.evaluate`, :meth:`~Trainer.log`, :meth:`~Trainer.save`
+and :meth:`~Trainer.should_exit`.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import random
+import time
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron.arguments import parse_args
+from megatron.checkpointing import TRACKER, load_checkpoint, recover_and_clean, save_checkpoint
+from megatron.config import pad_vocab_size
+from megatron.errors import UserError
+from megatron.logging_utils import print_rank0
+from megatron.loss_scaler import build_loss_scaler
+from megatron.lr_scheduler import build_scheduler
+from megatron.model.provider import build_model
+from megatron.model_stats import count_parameters, device_peak_tflops, flops_per_token
+from megatron.optimizer import build_optimizer
+from megatron.parallel.param_tags import is_expert
+from megatron.parallel.router_balance import update_router_biases
+from megatron.parallel.grad_sync import (
+    all_reduce_sum, any_rank, build_grad_reducer, clip_gradients, global_grad_norm, scale_gradients,
+)
+from megatron.parallel_state import ParallelState, destroy, initialize
+from megatron.tokenizer import build_tokenizer
+from megatron.training.agreement import agree_on_error, agree_on_settings, check_replicas
+from megatron.training.guard import NonFiniteGuard
+from megatron.training.metrics import MetricsLogger, MetricsSink, TensorBoardSink, accumulate_moe
+from megatron.training.preflight import check_batch_arithmetic, check_save_dir, check_train_split
+from megatron.training.schedule import BatchSchedule, MicroBatchIterator, train_schedule
+from megatron.training.signals import SignalFlag
+
+
+@dataclass
+class StepResult:
+    logs: dict
+    moe: list
+    grad_norm: float
+    skipped: bool
+
+
+def autocast_context(cfg, device):
+    if cfg.precision.bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if cfg.precision.fp16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _dp_mean(sums: dict, ps, count: int) -> dict:
+    """Average string-keyed sums over DP ranks (TP ranks hold the same values) and ``count``."""
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=ps.device)
+    all_reduce_sum(vec, ps, ps.dp_group)
+    return {k: float(v) / (count * ps.dp_size) for k, v in zip(keys, vec.tolist())}
+
+
+class Trainer:
+    """One training run. ``run()`` = ``setup()``, then steps until done or ``should_exit()``, then the
+    final evaluation and save. ``sinks`` add metrics backends next to TensorBoard."""
+
+    def __init__(self, cfg, ps: ParallelState, datasets_provider, model_provider, forward_step_fn,
+                 teacher_provider=None, sinks: list[MetricsSink] | None = None):
+        self.cfg, self.ps = cfg, ps
+        self.datasets_provider, self.model_provider = datasets_provider, model_provider
+        self.forward_step_fn, self.teacher_provider = forward_step_fn, teacher_provider
+        self.extra_sinks = list(sinks or [])
+        self.iteration = self.consumed = 0
+        self.history, self.kd_history, self.norm_history = [], [], []
+        self.skipped_total = 0
+        self.teacher = self.teacher_ref = None
+        self.signal = None
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+
+    def setup(self) -> None:
+        cfg, ps = self.cfg, self.ps
+        self.t_start = time.time()
+        check_batch_arithmetic(cfg.train)
+        cfg.validate_world(ps.world_size)
+        self.setup_tokenizer()
+        self.preflight_save_dir()
+        self.setup_model_and_optimizer()
+        self.report_parameters()
+        self.schedule = BatchSchedule(cfg.train, ps.dp_size)
+        self.train_iters, train_samples = train_schedule(cfg, self.schedule)
+        self.scheduler = build_scheduler(cfg.optimizer, cfg.model.seq_length, cfg.train.global_batch_size, train_samples)
+        self.scaler = build_loss_scaler(cfg.precision)
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_iterations, cfg.precision.fp16)
+        self.load()
+        self.scheduler.apply(self.optimizer)
+        self.setup_teacher()
+        gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+        self.eval_micro = gbs // (mbs * ps.dp_size)
+        n_eval = cfg.train.eval_iters * gbs
+        self.train_ds, self.valid_ds, self.test_ds = self.datasets_provider(cfg, [train_samples, n_eval, n_eval])
+        check_train_split(self.train_ds, cfg.data, self.train_iters, cfg.train.skip_train)
+        self.autocast = autocast_context(cfg, ps.device)
+        self.setup_metrics()
+        if cfg.train.exit_signal_handler:
+            self.signal = SignalFlag().install()
+        print_rank0(ps, f"> training for {self.train_iters} iterations ({train_samples} samples, global batch {gbs}, "
+                        f"micro batch {mbs}); {self.metrics.fpt / 1e6:.1f} MFLOPs per token; "
+                        f"startup {time.time() - self.t_start:.1f} s")
+
+    def setup_tokenizer(self) -> None:
+        cfg, ps = self.cfg, self.ps
+        if cfg.data.tokenizer_type == "NullTokenizer":
+            tokenizer = build_tokenizer("NullTokenizer", vocab_size=cfg.model.vocab_size)
+        else:
+            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file,
+                                        cfg.data.tokenizer_model)
+        cfg.model.vocab_size = pad_vocab_size(tokenizer.vocab_size, cfg.data.make_vocab_size_divisible_by,
+                                              cfg.parallel.tensor_model_parallel_size)
+        self.tokenizer = tokenizer
+        print_rank0(ps, f"> world size {ps.world_size} (TP {ps.tp_size}, DP {ps.dp_size}, EP {ps.ep_size}"
+                        f"{', ZeRO-1 optimizer' if cfg.optimizer.use_distributed_optimizer else ''}) on {ps.device}; "
+                        f"vocab {tokenizer.vocab_size} padded to {cfg.model.vocab_size}")
+
+    def preflight_save_dir(self) -> None:
+        """--save: created, writable, with room for a checkpoint; orphans of killed saves removed (main rank)."""
+        ck = self.cfg.checkpoint
+        if not ck.save or self.cfg.train.skip_train:
+            return
+        message, lines = None, []
+        if self.ps.is_main:
+            try:
+                check_save_dir(ck.save, self.cfg.model, not ck.no_save_optim)
+                lines = recover_and_clean(ck.save)
+            except UserError as e:
+                message = str(e)
+        agree_on_error(message, self.ps)
+        for line in lines:
+            print_rank0(self.ps, line)
+
+    def setup_model_and_optimizer(self) -> None:
+        cfg, ps = self.cfg, self.ps
+        set_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, ps, seed=cfg.train.seed, module_fn=lambda: self.model_provider(cfg, ps))
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, ps.device, ps)
+        self.grad_reducer = build_grad_reducer(self.model, ps, cfg.parallel.overlap_grad_reduce)
+
+    def report_parameters(self) -> None:
+        counts = count_parameters(self.cfg.model)
+        local = sum(p.numel() for p in self.model.parameters())
+        local_expert = sum(p.numel() for p in self.model.parameters() if is_expert(p))
+        print_rank0(self.ps, f"total parameters: {counts.total}")
+        print_rank0(self.ps, f"active parameters: {counts.active}")
+        print_rank0(self.ps, f"expert parameters: {counts.expert}")
+        print_rank0(self.ps, f"parameters on rank 0: {local} (experts {local_expert})")
+
+    def load(self) -> None:
+        """Resume (or fine-tune) from --load; a directory without a checkpoint starts from scratch."""
+        ck, ps = self.cfg.checkpoint, self.ps
+        if not ck.load:
+            return
+        common = load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler, self.scaler, self.cfg, ps,
+                                 load_optim=not (ck.no_load_optim or ck.finetune),
+                                 load_rng=not (ck.no_load_rng or ck.finetune))
+        if common is None:
+            print_rank0(ps, f"WARNING: no checkpoint in {ck.load} ({TRACKER} missing); starting from scratch")
+        elif ck.finetune or ck.reset_iteration:
+            print_rank0(ps, f"> loaded weights from {ck.load} (iteration {common['iteration']}); iteration reset to 0")
+            if ck.finetune:
+                self.scheduler.num_samples = 0
+        else:
+            self.iteration, self.consumed = int(common["iteration"]), int(common["consumed_samples"])
+            print_rank0(ps, f"> resumed from {ck.load} at iteration {self.iteration} ({self.consumed} consumed samples)")
+
+    def setup_teacher(self) -> None:
+        """The frozen teacher while distillation lasts, else None."""
+        cfg, ps, kd = self.cfg, self.ps, self.cfg.kd
+        if not kd.enabled or cfg.train.skip_train:
+            return
+        if self.teacher_provider is None:
+            raise UserError("--kd / --mos: this training script provides no teacher (pass teacher_provider to pretrain)")
+        if kd.stop_iters is not None and self.iteration >= kd.stop_iters:
+            print_rank0(ps, f"> iteration {self.iteration} is past --kd-stop-iters {kd.stop_iters}: no teacher, LM loss only")
+            return
+        teacher = self.teacher_provider(cfg, ps)
+        n = sum(p.numel() for p in teacher.parameters())
+        tc = teacher.cfg
+        print_rank0(ps, f"> {'MoS' if kd.mos else 'KD'} teacher from {kd.load_teacher}: {tc.num_layers} layers, hidden "
+                        f"{tc.hidden_size}, experts {tc.moe.experts_per_layer(tc.num_layers)}, {n} parameters on this "
+                        f"rank; frozen, eval mode; loss = {kd.alpha_ce} * lm + {kd.beta_ce} * T^2 KL (T = {kd.temperature})"
+                        + (f" until iteration {kd.stop_iters}" if kd.stop_iters is not None else ""))
+        self.teacher, self.teacher_ref = teacher, weakref.ref(teacher)
+
+    def release_teacher(self) -> None:
+        self.teacher = None
+        gc.collect()
+        if self.ps.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def setup_metrics(self) -> None:
+        cfg, ps = self.cfg, self.ps
+        compute_dtype = torch.bfloat16 if cfg.precision.bf16 else (torch.float16 if cfg.precision.fp16 else torch.float32)
+        peak = cfg.logging.peak_tflops or device_peak_tflops(ps.device, compute_dtype)
+        sinks = [TensorBoardSink(cfg.logging.tensorboard_dir, ps)] + self.extra_sinks
+        self.metrics = MetricsLogger(ps, sinks, self.train_iters, cfg.model.seq_length, peak, flops_per_token(cfg.model))
+        self.metrics.text("config", f"```\n{cfg.to_dict()}\n```", 0)
+
+    # ------------------------------------------------------------------------------------------
+    # one step
+
+    def forward_backward(self, data_iterator, num_micro: int):
+        """Forward and backward of the step's micro-batches (gradient accumulation).
+
+        Returns (per-key loss sums averaged over micro-batches, accumulated MoE stats).
+        """
+        sums: dict = defaultdict(float)
+        moe_acc: list = []
+        teacher_kwarg = {} if self.teacher is None else {"teacher": self.teacher}  # hooks without KD need not accept it
+        for micro in range(num_micro):
+            if micro == num_micro - 1:
+                self.grad_reducer.arm()
+            with self.autocast():
+                output, loss_fn = self.forward_step_fn(data_iterator, self.model, **teacher_kwarg)
+                loss, logs = loss_fn(output)
+            (loss * (self.scaler.scale / num_micro)).backward()
+            for k, v in logs.items():
+                if k == "moe stats":
+                    moe_acc = accumulate_moe(moe_acc, v)
+                else:
+                    sums[k] += float(v) / num_micro
+        return sums, moe_acc
+
+    def step(self, sums: dict, moe_acc: list) -> StepResult:
+        """Reduce gradients, unscale, clip and step the optimizer unless the gradient norm is non-finite."""
+        ps, model = self.ps, self.model
+        self.grad_reducer.finish()
+        if self.scaler.scale != 1.0:
+            scale_gradients(model, 1.0 / self.scaler.scale)
+        grad_norm = global_grad_norm(model, ps)
+        found_inf = not math.isfinite(grad_norm)
+        if not found_inf:
+            if self.cfg.optimizer.clip_grad > 0:
+                clip_gradients(model, self.cfg.optimizer.clip_grad, grad_norm)
+            self.optimizer.step()
+            update_router_biases(self.model, self.ps)  # aux-loss-free routers: loads summed over DP
+        self.scaler.update(found_inf)
+        return StepResult(logs=_dp_mean(sums, ps, 1), moe=moe_acc, grad_norm=grad_norm, skipped=found_inf)
+
+    def train_step(self, data_iterator, num_micro: int) -> StepResult:
+        for p in self.model.parameters():
+            p.grad = None
+        return self.step(*self.forward_backward(data_iterator, num_micro))
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation, logging, saving, exit rules
+
+    @torch.no_grad()
+    def evaluate(self, split: str, dataset) -> dict:
+        """Mean losses over ``--eval-iters`` global batches of a fixed set (the split's first samples); logged."""
+        cfg, ps = self.cfg, self.ps
+        self.model.eval()
+        it = MicroBatchIterator(dataset, 0, cfg.train.micro_batch_size, ps.dp_rank, ps.dp_size)
+        sums: dict = defaultdict(float)
+        n = 0
+        for _ in range(cfg.train.eval_iters * self.eval_micro):
+            with self.autocast():
+                output, loss_fn = self.forward_step_fn(it, self.model)
+                _, logs = loss_fn(output)
+            for k, v in logs.items():
+                if k != "moe stats":
+                    sums[k] += float(v)
+            n += 1
+        self.model.train()
+        vals = _dp_mean(sums, ps, max(n, 1))
+        self.metrics.log_eval(self.iteration, split, vals)
+        return vals
+
+    def log(self, res: StepResult, batch: int) -> None:
+        self.metrics.record_step(res.logs, res.moe, batch)
+        if self.iteration % self.cfg.train.log_interval == 0 or self.iteration == self.train_iters:
+            self.metrics.log_interval(self.iteration, self.consumed, batch, self.optimizer.param_groups[0]["lr"],
+                                      self.scaler.scale, res.grad_norm, self.skipped_total, self.model)
+
+    def save(self) -> None:
+        """A checkpoint of this iteration (replicas checked identical and weights finite first)."""
+        ck = self.cfg.checkpoint
+        check_replicas(self.model, self.ps, self.iteration)
+        path = save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
+                               self.cfg, self.ps, {"consumed_samples": self.consumed}, save_optim=not ck.no_save_optim)
+        print_rank0(self.ps, f"> saved checkpoint at iteration {self.iteration} to {path}")
+
+    def saved_this_iteration(self) -> bool:
+        ck = self.cfg.checkpoint
+        return bool(ck.save_interval and self.iteration % ck.save_interval == 0)
+
+    def should_exit(self) -> str | None:
+        """The reason to stop after this step (--exit-interval, --exit-duration-in-mins, SIGTERM), or None."""
+        t = self.cfg.train
+        reason = None
+        if t.exit_interval and self.iteration % t.exit_interval == 0:
+            reason = f"exit interval {t.exit_interval}"
+        if t.exit_duration_in_mins is not None:
+            over = (time.time() - self.t_start) / 60.0 > t.exit_duration_in_mins
+            if any_rank(over, self.ps):
+                reason = f"exit duration {t.exit_duration_in_mins} min"
+        if self.signal is not None and any_rank(self.signal.received, self.ps):
+            reason = "SIGTERM received (--exit-signal-handler)"
+        return reason
+
+    # ------------------------------------------------------------------------------------------
+    # the run
+
+    def train(self) -> str | None:
+        """Steps until --train-iters or an exit rule; returns the exit reason (None when finished)."""
+        cfg, ps, ck = self.cfg, self.ps, self.cfg.checkpoint
+        mbs = cfg.train.micro_batch_size
+        self.model.train()
+        data_iter = MicroBatchIterator(self.train_ds, self.consumed, mbs, ps.dp_rank, ps.dp_size) \
+            if self.train_ds is not None else None
+        while self.iteration < self.train_iters and not cfg.train.skip_train:
+            num_micro = self.schedule.num_micro_batches(self.consumed)
+            batch = num_micro * mbs * ps.dp_size
+            scale_before = self.scaler.scale
+            res = self.train_step(data_iter, num_micro)
+            self.iteration += 1
+            self.consumed += batch
+            if not res.skipped:
+                self.scheduler.step(batch, self.optimizer)
+            self.skipped_total += int(res.skipped)
+            self.history.append(res.logs.get("lm loss", float("nan")))
+            self.kd_history.append(res.logs.get("kd loss"))
+            self.norm_history.append(res.grad_norm)
+            if self.teacher is not None and cfg.kd.stop_iters is not None and self.iteration >= cfg.kd.stop_iters:
+                self.release_teacher()  # staged KD: LM loss only from here on
+                print_rank0(ps, f"> knowledge distillation stopped at iteration {self.iteration} (--kd-stop-iters); "
+                                f"teacher freed, training on the LM loss only")
+            self.log(res, batch)
+            self.guard.check(self.iteration, res.logs, res.grad_norm, res.skipped, scale_before, self.scaler)
+            if self.valid_ds is not None and cfg.train.eval_iters > 0 and self.iteration % cfg.train.eval_interval == 0 \
+                    and self.iteration != self.train_iters:
+                self.last_valid = self.evaluate("valid", self.valid_ds)
+            if ck.save and self.saved_this_iteration():
+                self.save()
+            reason = self.should_exit()
+            if reason:
+                if ck.save and not self.saved_this_iteration():
+                    self.save()
+                print_rank0(ps, f"> exiting at iteration {self.iteration}: {reason}")
+                return reason
+        return None
+
+    def result(self) -> dict:
+        return {"iteration": self.iteration, "losses": self.history, "kd_losses": self.kd_history,
+                "grad_norms": self.norm_history}
+
+    def run(self) -> dict:
+        self.setup()
+        self.last_valid = None
+        try:
+            train_t0 = time.time()
+            reason = self.train()
+            if reason:
+                return {**self.result(), "valid": self.last_valid, "exit": reason}
+            train_time = time.time() - train_t0
+            self.release_teacher()
+            result = {**self.result(), "train_time": train_time, "skipped": self.skipped_total,
+                      "loss_scale": self.scaler.scale,
+                      "teacher_released": self.teacher_ref is not None and self.teacher_ref() is None}
+            cfg, ck = self.cfg, self.cfg.checkpoint
+            if self.valid_ds is not None and cfg.train.eval_iters > 0:
+                result["valid"] = self.evaluate("valid", self.valid_ds)
+            if self.test_ds is not None and cfg.train.eval_iters > 0:
+                result["test"] = self.evaluate("test", self.test_ds)
+            if ck.save and self.iteration > 0 and not cfg.train.skip_train and not self.saved_this_iteration():
+                self.save()
+            return result
+        finally:
+            self.metrics.close()
+            if self.signal is not None:
+                self.signal.restore()
+
+
+def pretrain(train_valid_test_datasets_provider, model_provider, forward_step_fn, argv=None, cfg=None,
+             extra_args_provider=None, teacher_provider=None, sinks=None):
+    """Parse flags, build everything, train, evaluate, save. Returns a dict of final figures.
+
+    ``teacher_provider(cfg, ps)`` builds the frozen teacher for --kd / --mos; ``forward_step_fn`` is then
+    called with ``teacher=`` while distillation lasts (until --kd-stop-iters). ``sinks`` are extra
+    :class:`MetricsSink` backends. Every rank first checks that all ranks hold the same settings.
+    """
+    if cfg is None:
+        cfg = parse_args(argv, extra_args_provider)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ps = initialize(cfg.parallel, cfg.model.moe.expert_parallel_size,
+                    before_groups=lambda: agree_on_settings(cfg.to_dict(), world_size))
+    try:
+        trainer = Trainer(cfg, ps, train_valid_test_datasets_provider, model_provider, forward_step_fn,
+                          teacher_provider, sinks)
+        return trainer.run()
+    finally:
+        destroy(ps)
