@@ -1,7 +1,7 @@
 """Weights & Biases as a second sink for the TensorBoard scalars (Megatron-LM's --wandb-* flags).
 
-:class:`WandbSink` has the TensorBoard writer's interface (``scalar``, ``histogram``, ``close``),
-so the training loop writes each scalar, per-layer expert load included, to both. Only rank 0
+:class:`WandbSink` is a metrics sink beside TensorBoard's (``scalar``, ``histogram``, ``text``,
+``close``), so the Trainer writes each scalar, per-layer expert load included, to both. Only rank 0
 writes. wandb is an optional dependency: giving ``--wandb-project`` without it installed is a
 one-line error before any compute (``require_wandb``). ``WANDB_MODE=offline`` writes the run to
 ``--wandb-save-dir`` only (sync it later with ``wandb sync``).
@@ -13,6 +13,7 @@ import os
 from typing import Optional
 
 from megatron.errors import UserError
+from megatron.training.metrics import MetricsSink
 
 
 def require_wandb(project: Optional[str]) -> None:
@@ -20,7 +21,7 @@ def require_wandb(project: Optional[str]) -> None:
         raise UserError("--wandb-project needs the wandb package: pip install wandb (or drop the --wandb-* flags)")
 
 
-class WandbSink:
+class WandbSink(MetricsSink):
     def __init__(self, logging_cfg, ps, config: Optional[dict] = None):
         self.run = None
         project = logging_cfg.wandb_project
@@ -44,6 +45,9 @@ class WandbSink:
 
             counts = np.asarray(values, dtype=np.float64)  # one bin per expert: its token count
             self.run.log({name: self._wandb.Histogram(np_histogram=(counts, np.arange(len(counts) + 1)))}, step=step)
+
+    def text(self, name: str, text: str, step: int) -> None:
+        pass  # the run's config is given to wandb.init
 
     def close(self) -> None:
         if self.run is not None:

@@ -51,3 +51,22 @@ def test_wandb_flag_errors(monkeypatch):
     monkeypatch.setattr(wandb_sink.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="--wandb-project needs the wandb package: pip install wandb"):
         parse_args(mock_args(["--train-iters", "1", "--wandb-project", "p"]))
+
+
+def test_training_writes_the_tensorboard_scalars_to_wandb(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import pretrain_gpt_moe
+    from tests.runs import mock_args
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pretrain_gpt_moe.main(mock_args(["--train-iters", "2", "--num-experts", "4", "--wandb-project", "moe",
+                                     "--wandb-save-dir", str(tmp_path / "wb"), "--tensorboard-dir", str(tmp_path / "tb")]))
+    (log,) = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))
+    for _ in range(100):
+        data = open(log, "rb").read()
+        if b"tokens-per-expert" in data:
+            break
+        time.sleep(0.2)
+    for tag in (b"lm loss", b"learning-rate", b"grad-norm", b"tokens-per-expert"):
+        assert tag in data, tag
