@@ -36,7 +36,7 @@ def _batch(step, dp_rank, vocab=128):
 def _loss(model, tokens, labels):
     torch.manual_seed(int(tokens[0, 0]))  # the same router randomness in every copy of the model
     per_token, stats = model(tokens, labels)
-    return per_token.mean() + 0.01 * torch.stack([s["aux_loss"] for s in stats]).sum()
+    return per_token.mean() + 0.01 * torch.stack([s.aux_loss for s in stats]).sum()
 
 
 def _plain_step(model, opt, cfg, ps, tokens, labels):
