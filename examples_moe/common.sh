@@ -8,6 +8,12 @@
 #   MERGE_FILE       GPT-2 merges.txt                        (likewise)
 #   OUTPUT_DIR       checkpoints and TensorBoard go under it  (output/$NAME)
 #   NNODES, GPUS_PER_NODE, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun rendezvous (recipe default, 8, 0, localhost, 6000)
+#   RDZV_ID          rendezvous job id, the same on every node (megatron-moe-$NAME)
+#   HOSTFILE         a DeepSpeed-style hostfile ("host slots=N" per line, # comments): sets NNODES (its lines),
+#                    GPUS_PER_NODE (slots), MASTER_ADDR (first host) and NODE_RANK (this host's line)
+#   TORCHRUN         the launcher command (torchrun)
+# Multi-node: run the same command on every node (same MASTER_ADDR / MASTER_PORT / RDZV_ID, each with
+# its NODE_RANK, or one HOSTFILE); the nodes meet through torchrun's c10d rendezvous on MASTER_ADDR.
 #   TRAIN_TOKENS     300000000000      SAVE_INTERVAL 1000      PYTHON python3
 # `--dry-run` anywhere in the arguments runs one process that builds the model on the meta device,
 # prints parameters / FLOPs / the per-GPU memory plan for NNODES x GPUS_PER_NODE GPUs, and exits.
@@ -20,12 +26,44 @@ DATA_PATH=${DATA_PATH:-data/pile_text_document}
 VOCAB_FILE=${VOCAB_FILE:-$DEFAULT_VOCAB_DIR/gpt2-vocab.json}
 MERGE_FILE=${MERGE_FILE:-$DEFAULT_VOCAB_DIR/gpt2-merges.txt}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NODE_RANK_FROM_ENV=${NODE_RANK:-}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 TRAIN_TOKENS=${TRAIN_TOKENS:-300000000000}
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 PYTHON=${PYTHON:-python3}
+TORCHRUN=${TORCHRUN:-torchrun}
+
+# DeepSpeed-style hostfile -> NNODES, GPUS_PER_NODE, MASTER_ADDR, NODE_RANK (this host's line).
+read_hostfile() {
+  local file=$1 hosts=() slots=() line host n me i
+  [ -f "$file" ] || { echo "error: HOSTFILE $file: no such file" >&2; exit 2; }
+  while IFS= read -r line || [ -n "$line" ]; do
+    line=${line%%#*}
+    read -r host n <<<"$line" || true
+    [ -z "${host:-}" ] && continue
+    n=${n#slots=}
+    if ! [[ "$n" =~ ^[0-9]+$ ]] || [ "$n" -lt 1 ]; then
+      echo "error: HOSTFILE $file: line '$line' needs 'HOST slots=N' with N >= 1" >&2; exit 2
+    fi
+    hosts+=("$host"); slots+=("$n")
+  done <"$file"
+  [ "${#hosts[@]}" -ge 1 ] || { echo "error: HOSTFILE $file: no hosts in it" >&2; exit 2; }
+  for n in "${slots[@]}"; do
+    [ "$n" = "${slots[0]}" ] || { echo "error: HOSTFILE $file: every host needs the same slots (torchrun starts the same number of processes per node)" >&2; exit 2; }
+  done
+  NNODES=${#hosts[@]}; GPUS_PER_NODE=${slots[0]}; MASTER_ADDR=${hosts[0]}
+  if [ -z "${NODE_RANK_FROM_ENV:-}" ]; then
+    NODE_RANK=""
+    for me in "${HOSTFILE_SELF:-$(hostname)}" "$(hostname -s 2>/dev/null || true)" "$(hostname -f 2>/dev/null || true)"; do
+      for i in "${!hosts[@]}"; do
+        if [ -n "$me" ] && [ "${hosts[$i]}" = "$me" ]; then NODE_RANK=$i; break 2; fi
+      done
+    done
+    [ -n "$NODE_RANK" ] || { echo "error: HOSTFILE $file: this host ($(hostname)) is not listed; set NODE_RANK" >&2; exit 2; }
+  fi
+}
 
 # GPT-3 recipe shared by every paper run: seq 2048, 300B tokens, 375M warmup tokens, Adam (0.9, 0.95),
 # weight decay 0.1, clip 1.0, cosine decay, fp16 with DeepSpeed's scaler settings, activation
@@ -59,6 +97,7 @@ repeat() {  # repeat N X -> X X ... X (N times)
 }
 
 launch() {
+  if [ -n "${HOSTFILE:-}" ]; then read_hostfile "$HOSTFILE"; fi
   local world=$((NNODES * GPUS_PER_NODE))
   local args=("${MODEL_ARGS[@]}" "${MOE_ARGS[@]+"${MOE_ARGS[@]}"}" "${KD_ARGS[@]+"${KD_ARGS[@]}"}" "${COMMON_ARGS[@]}")
   for a in "$@"; do
@@ -66,6 +105,8 @@ launch() {
       exec "$PYTHON" "$ROOT/pretrain_gpt_moe.py" "${args[@]}" --dry-run-world-size "$world" "$@"
     fi
   done
-  exec torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$ROOT/pretrain_gpt_moe.py" "${args[@]}" "$@"
+  # shellcheck disable=SC2086
+  exec $TORCHRUN --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-megatron-moe-$NAME}" \
+    "$ROOT/pretrain_gpt_moe.py" "${args[@]}" "$@"
 }

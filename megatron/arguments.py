@@ -15,17 +15,6 @@ from megatron.config import Config, parse_data_path  # noqa: F401  (parse_data_p
 from megatron.errors import UserError
 from megatron.options import add_options, build_config
 
-# DeepSpeed-only flags accepted by Megatron-DeepSpeed: what to use here instead.
-DEEPSPEED_ONLY_FLAGS = {
-    "--deepspeed": "this framework has no DeepSpeed engine; drop --deepspeed (MoE, EP and mixed precision are built in)",
-    "--deepspeed_config": "drop the DeepSpeed JSON; give its settings as flags (--micro-batch-size, --global-batch-size, --fp16/--bf16, --clip-grad)",
-    "--deepspeed-config": "drop the DeepSpeed JSON; give its settings as flags (--micro-batch-size, --global-batch-size, --fp16/--bf16, --clip-grad)",
-    "--deepspeed-activation-checkpointing": "use --checkpoint-activations",
-    "--no-pipeline-parallel": "drop it: there is no pipeline parallelism here",
-    "--pipeline-model-parallel-size": "pipeline parallelism is not supported: drop the flag (use expert/data parallelism)",
-}
-
-
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" where a default is set (not for switches or unset values)."""
 
@@ -55,13 +44,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     return p, add_options(p, Config)
 
 
-def _check_deepspeed_flags(argv: Sequence[str]) -> None:
-    for a in argv:
-        name = a.split("=", 1)[0]
-        if name in DEEPSPEED_ONLY_FLAGS:
-            raise UserError(f"{name} is a DeepSpeed-only flag: {DEEPSPEED_ONLY_FLAGS[name]}")
-
-
 def _flags_given(argv: Sequence[str], names: dict[str, str]) -> tuple[str, ...]:
     """Config paths of the options that appear on the command line (under any of their names)."""
     given = []
@@ -78,8 +60,15 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
     ``extra_args_provider(parser) -> parser`` may add the caller's own flags; their values are in
     ``cfg.extra`` (dest -> value).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _check_deepspeed_flags(argv)
+    import os
+
+    from megatron.upstream_flags import translate_argv
+
+    upstream = translate_argv(sys.argv[1:] if argv is None else argv)  # upstream flags and the DeepSpeed JSON
+    if os.environ.get("RANK", "0") == "0":
+        for note in upstream.notes:
+            print(note, file=sys.stderr, flush=True)
+    argv = upstream.argv
     parser, names = build_parser()
     if extra_args_provider is not None:
         parser = extra_args_provider(parser) or parser

@@ -32,9 +32,11 @@ class MoEConfig:
                                   check=(positive, "must be >= 1"))
     mlp_type: str = option("--mlp-type", "standard", "MoE layer kind: standard, or residual (Residual-MoE: a dense MLP "
                            "plus the chosen expert, mixed by a learned coefficient)", choices=["standard", "residual"])
-    topk: int = option("--topk", 1, "experts chosen per token (top-1 or top-2 gating)", check=(positive, "must be >= 1"))
+    topk: int = option("--topk", 1, "experts chosen per token (top-1 or top-2 gating)", check=(positive, "must be >= 1"),
+                       aliases=("--moe-router-topk",))
     expert_parallel_size: int = option("--moe-expert-parallel-size", 1, "expert-parallel group size: each rank holds "
-                                       "1/EP of every MoE layer's experts", check=(positive, "must be >= 1"))
+                                       "1/EP of every MoE layer's experts", check=(positive, "must be >= 1"),
+                                       aliases=("--expert-model-parallel-size",))
     train_capacity_factor: float = option("--moe-train-capacity-factor", 1.0, "expert capacity in training: "
                                           "ceil(tokens / experts * k * factor) slots per expert", check=(positive, "must be > 0"))
     eval_capacity_factor: float = option("--moe-eval-capacity-factor", 1.0, "expert capacity factor in evaluation",
@@ -42,7 +44,7 @@ class MoEConfig:
     min_capacity: int = option("--moe-min-capacity", 4, "lower bound on the slots of each expert",
                                check=(non_negative, "must be >= 0"))
     loss_coeff: float = option("--moe-loss-coeff", 0.1, "weight of the load-balancing (aux) loss, summed over MoE layers",
-                               check=(non_negative, "must be >= 0"))
+                               check=(non_negative, "must be >= 0"), aliases=("--moe-aux-loss-coeff",))
     token_dropping: bool = option("--disable-moe-token-dropping", True, "no-drop MoE: every token reaches its experts "
                                   "(capacity grows to the demand)")
     top2_2nd_expert_sampling: bool = option("--disable-moe-top2-2nd-expert-sampling", True,
@@ -140,7 +142,8 @@ class ModelConfig:
                                       check=(unit_interval, "must be in [0, 1)"))
     layernorm_epsilon: float = option("--layernorm-epsilon", 1e-5, "epsilon of every LayerNorm", check=(positive, "must be > 0"))
     checkpoint_activations: bool = option("--checkpoint-activations", False, "recompute each layer's activations in "
-                                          "the backward pass (saves memory)", aliases=("--recompute-activations",))
+                                          "the backward pass (saves memory)",
+                                          aliases=("--recompute-activations", "--deepspeed-activation-checkpointing"))
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -307,8 +310,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_options(self)
-        n = sum(x is not None for x in (self.train_iters, self.train_samples, self.train_tokens))
-        check(n == 1, "give exactly one of --train-iters, --train-samples, --train-tokens")
+        n = sum(x is not None for x in (self.train_iters, self.train_samples))
+        check(n == 1 or (n == 0 and self.train_tokens is not None),
+              "give one of --train-iters, --train-samples, --train-tokens (--train-tokens may join either: "
+              "training stops at the first bound reached)")
         if self.rampup_batch_size is not None:
             check(
                 len(self.rampup_batch_size) == 3,
@@ -472,13 +477,57 @@ class LoggingConfig:
     peak_tflops: Optional[float] = option("--peak-tflops", None, "peak TFLOP/s of one device for the MFU estimate "
                                           "(default: known GPUs, else a measured matmul peak)", type=float,
                                           check=(positive, "must be > 0"))
+    tensorboard_queue_size: int = option("--tensorboard-queue-size", 1000, "TensorBoard events buffered before a "
+                                         "write", check=(positive, "must be >= 1"))
+    log_timers_to_tensorboard: bool = option("--log-timers-to-tensorboard", False, "write the per-phase timers "
+                                             "(forward, backward, all-to-all, optimizer, data) to TensorBoard")
+    log_batch_size_to_tensorboard: bool = option("--log-batch-size-to-tensorboard", False, "write the global batch "
+                                                 "size to TensorBoard (it is always written)")
+    log_validation_ppl_to_tensorboard: bool = option("--log-validation-ppl-to-tensorboard", False, "write validation "
+                                                     "perplexity to TensorBoard (it is always written)")
+    log_optimizer_states_to_tensorboard: bool = option("--log-optimizer-states-to-tensorboard", False, "write Adam "
+                                                       "moment norms and max-abs values to TensorBoard")
+    wandb_project: Optional[str] = option("--wandb-project", None, "log the TensorBoard scalars to this Weights & "
+                                          "Biases project too (needs the wandb package)", type=str)
+    wandb_exp_name: Optional[str] = option("--wandb-exp-name", None, "the wandb run name", type=str)
+    wandb_save_dir: Optional[str] = option("--wandb-save-dir", None, "directory for wandb's local files", type=str)
 
     def validate(self) -> None:
         check_options(self)
+        check(self.wandb_project is not None or (self.wandb_exp_name is None and self.wandb_save_dir is None),
+              "--wandb-exp-name / --wandb-save-dir need --wandb-project (the Weights & Biases project to log to)")
+        from megatron.wandb_sink import require_wandb
+
+        require_wandb(self.wandb_project)
 
 
 def _world_size_default(v: Optional[int]) -> int:
     return v if v is not None else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class DeepSpeedCompatConfig:
+    """Megatron-DeepSpeed's launch flags. The JSON's values are applied to the other options while the
+    command line is read (megatron/upstream_flags.py); what needs the run — the data-parallel size
+    for the batch identity, the curriculum — is read from it again here (megatron/ds_config.py)."""
+
+    OPTION_GROUP: ClassVar[str] = "DeepSpeed compatibility"
+
+    deepspeed: bool = option("--deepspeed", False, "accepted: there is no DeepSpeed engine here (MoE, expert "
+                             "parallelism, ZeRO-1 and mixed precision are built in)")
+    deepspeed_config: Optional[str] = option("--deepspeed_config", None, "a DeepSpeed JSON: its batch sizes, precision, "
+                                             "loss scaling, clipping, ZeRO stage and curriculum are read (a value that "
+                                             "contradicts a typed flag is an error)", type=str,
+                                             aliases=("--deepspeed-config",))
+
+    def validate(self) -> None:
+        check_options(self)
+
+    def read(self):
+        """The parsed JSON (megatron.ds_config.DeepSpeedConfig), or None without --deepspeed_config."""
+        from megatron.ds_config import read_deepspeed_config
+
+        return None if self.deepspeed_config is None else read_deepspeed_config(self.deepspeed_config)
 
 
 @dataclass
@@ -494,6 +543,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    deepspeed: DeepSpeedCompatConfig = field(default_factory=DeepSpeedCompatConfig)
     dry_run: bool = option("--dry-run", False, "build the model on the meta device, print parameters, FLOPs and the "
                            "per-GPU memory plan, exit")
     dry_run_world_size: Optional[int] = option("--dry-run-world-size", None, "GPUs the dry run plans for (default: "
@@ -517,6 +567,7 @@ class Config:
         self.checkpoint.validate()
         self.logging.validate()
         self.kd.validate()
+        self.deepspeed.validate()
         return self
 
     def validate_world(self, world_size: int) -> None:
@@ -544,6 +595,9 @@ class Config:
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size × data-parallel size ({mbs} × {dp} = {mbs * dp}): "
             f"change one of them",
         )
+        ds = self.deepspeed.read()
+        if ds is not None:
+            ds.check_batch(gbs, mbs, dp)
         if self.train.rampup_batch_size is not None:
             start, incr, _ = self.train.rampup_batch_size
             check(start % (mbs * dp) == 0 and incr % (mbs * dp) == 0,

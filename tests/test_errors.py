@@ -41,7 +41,7 @@ CATALOGUE = [
     ("split", lambda t: real(t, ["--split", "98,a,0"]), "--split"),
     ("fp16+bf16", lambda t: mock_args(BASE + ["--fp16", "--bf16"]), "--fp16 and --bf16"),
     ("no lr", lambda t: [a for a in mock_args(BASE) if a not in ("--lr", "3e-3")], "--lr"),
-    ("deepspeed", lambda t: mock_args(BASE + ["--deepspeed"]), "--deepspeed"),
+    ("pipeline parallel", lambda t: mock_args(BASE + ["--pipeline-model-parallel-size", "2"]), "pipeline parallelism"),
     ("zero-stage 2", lambda t: mock_args(BASE + ["--zero-stage", "2"]), "--zero-stage 1"),
     ("num-experts list", lambda t: mock_args(BASE + ["--num-experts", "4", "8", "8"]), "--num-experts"),
     ("ep divides experts", lambda t: mock_args(BASE + ["--num-experts", "6", "--moe-expert-parallel-size", "4"]), "--moe-expert-parallel-size"),
@@ -84,7 +84,7 @@ def test_corrupt_index_file(tmp_path):
 
 
 def test_entry_point_exit_status_and_one_line(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py")] + mock_args(BASE + ["--deepspeed"]),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py")] + mock_args(BASE + ["--pipeline-model-parallel-size", "2"]),
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.startswith("error: --deepspeed is a DeepSpeed-only flag") and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: pipeline parallelism is not supported") and r.stderr.count("\n") == 1

@@ -144,8 +144,12 @@ def test_six_tasks_end_to_end_through_lm_eval(tmp_path):
     from tools import eval_harness
 
     res_path = str(tmp_path / "results.json")
+    # Megatron-DeepSpeed's evaluation flags (ds_evalharness.sh) as they are spelled there
     out = eval_harness.main(["--load", ck, "--eval-data-dir", data, "--limit", "2", "--micro-batch-size", "4",
-                             "--results-path", res_path, "--bootstrap-iters", "0"])
+                             "--results_path", res_path, "--bootstrap-iters", "0", "--adaptive_seq_len", "--eval_fp32",
+                             "--task_list", "lambada,piqa,boolq,race,triviaqa,webqs", "--deepspeed", "--no-pipeline-parallel",
+                             "--pipeline-model-parallel-size", "1", "--num-layers", "-1", "--hidden-size", "-1",
+                             "--inference", "--no-load-optim", "--tokenizer-type", "GPT2BPETokenizer"])
     res = out["results"][ck]
     for task, metric in (("lambada", "acc,none"), ("piqa", "acc,none"), ("boolq", "acc,none"), ("race", "acc,none"),
                          ("triviaqa", "exact_match,remove_whitespace"), ("webqs", "exact_match,none")):
@@ -159,8 +163,10 @@ def test_eval_harness_user_errors(tmp_path, checkpoints):
     pytest.importorskip("lm_eval")
     from tools import eval_harness
 
-    with pytest.raises(UserError, match="--task-list: unknown task"):
-        eval_harness.main(["--load", checkpoints["dense"], "--task-list", "mmlu", "--eval-data-dir", str(tmp_path)])
+    with pytest.raises(UserError, match="--task-list is empty"):
+        eval_harness.main(["--load", checkpoints["dense"], "--task-list", ",", "--eval-data-dir", str(tmp_path)])
+    with pytest.raises(UserError, match="--tensor-model-parallel-size 2: evaluation runs in one process"):
+        eval_harness.main(["--load", checkpoints["dense"], "--tensor-model-parallel-size", "2"])
     with pytest.raises(UserError, match="--eval-data-dir .*no such directory"):
         eval_harness.main(["--load", checkpoints["dense"], "--eval-data-dir", str(tmp_path / "nope")])
     with pytest.raises(UserError, match="no text tokenizer"):
@@ -222,3 +228,90 @@ def test_generate_text_tool_batches_greedy_prompts_like_single_ones(checkpoints,
     assert len(batched) == 3 and all(len(t.split()) == 6 for t in batched)
     with pytest.raises(UserError, match="--batch-size"):
         generate_text.main(argv + ["--batch-size", "0"])
+
+
+def test_upstream_eval_flags_parse():
+    from tools import eval_harness
+
+    a = eval_harness.parse(["--load", "ck", "--task_list", "piqa,hellaswag", "--results_path", "r.json",
+                            "--num_fewshot", "5", "--eval_fp32", "--adaptive_seq_len", "--deepspeed",
+                            "--deepspeed_config", "ds.json", "--moe-expert-parallel-size", "1",
+                            "--disable-moe-token-dropping", "--no-load-rng", "--seq-length", "-1",
+                            "--max-position-embeddings", "-1", "--num-attention-heads", "-1"])
+    assert (a.tasks, a.results_path, a.num_fewshot, a.eval_fp32) == (["piqa", "hellaswag"], "r.json", 5, True)
+
+
+def _piqa_dir(tmp_path, second_line):
+    d = tmp_path / "eval" / "piqa"
+    d.mkdir(parents=True)
+    good = json.dumps({"goal": "g", "sol1": "a", "sol2": "b"})
+    (d / "valid.jsonl").write_text(good + "\n" + second_line + "\n" + good + "\n")
+    (d / "valid-labels.lst").write_text("0\n1\n0\n")
+    return str(tmp_path / "eval")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"goal": "g", "sol1": "a", "sol2": ', r"valid.jsonl line 2: not valid JSON \(Expecting value at column 36\)"),
+    ('{"goal": "g", "sol1": "a"}', r"valid.jsonl line 2: field 'sol2' is missing"),
+    ('["g", "a", "b"]', r"valid.jsonl line 2: expected a JSON object, got list"),
+])
+def test_a_broken_line_in_an_eval_file_names_file_and_line(tmp_path, line, message):
+    from megatron.evaluation.local_tasks import write_tasks
+
+    src = _piqa_dir(tmp_path, line)
+    with pytest.raises(UserError, match=message) as e:
+        write_tasks(src, str(tmp_path / "out"), ["piqa"])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "piqa.jsonl").exists()
+
+
+def test_eval_task_registry_is_one_record_per_task(tmp_path):
+    from megatron.evaluation.local_tasks import REGISTRY, EvalTask, register, write_tasks
+
+    assert list(REGISTRY) == ["lambada", "piqa", "boolq", "race", "triviaqa", "webqs"]
+    src = tmp_path / "src" / "tiny"
+    src.mkdir(parents=True)
+    (src / "docs.jsonl").write_text('{"q": "1 + 1", "a": "2"}\n{"q": "2 + 2", "a": "4"}\n')
+    task = EvalTask("tiny_qa", "TinyQA", ("tiny/docs.jsonl",), "test",
+                    "output_type: loglikelihood\ndoc_to_text: \"{{q}} =\"\ndoc_to_target: \" {{a}}\"\n"
+                    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+                    metric="acc,none")
+    register(task)
+    try:
+        counts = write_tasks(str(tmp_path / "src"), str(tmp_path / "out"), ["tiny_qa"])
+        assert counts == {"tiny_qa": 2}
+        assert "task: local_tiny_qa" in (tmp_path / "out" / "local_tiny_qa.yaml").read_text()
+    finally:
+        del REGISTRY["tiny_qa"]
+
+
+def test_a_task_whose_dataset_is_absent_fails_naming_it(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from tools import eval_harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "absent.yaml").write_text(
+        "task: absent_task\ndataset_path: nobody/no_such_dataset_here\ndataset_name: main\noutput_type: loglikelihood\n"
+        "test_split: test\ndoc_to_text: q\ndoc_to_target: a\nmetric_list:\n  - metric: acc\n")
+    tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    with pytest.raises(UserError, match=r"--task-list absent_task: its dataset nobody/no_such_dataset_here \(main\) "
+                                        r"is not available") as e:
+        eval_harness.check_task_data(tm, ["absent_task"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"--task-list: unknown task\(s\) nope_task"):
+        eval_harness.check_task_names(tm, ["nope_task"])
+
+
+@pytest.mark.slow
+def test_any_lm_eval_task_name_reaches_lm_evals_registry(tmp_path, monkeypatch):
+    """hellaswag is no local task: it is found in lm-eval's registry, and offline its absent data is named."""
+    pytest.importorskip("lm_eval")
+    from tools import eval_harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"--task-list hellaswag: its dataset Rowan/hellaswag is not available"):
+        eval_harness.task_manager(str(tmp_path), ["hellaswag"])

@@ -22,10 +22,11 @@ from megatron.text_generation import generate, generate_greedy_batch
 @register_model("megatron-moe")
 class MegatronMoELM(TemplateLM):
     def __init__(self, load: str = None, micro_batch_size: int = 8, moe_eval_capacity_factor=None, device=None,
-                 max_length: int = None, vocab_file=None, merge_file=None, tokenizer_model=None, loaded=None, **kwargs):
+                 max_length: int = None, vocab_file=None, merge_file=None, tokenizer_model=None, loaded=None, dtype=None,
+                 **kwargs):
         super().__init__()
         cf = None if moe_eval_capacity_factor in (None, "", "None") else float(moe_eval_capacity_factor)
-        self.lm = loaded or load_model(load, device, cf, None, vocab_file, merge_file, tokenizer_model)
+        self.lm = loaded or load_model(load, device, cf, dtype, vocab_file, merge_file, tokenizer_model)
         self.model, self.tokenizer_ = self.lm.model, self.lm.tokenizer
         self._device = next(self.model.parameters()).device
         self.batch_size = int(micro_batch_size)

@@ -1,4 +1,8 @@
-"""The paper's six zero-shot tasks as lm-eval 0.4 task configs over LOCAL files.
+"""The paper's six zero-shot tasks as lm-eval 0.4 task configs over LOCAL files: a registry.
+
+Each task is one :class:`EvalTask` record (files, converter, YAML body, headline metric, paper
+name); adding a task is one ``register(EvalTask(...))`` call. A broken record in a data file is
+one error naming the file and line.
 
 ``write_tasks(eval_data_dir, out_dir)`` converts the local files (layout: ../shared/data/README.md)
 into clean jsonl under ``out_dir`` and writes one YAML per task whose ``data_files`` are ABSOLUTE
@@ -14,27 +18,64 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from megatron.errors import UserError
 
-TASKS = ("lambada", "piqa", "boolq", "race", "triviaqa", "webqs")
-PAPER_NAMES = {"lambada": "LAMBADA", "piqa": "PIQA", "boolq": "BoolQ", "race": "RACE-h", "triviaqa": "TriviaQA",
-               "webqs": "WebQs"}
-SOURCES = {  # task -> files under the eval data dir
-    "lambada": ["lambada/lambada_test.jsonl"],
-    "piqa": ["piqa/valid.jsonl", "piqa/valid-labels.lst"],
-    "boolq": ["boolq/val.jsonl"],
-    "race": ["race/test/high"],
-    "triviaqa": ["triviaqa/triviaqa_sm_sub.jsonl"],
-    "webqs": ["webquestions/test.json"],
-}
-PRIMARY_METRIC = {"lambada": "acc", "piqa": "acc", "boolq": "acc", "race": "acc", "triviaqa": "exact_match",
-                  "webqs": "exact_match"}
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One local task: where its files are, how they become lm-eval documents, and how it is scored.
+
+    ``convert(src_dir)`` yields the documents (None: the first source file is used as it is);
+    ``body`` is the lm-eval YAML after the data lines; ``metric`` is the key of the number the
+    results table shows (``metric,filter`` as lm-eval reports it).
+    """
+
+    name: str
+    paper_name: str
+    sources: tuple
+    split: str
+    body: str
+    metric: str
+    convert: Optional[Callable] = None
+    note: str = ""
+
+    @property
+    def lm_eval_name(self) -> str:
+        """lm-eval name of our local variant (kept apart from lm-eval's own hub-backed tasks)."""
+        return f"local_{self.name}"
+
+
+REGISTRY: dict[str, EvalTask] = {}
+
+
+def register(task: EvalTask) -> EvalTask:
+    """Add a local task; ``--task_list`` then accepts its name."""
+    REGISTRY[task.name] = task
+    return task
 
 
 def task_name(task: str) -> str:
-    """lm-eval name of our local variant (kept apart from lm-eval's own hub-backed tasks)."""
-    return f"local_{task}"
+    return REGISTRY[task].lm_eval_name
+
+
+class _Record(dict):
+    """A document read from a file; a missing field names the file and line."""
+
+    where = ""
+
+    def __missing__(self, key):
+        raise UserError(f"{self.where}: field {key!r} is missing; fix or remove that record")
+
+
+def _record(obj, where: str) -> _Record:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}; fix or remove that record")
+    r = _Record(obj)
+    r.where = where
+    return r
 
 
 def _write_jsonl(path: str, rows) -> int:
@@ -48,15 +89,37 @@ def _write_jsonl(path: str, rows) -> int:
 
 
 def _read_jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    """Records of a jsonl file; a broken line is one error naming the file and line."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); "
+                                f"fix or remove that line") from None
+            yield _record(obj, f"{path} line {n}")
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix that file") from None
 
 
 def _piqa(src):
     docs = list(_read_jsonl(os.path.join(src, "piqa/valid.jsonl")))
-    labels = [int(x) for x in open(os.path.join(src, "piqa/valid-labels.lst")).read().split()]
+    label_path = os.path.join(src, "piqa/valid-labels.lst")
+    labels = []
+    with open(label_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                if line.strip() not in ("0", "1"):
+                    raise UserError(f"{label_path} line {n}: expected a label 0 or 1, got {line.strip()[:40]!r}")
+                labels.append(int(line))
     if len(docs) != len(labels):
         raise UserError(f"--eval-data-dir: piqa/valid.jsonl has {len(docs)} rows but valid-labels.lst {len(labels)}")
     for d, y in zip(docs, labels):
@@ -73,7 +136,7 @@ def _boolq(src):
 def _race(src):
     letter = {"A": 0, "B": 1, "C": 2, "D": 3}
     for path in sorted(glob.glob(os.path.join(src, "race/test/high/*.txt"))):
-        d = json.load(open(path, encoding="utf-8"))
+        d = _record(_read_json(path), path)
         problems = list(zip(d["questions"], d["options"], d["answers"]))
         text = "Article: " + d["article"] + "\n\n"
         for q, opts, ans in problems[:-1]:  # earlier questions shown with their answers (lm-eval race)
@@ -92,7 +155,12 @@ def _triviaqa(src):
 
 
 def _webqs(src):
-    for d in json.load(open(os.path.join(src, "webquestions/test.json"), encoding="utf-8")):
+    path = os.path.join(src, "webquestions/test.json")
+    docs = _read_json(path)
+    if not isinstance(docs, list):
+        raise UserError(f"{path}: expected a JSON list of questions")
+    for i, d in enumerate(docs):
+        d = _record(d, f"{path} question {i}")
         answers = sorted(d["answers"])  # lm-eval webqs: drop aliases that have a strict prefix in the list
         kept = [answers[0]]
         for a in answers[1:]:
@@ -101,45 +169,63 @@ def _webqs(src):
         yield {"question": d["qText"], "choices": kept, "gold": list(range(len(kept)))}
 
 
-def _yaml(task: str, data_file: str, split: str, body: str) -> str:
-    return (f"task: {task_name(task)}\ndataset_path: json\ndataset_name: null\n"
+def _yaml(task: EvalTask, data_file: str) -> str:
+    split = task.split
+    return (f"task: {task.lm_eval_name}\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    {split}: {json.dumps(data_file)}\n"
-            f"{split}_split: {split}\n" + body + "metadata:\n  version: 1.0\n")
+            f"{split}_split: {split}\n" + task.body + "metadata:\n  version: 1.0\n")
 
 
 _MC_ACC = "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-BODIES = {
-    "lambada": ("test", "output_type: loglikelihood\n"
-                "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
-                "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
-                "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
-                "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"),
-    "piqa": ("validation", "output_type: multiple_choice\n"
-             "doc_to_text: \"Question: {{goal}}\\nAnswer:\"\ndoc_to_target: label\n"
-             "doc_to_choice: \"{{[sol1, sol2]}}\"\n"
-             "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-             "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"),
-    "boolq": ("validation", "output_type: multiple_choice\n"
-              "doc_to_text: \"{{passage}}\\nQuestion: {{question}}?\\nAnswer:\"\ndoc_to_target: label\n"
-              "doc_to_choice: [\"no\", \"yes\"]\n" + _MC_ACC),
-    "race": ("test", "output_type: multiple_choice\n"
-             "doc_to_text: \"{{text}}\"\ndoc_to_target: label\ndoc_to_choice: \"{{choices}}\"\n" + _MC_ACC),
-    "triviaqa": ("validation", "output_type: generate_until\n"
-                 "doc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{aliases}}\"\n"
-                 "generation_kwargs:\n  until:\n    - \"\\n\"\n    - \".\"\n    - \",\"\n  do_sample: false\n"
-                 "  temperature: 0.0\n  max_gen_toks: 32\n"
-                 "filter_list:\n  - name: remove_whitespace\n    filter:\n      - function: remove_whitespace\n"
-                 "      - function: take_first\n"
-                 "target_delimiter: \" \"\n"
-                 "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-                 "    ignore_case: true\n    ignore_punctuation: true\n"),
-    "webqs": ("test", "output_type: multiple_choice\n"
-              "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: gold\n"
-              "doc_to_choice: \"{{choices}}\"\n"
-              "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"),
-}
-CONVERTERS = {"piqa": _piqa, "boolq": _boolq, "race": _race, "triviaqa": _triviaqa, "webqs": _webqs}
 
+register(EvalTask(
+    "lambada", "LAMBADA", ("lambada/lambada_test.jsonl",), "test",
+    "output_type: loglikelihood\n"
+    "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+    "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+    "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+    "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+    metric="acc,none", convert=None))
+register(EvalTask(
+    "piqa", "PIQA", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation",
+    "output_type: multiple_choice\n"
+    "doc_to_text: \"Question: {{goal}}\\nAnswer:\"\ndoc_to_target: label\n"
+    "doc_to_choice: \"{{[sol1, sol2]}}\"\n"
+    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n",
+    metric="acc,none", convert=_piqa))
+register(EvalTask(
+    "boolq", "BoolQ", ("boolq/val.jsonl",), "validation",
+    "output_type: multiple_choice\n"
+    "doc_to_text: \"{{passage}}\\nQuestion: {{question}}?\\nAnswer:\"\ndoc_to_target: label\n"
+    "doc_to_choice: [\"no\", \"yes\"]\n" + _MC_ACC,
+    metric="acc,none", convert=_boolq))
+register(EvalTask(
+    "race", "RACE-h", ("race/test/high",), "test",
+    "output_type: multiple_choice\n"
+    "doc_to_text: \"{{text}}\"\ndoc_to_target: label\ndoc_to_choice: \"{{choices}}\"\n" + _MC_ACC,
+    metric="acc,none", convert=_race))
+register(EvalTask(
+    "triviaqa", "TriviaQA", ("triviaqa/triviaqa_sm_sub.jsonl",), "validation",
+    "output_type: generate_until\n"
+    "doc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{aliases}}\"\n"
+    "generation_kwargs:\n  until:\n    - \"\\n\"\n    - \".\"\n    - \",\"\n  do_sample: false\n"
+    "  temperature: 0.0\n  max_gen_toks: 32\n"
+    "filter_list:\n  - name: remove_whitespace\n    filter:\n      - function: remove_whitespace\n"
+    "      - function: take_first\n"
+    "target_delimiter: \" \"\n"
+    "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    "    ignore_case: true\n    ignore_punctuation: true\n",
+    metric="exact_match,remove_whitespace", convert=_triviaqa,
+    note="TriviaQA here is a 3,000-question subsample; its numbers are not comparable with the full dev set"))
+register(EvalTask(
+    "webqs", "WebQs", ("webquestions/test.json",), "test",
+    "output_type: multiple_choice\n"
+    "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: gold\n"
+    "doc_to_choice: \"{{choices}}\"\n"
+    "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n",
+    metric="exact_match,none", convert=_webqs))
+TASKS = tuple(REGISTRY)  # the paper's six, in its table order
 
 def write_tasks(eval_data_dir: str, out_dir: str, tasks=TASKS) -> dict:
     """Convert the local files of ``tasks`` and write their YAMLs into ``out_dir``; returns task -> doc count."""
@@ -147,20 +233,20 @@ def write_tasks(eval_data_dir: str, out_dir: str, tasks=TASKS) -> dict:
     out = os.path.abspath(out_dir)
     os.makedirs(out, exist_ok=True)
     counts = {}
-    for task in tasks:
-        if task not in BODIES:
-            raise UserError(f"--task-list: unknown task {task!r}; choose from {', '.join(TASKS)}")
-        for rel in SOURCES[task]:
+    for name in tasks:
+        if name not in REGISTRY:
+            raise UserError(f"--task-list: unknown task {name!r}; choose from {', '.join(REGISTRY)}")
+        task = REGISTRY[name]
+        for rel in task.sources:
             if not os.path.exists(os.path.join(src, rel)):
-                raise UserError(f"--eval-data-dir {eval_data_dir}: {rel} is missing (task {task}); "
-                                f"point --eval-data-dir at the folder with the six task directories")
-        split, body = BODIES[task]
-        if task == "lambada":
-            data_file = os.path.join(src, SOURCES[task][0])
-            counts[task] = sum(1 for _ in _read_jsonl(data_file))
+                raise UserError(f"--eval-data-dir {eval_data_dir}: {rel} is missing (task {name}); "
+                                f"point --eval-data-dir at the folder with the task directories")
+        if task.convert is None:
+            data_file = os.path.join(src, task.sources[0])
+            counts[name] = sum(1 for _ in _read_jsonl(data_file))
         else:
-            data_file = os.path.join(out, f"{task}.jsonl")
-            counts[task] = _write_jsonl(data_file, CONVERTERS[task](src))
-        with open(os.path.join(out, f"{task_name(task)}.yaml"), "w") as f:
-            f.write(_yaml(task, data_file, split, body))
+            data_file = os.path.join(out, f"{name}.jsonl")
+            counts[name] = _write_jsonl(data_file, task.convert(src))
+        with open(os.path.join(out, f"{task.lm_eval_name}.yaml"), "w") as f:
+            f.write(_yaml(task, data_file))
     return counts

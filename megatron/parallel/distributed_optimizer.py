@@ -51,11 +51,12 @@ class _Domain:
         return torch.cat([tensors_of(p).reshape(-1)[a:b] for p, a, b, _ in self.pieces]) if self.pieces \
             else self.exp_avg.new_zeros(0)
 
-    def update(self, lr: float, beta1: float, beta2: float, eps: float) -> None:
+    def update(self, lr: float, beta1: float, beta2: float, eps: float, grad_shard=None) -> None:
+        """One AdamW step of this rank's shard; ``grad_shard`` (ZeRO-2) replaces the shard of p.grad."""
         self.step += 1
         if self.pieces:
             x = self._flat(lambda p: p.data).float()
-            g = self._flat(lambda p: p.grad).float()
+            g = self._flat(lambda p: p.grad).float() if grad_shard is None else grad_shard
             x.mul_(1.0 - lr * self.weight_decay)
             self.exp_avg.lerp_(g, 1.0 - beta1)
             self.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)

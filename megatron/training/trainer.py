@@ -221,7 +221,10 @@ class Trainer:
         cfg, ps = self.cfg, self.ps
         compute_dtype = torch.bfloat16 if cfg.precision.bf16 else (torch.float16 if cfg.precision.fp16 else torch.float32)
         peak = cfg.logging.peak_tflops or device_peak_tflops(ps.device, compute_dtype)
-        sinks = [TensorBoardSink(cfg.logging.tensorboard_dir, ps)] + self.extra_sinks
+        from megatron.wandb_sink import WandbSink
+
+        sinks = [TensorBoardSink(cfg.logging.tensorboard_dir, ps), WandbSink(cfg.logging, ps, cfg.to_dict())]
+        sinks += self.extra_sinks
         self.metrics = MetricsLogger(ps, sinks, self.train_iters, cfg.model.seq_length, peak, flops_per_token(cfg.model))
         self.metrics.text("config", f"```\n{cfg.to_dict()}\n```", 0)
 

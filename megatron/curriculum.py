@@ -1,0 +1,158 @@
+"""Sequence-length curriculum learning, as DeepSpeed's legacy ``curriculum_learning`` block defines it.
+
+A step's difficulty is the sequence length it trains on. It starts at ``min_difficulty`` and grows
+to ``max_difficulty`` (the model's ``--seq-length``) by one of three schedules:
+
+* ``fixed_linear``: ``min + (max - min) * step / total_curriculum_step``, rounded down to a
+  multiple of ``difficulty_step`` (8 keeps fp16 matmuls on tensor-core shapes);
+* ``fixed_root``: the same with ``(step / total_curriculum_step) ** (1 / root_degree)``;
+* ``fixed_discrete``: ``difficulty[i]`` up to step ``max_step[i]``, the last entry afterwards.
+
+Step numbers are 1-based (the step being trained), as DeepSpeed's engine computes them. Each
+batch of token blocks ``[mbs, seq + 1]`` is cut to ``[mbs, L + 1]`` so tokens, labels, loss mask
+and positions stay aligned; the tokens trained are counted from the truncated length, which is
+what token-based learning-rate schedules and ``--train-tokens`` see. The scheduler's state is two
+integers, saved in the checkpoint so a resumed run continues at the same length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron.errors import UserError, check
+
+SCHEDULES = ("fixed_linear", "fixed_root", "fixed_discrete")
+
+
+@dataclass
+class CurriculumConfig:
+    """The ``curriculum_learning`` block of a DeepSpeed config (only ``curriculum_type: seqlen``)."""
+
+    min_difficulty: int
+    max_difficulty: int
+    schedule_type: str = "fixed_linear"
+    total_curriculum_step: Optional[int] = None  # fixed_linear / fixed_root
+    difficulty_step: int = 8  # fixed_linear / fixed_root
+    root_degree: Optional[float] = None  # fixed_root
+    difficulty: list = field(default_factory=list)  # fixed_discrete
+    max_step: list = field(default_factory=list)  # fixed_discrete
+
+    @classmethod
+    def from_block(cls, block: dict, where: str) -> "CurriculumConfig":
+        """Read the JSON block; ``where`` names the file in error messages."""
+        kind = block.get("curriculum_type", "seqlen")
+        check(kind == "seqlen", f"{where}: curriculum_learning.curriculum_type {kind!r} is not supported: "
+                                f"only \"seqlen\" (sequence-length curriculum) is")
+        sched = block.get("schedule_config", {}) or {}
+        if not isinstance(sched, dict):
+            raise UserError(f"{where}: curriculum_learning.schedule_config must be an object")
+        for key in ("min_difficulty", "max_difficulty"):
+            check(key in block, f"{where}: curriculum_learning.{key} is missing")
+        cfg = cls(min_difficulty=_int(block["min_difficulty"], "min_difficulty", where),
+                  max_difficulty=_int(block["max_difficulty"], "max_difficulty", where),
+                  schedule_type=str(block.get("schedule_type", "fixed_linear")),
+                  total_curriculum_step=sched.get("total_curriculum_step"),
+                  difficulty_step=sched.get("difficulty_step", 8), root_degree=sched.get("root_degree"),
+                  difficulty=list(sched.get("difficulty", [])), max_step=list(sched.get("max_step", [])))
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "curriculum_learning") -> None:
+        p = f"{where}: curriculum_learning"
+        check(self.schedule_type in SCHEDULES,
+              f"{p}.schedule_type {self.schedule_type!r} is not one of {', '.join(SCHEDULES)}")
+        check(1 <= self.min_difficulty <= self.max_difficulty,
+              f"{p}: min_difficulty {self.min_difficulty} must be in [1, max_difficulty {self.max_difficulty}]")
+        if self.schedule_type == "fixed_discrete":
+            check(len(self.difficulty) >= 1 and len(self.difficulty) == len(self.max_step) + 1,
+                  f"{p}.schedule_config: fixed_discrete needs one more 'difficulty' entry than 'max_step' entries "
+                  f"(got {len(self.difficulty)} and {len(self.max_step)})")
+            check(all(isinstance(d, int) and 1 <= d <= self.max_difficulty for d in self.difficulty),
+                  f"{p}.schedule_config.difficulty entries must be integers in [1, {self.max_difficulty}]")
+            check(list(self.max_step) == sorted(self.max_step), f"{p}.schedule_config.max_step must be increasing")
+            return
+        check(isinstance(self.total_curriculum_step, int) and self.total_curriculum_step >= 1,
+              f"{p}.schedule_config.total_curriculum_step must be an integer >= 1 (got {self.total_curriculum_step!r})")
+        check(isinstance(self.difficulty_step, int) and self.difficulty_step >= 1,
+              f"{p}.schedule_config.difficulty_step must be an integer >= 1 (got {self.difficulty_step!r})")
+        if self.schedule_type == "fixed_root":
+            check(isinstance(self.root_degree, (int, float)) and self.root_degree > 0,
+                  f"{p}.schedule_config.root_degree must be > 0 for fixed_root (got {self.root_degree!r})")
+
+    def check_seq_length(self, seq_length: int, where: str) -> None:
+        check(self.max_difficulty <= seq_length,
+              f"{where}: curriculum_learning.max_difficulty {self.max_difficulty} exceeds --seq-length {seq_length}: "
+              f"lower it to at most --seq-length")
+
+
+def _int(v, key: str, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UserError(f"{where}: curriculum_learning.{key} must be an integer (got {v!r})")
+    return v
+
+
+class SeqLenCurriculum:
+    """The current sequence length for each step, and the batch cut to it."""
+
+    def __init__(self, cfg: CurriculumConfig):
+        self.cfg = cfg
+        self.current = cfg.min_difficulty
+        self.last_step = 0
+
+    def difficulty(self, step: int) -> int:
+        """The sequence length of 1-based step ``step`` (no state change)."""
+        c = self.cfg
+        if c.schedule_type == "fixed_discrete":
+            for d, limit in zip(c.difficulty, c.max_step):
+                if step <= limit:
+                    return d
+            return c.difficulty[-1]
+        degree = 1.0 if c.schedule_type == "fixed_linear" else float(c.root_degree)
+        frac = (step / c.total_curriculum_step) ** (1.0 / degree)
+        d = math.floor(frac * (c.max_difficulty - c.min_difficulty) + c.min_difficulty)
+        d -= d % c.difficulty_step
+        return max(1, min(d, c.max_difficulty))
+
+    def update(self, step: int) -> int:
+        """Advance to 1-based step ``step``; the length stays at the maximum once reached."""
+        if self.current < self.cfg.max_difficulty:
+            self.current = self.difficulty(step)
+        self.last_step = step
+        return self.current
+
+    def state_dict(self) -> dict:
+        return {"current": int(self.current), "last_step": int(self.last_step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current, self.last_step = int(state["current"]), int(state["last_step"])
+
+
+def truncate_block(block: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A token block [mbs, S + 1] cut to [mbs, seq_len + 1] (tokens = [:, :-1], labels = [:, 1:])."""
+    return block[:, : seq_len + 1].contiguous()
+
+
+def truncate_batch(seq_len: int, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                   position_ids: Optional[torch.Tensor] = None):
+    """tokens, labels, loss mask [mbs, S] (and position ids) cut to their first ``seq_len`` positions."""
+    out = [t[:, :seq_len].contiguous() for t in (tokens, labels, loss_mask)]
+    if position_ids is not None:
+        out.append(position_ids[..., :seq_len].contiguous())
+    return tuple(out)
+
+
+def tokens_trained(samples: int, seq_len: int) -> int:
+    """Tokens one step trains: every sample contributes its (possibly truncated) length."""
+    return samples * seq_len
+
+
+def build_curriculum(cfg) -> Optional[SeqLenCurriculum]:
+    """The run's curriculum from ``--deepspeed_config`` (None when absent or disabled)."""
+    ds = cfg.deepspeed.read()
+    if ds is None or ds.curriculum is None:
+        return None
+    ds.curriculum.check_seq_length(cfg.model.seq_length, f"--deepspeed_config {ds.path}")
+    return SeqLenCurriculum(ds.curriculum)

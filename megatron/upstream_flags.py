@@ -1,0 +1,208 @@
+"""Flags of Megatron-DeepSpeed's launch scripts and Megatron-LM's MoE names, in our terms.
+
+One table, :data:`UPSTREAM_FLAGS`, says for each upstream flag this framework does not declare
+itself what it becomes here (flags that are plain aliases of one option are declared with it in
+megatron/config.py): an *alias* (the same meaning under two of our flags), *accepted* (nothing to
+do here, with the reason), or *refused* (the meaning differs or cannot apply: one line naming our
+equivalent). :func:`translate_argv` applies the table to a command line before it is parsed, and
+reads ``--deepspeed_config FILE`` (megatron.ds_config) into flags: a JSON value fills a flag that
+was not typed, contradicts one that was (one-line error), and precision follows the JSON.
+docs/MIGRATING.md lists the same table for people.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from megatron.ds_config import DeepSpeedConfig, read_deepspeed_config
+from megatron.errors import UserError
+
+
+@dataclass(frozen=True)
+class UpstreamFlag:
+    name: str
+    kind: str  # "alias" | "accepted" | "refused"
+    takes_value: bool
+    ours: tuple = ()  # alias: our flag(s) receiving the value (a switch: our switch)
+    why: str = ""  # accepted: why nothing needs doing; refused: what to use instead
+    check: Optional[Callable[[str], Optional[str]]] = None  # value -> error text (None: fine)
+
+
+def _only(*allowed: str, what: str) -> Callable[[str], Optional[str]]:
+    def check(v: str) -> Optional[str]:
+        return None if v in allowed else what
+    return check
+
+
+def _layer_freq(v: str) -> Optional[str]:
+    return (f"--moe-layer-freq {v}: Megatron-LM puts experts on layers 0, N, 2N, ... (0-based); our --expert-interval N "
+            f"puts them on layers N-1, 2N-1, ... (DeepSpeed-MoE's placement): use --expert-interval {v if v.isdigit() else 'N'} "
+            f"(its layers are one later)")
+
+
+def _drop_policy(v: str) -> Optional[str]:
+    return None if v == "probs" else (f"--moe-token-drop-policy {v}: tokens beyond capacity are dropped by routing "
+                                      f"probability here (the 'probs' policy); 'position' is not implemented")
+
+
+UPSTREAM_FLAGS = {f.name: f for f in [
+    # DeepSpeed launcher / engine
+    UpstreamFlag("--no-pipeline-parallel", "accepted", False, why="there is no pipeline parallelism: always true"),
+    UpstreamFlag("--pipeline-model-parallel-size", "accepted", True, why="1 is the only size",
+                 check=_only("1", what="pipeline parallelism is not supported here (MoE upstream does not support "
+                                       "it either): use --pipeline-model-parallel-size 1 and scale with expert, "
+                                       "tensor and data parallelism")),
+    # Megatron-DeepSpeed data and scheduler flags
+    UpstreamFlag("--data-impl", "accepted", True, why="datasets are always read as memory-mapped .bin/.idx",
+                 check=_only("mmap", "infer", what="only the mmap format (.bin/.idx written by "
+                                                   "tools/preprocess_data.py) is read: use --data-impl mmap")),
+    UpstreamFlag("--num-workers", "accepted", True, why="samples are sliced from the memory-mapped file in the "
+                 "training process; no loader workers are needed"),
+    UpstreamFlag("--override-opt_param-scheduler", "accepted", False, why="our behaviour: on resume the learning-"
+                 "rate schedule comes from the flags and only its position (samples consumed) from the checkpoint"),
+    UpstreamFlag("--use-checkpoint-opt_param-scheduler", "refused", False,
+                 why="--use-checkpoint-opt_param-scheduler: on resume the learning-rate schedule always comes from the "
+                     "flags (only its position from the checkpoint): drop the flag and repeat the first run's schedule "
+                     "flags"),
+    # Megatron-LM MoE names
+    UpstreamFlag("--moe-expert-capacity-factor", "alias", True,
+                 ("--moe-train-capacity-factor", "--moe-eval-capacity-factor")),
+    UpstreamFlag("--moe-layer-freq", "refused", True, check=_layer_freq),
+    UpstreamFlag("--moe-token-drop-policy", "accepted", True, why="'probs' is what we do", check=_drop_policy),
+    UpstreamFlag("--moe-pad-expert-input-to-capacity", "accepted", False,
+                 why="with a capacity, every expert's input is already padded to it"),
+    UpstreamFlag("--moe-grouped-gemm", "accepted", False, why="the no-drop path already runs the experts as one "
+                 "grouped matmul"),
+    UpstreamFlag("--moe-router-load-balancing-type", "accepted", True, why="'aux_loss' is DeepSpeed-MoE's loss, ours",
+                 check=_only("aux_loss", what="only the auxiliary load-balancing loss (aux_loss) is implemented: "
+                                              "use --moe-router-load-balancing-type aux_loss (or drop the flag)")),
+    UpstreamFlag("--moe-token-dispatcher-type", "accepted", True, why="expert parallelism always dispatches with "
+                 "all-to-all", check=_only("alltoall", what="only the all-to-all dispatcher exists here: use "
+                                                             "--moe-token-dispatcher-type alltoall (or drop it)")),
+]}
+
+
+@dataclass
+class Translation:
+    argv: list
+    notes: list = field(default_factory=list)  # warning lines to print once (rank 0)
+    deepspeed: Optional[DeepSpeedConfig] = None
+
+
+def _split_eq(argv: list) -> list:
+    out = []
+    for a in argv:
+        if a.startswith("--") and "=" in a and a.split("=", 1)[0] in UPSTREAM_FLAGS_AND_DS:
+            out.extend(a.split("=", 1))
+        else:
+            out.append(a)
+    return out
+
+
+_DS_CONFIG_FLAGS = ("--deepspeed_config", "--deepspeed-config")
+UPSTREAM_FLAGS_AND_DS = set(UPSTREAM_FLAGS) | set(_DS_CONFIG_FLAGS)
+# our flags a DeepSpeed JSON can set: dest -> (flag, switch?, type)
+_OUR_FLAGS = {
+    "global_batch_size": ("--global-batch-size", False, int), "micro_batch_size": ("--micro-batch-size", False, int),
+    "clip_grad": ("--clip-grad", False, float), "fp16": ("--fp16", True, bool), "bf16": ("--bf16", True, bool),
+    "loss_scale": ("--loss-scale", False, float), "initial_loss_scale": ("--initial-loss-scale", False, float),
+    "loss_scale_window": ("--loss-scale-window", False, int), "hysteresis": ("--hysteresis", False, int),
+    "min_loss_scale": ("--min-loss-scale", False, float), "zero_stage": ("--zero-stage", False, int),
+    "log_interval": ("--log-interval", False, int),
+}
+
+
+def _typed_flags(argv: list) -> dict:
+    """dest -> value of our JSON-settable flags typed on the command line (the last one wins)."""
+    by_flag = {flag: (dest, switch, kind) for dest, (flag, switch, kind) in _OUR_FLAGS.items()}
+    out = {}
+    for i, a in enumerate(argv):
+        name, _, inline = a.partition("=")
+        if name not in by_flag:
+            continue
+        dest, switch, kind = by_flag[name]
+        if switch:
+            out[dest] = True
+            continue
+        raw = inline if inline else (argv[i + 1] if i + 1 < len(argv) else None)
+        try:
+            out[dest] = kind(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} {raw!r} is not a valid {kind.__name__}") from None
+    return out
+
+
+def _apply_deepspeed(argv: list, path: str, tr: Translation) -> list:
+    ds = read_deepspeed_config(path)
+    values, notes = ds.resolve(_typed_flags(argv))
+    tr.deepspeed, tr.notes = ds, tr.notes + notes
+    for mode in ("fp16", "bf16"):  # the JSON decides precision: drop the switch it overrides
+        if values.get(mode) is False:
+            argv = [a for a in argv if a != f"--{mode}"]
+    extra = []
+    for dest, value in values.items():
+        flag, switch, _ = _OUR_FLAGS[dest]
+        if switch:
+            if value and flag not in argv:
+                extra.append(flag)
+        elif value is not None:
+            extra += [flag, str(int(value) if isinstance(value, float) and value.is_integer() and dest != "clip_grad"
+                                else value)]
+    if ds.curriculum is not None:
+        ds.curriculum.check_seq_length(_seq_length(argv), f"--deepspeed_config {path}")
+        tr.notes.append(f"warning: --deepspeed_config {path}: curriculum_learning is read and checked but not yet "
+                        f"applied by the training loop: every step trains full --seq-length samples")
+    return extra + argv  # the typed flags come last and win (they agree with the JSON by now)
+
+
+def _seq_length(argv: list) -> int:
+    for i, a in enumerate(argv):
+        if a == "--seq-length" and i + 1 < len(argv):
+            try:
+                return int(argv[i + 1])
+            except ValueError:
+                break
+        if a.startswith("--seq-length="):
+            return int(a.split("=", 1)[1])
+    return 1 << 30  # not typed: the parser's default applies; checked again once parsed
+
+
+def translate_argv(argv) -> Translation:
+    """Upstream flags -> ours (see the module docstring); a refused flag raises a one-line UserError."""
+    argv = _split_eq(list(argv))
+    tr = Translation(argv=[])
+    out, ds_path, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _DS_CONFIG_FLAGS:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise UserError(f"{a} needs a file: the DeepSpeed JSON the launch script writes")
+            ds_path, i = argv[i + 1], i + 2
+            continue
+        spec = UPSTREAM_FLAGS.get(a)
+        if spec is None:
+            out.append(a)
+            i += 1
+            continue
+        value = None
+        if spec.takes_value:
+            if i + 1 >= len(argv):
+                raise UserError(f"{a} needs a value")
+            value, i = argv[i + 1], i + 2
+        else:
+            i += 1
+        if spec.check is not None and value is not None:
+            problem = spec.check(value)
+            if problem:
+                raise UserError(problem)
+        if spec.kind == "refused":
+            raise UserError(spec.why or f"{a} is not supported here")
+        if spec.kind == "alias":
+            for target in spec.ours:
+                out += [target] if value is None else [target, value]
+    if ds_path is not None:
+        out = _apply_deepspeed(out, ds_path, tr) + ["--deepspeed_config", ds_path]
+    if "--vocab-file" in out and "--merge-file" in out and "--tokenizer-type" not in out and "--mock-data" not in out:
+        out = ["--tokenizer-type", "GPT2BPETokenizer"] + out  # Megatron-DeepSpeed's scripts rely on this default
+    tr.argv = out
+    return tr
