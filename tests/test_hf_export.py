@@ -80,11 +80,13 @@ def test_generate_with_kv_cache_equals_our_greedy_generation(exports, kind):
 
 
 def test_exported_directory_loads_in_a_process_without_megatron(exports, tmp_path):
-    """The export travels: a fresh interpreter started elsewhere, with nothing of ours importable, loads it."""
+    """The export travels: a fresh interpreter started elsewhere loads and runs it without importing our package
+    (``megatron`` may be installed, e.g. editable, but the export's own code must not need it)."""
     _, out = exports["residual_top2"]
-    code = ("import sys, torch, transformers; assert not any('megatron' in p for p in sys.modules);"
+    ours = "any(k == 'megatron' or k.startswith('megatron.') for k in sys.modules)"
+    code = (f"import sys, torch, transformers; assert not {ours};"
             "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True);"
-            "print(m(torch.tensor([[1, 2, 3]])).logits.shape)")
+            f"print(m(torch.tensor([[1, 2, 3]])).logits.shape); assert not {ours}, 'the export imported megatron'")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", code, out], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=300)
