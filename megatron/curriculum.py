@@ -156,3 +156,36 @@ def build_curriculum(cfg) -> Optional[SeqLenCurriculum]:
         return None
     ds.curriculum.check_seq_length(cfg.model.seq_length, f"--deepspeed_config {ds.path}")
     return SeqLenCurriculum(ds.curriculum)
+
+
+class TruncatingIterator:
+    """Wraps a micro-batch iterator of token blocks [mbs, S + 1]: each block comes out cut to
+    [mbs, seq_len + 1], so the batch hook's tokens, labels, loss mask and positions (all derived from
+    the block) have the current length. ``seq_len`` is set once per step by the training loop."""
+
+    def __init__(self, inner, seq_len: int):
+        self.inner, self.seq_len = inner, seq_len
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        block = next(self.inner)
+        return block[:, : self.seq_len + 1] if block.shape[1] > self.seq_len + 1 else block
+
+
+def iterations_for_tokens(curriculum: SeqLenCurriculum, global_batch, train_tokens: int,
+                          max_iters: Optional[int] = None, max_samples: Optional[int] = None) -> tuple[int, int]:
+    """(iterations, samples) until ``train_tokens`` tokens are trained under the curriculum, or earlier at
+    ``max_iters`` iterations / ``max_samples`` samples (upstream stops at the first bound reached).
+
+    ``global_batch(consumed)`` is the global batch size after ``consumed`` samples."""
+    probe = SeqLenCurriculum(curriculum.cfg)
+    iters = consumed = tokens = 0
+    while tokens < train_tokens and (max_iters is None or iters < max_iters) \
+            and (max_samples is None or consumed < max_samples):
+        batch = global_batch(consumed)
+        iters += 1
+        tokens += tokens_trained(batch, probe.update(iters))
+        consumed += batch
+    return iters, consumed

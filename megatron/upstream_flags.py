@@ -150,8 +150,6 @@ def _apply_deepspeed(argv: list, path: str, tr: Translation) -> list:
                                 else value)]
     if ds.curriculum is not None:
         ds.curriculum.check_seq_length(_seq_length(argv), f"--deepspeed_config {path}")
-        tr.notes.append(f"warning: --deepspeed_config {path}: curriculum_learning is read and checked but not yet "
-                        f"applied by the training loop: every step trains full --seq-length samples")
     return extra + argv  # the typed flags come last and win (they agree with the JSON by now)
 
 

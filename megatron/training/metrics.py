@@ -90,22 +90,23 @@ class MetricsLogger:
         for s in self.sinks:
             s.text(name, text, step)
 
-    def record_step(self, logs: dict, moe_stats: list, batch: int) -> None:
+    def record_step(self, logs: dict, moe_stats: list, batch: int, seq_len: int | None = None) -> None:
         for k, v in logs.items():
             self.sums[k] += v
             self.counts[k] += 1
         self.moe = accumulate_moe(self.moe, moe_stats) if moe_stats else self.moe
         self.iters += 1
-        self.tokens += batch * self.seq_length
+        self.tokens += batch * (seq_len or self.seq_length)
 
     def log_interval(self, iteration: int, consumed: int, batch: int, lr: float, loss_scale: float, grad_norm: float,
-                     skipped_total: int, model) -> None:
+                     skipped_total: int, model, extra_fields=()) -> None:
         """Megatron's iteration line and the interval's scalars; then start a new interval."""
         dt = time.time() - self.t0
         per_iter = dt / max(self.iters, 1)
         tps = self.tokens / max(dt, 1e-9)
         fields = [("consumed samples", f"{consumed:12d}"), ("elapsed time per iteration (ms)", f"{1000 * per_iter:.1f}"),
-                  ("learning rate", f"{lr:.3E}"), ("global batch size", f"{batch:5d}")]
+                  ("learning rate", f"{lr:.3E}"), ("global batch size", f"{batch:5d}"),
+                  *extra_fields]
         for k in sorted(self.sums):
             fields.append((k, f"{self.sums[k] / self.counts[k]:.6E}"))
         fields += [("loss scale", f"{loss_scale:.1f}"), ("grad norm", f"{grad_norm:.3f}"),

@@ -25,6 +25,7 @@ import torch
 from megatron.arguments import parse_args
 from megatron.checkpointing import TRACKER, load_checkpoint, recover_and_clean, save_checkpoint
 from megatron.config import pad_vocab_size
+from megatron.curriculum import TruncatingIterator, build_curriculum, iterations_for_tokens, tokens_trained
 from megatron.errors import UserError
 from megatron.logging_utils import print_rank0
 from megatron.loss_scaler import build_loss_scaler
@@ -89,7 +90,8 @@ class Trainer:
         self.datasets_provider, self.model_provider = datasets_provider, model_provider
         self.forward_step_fn, self.teacher_provider = forward_step_fn, teacher_provider
         self.extra_sinks = list(sinks or [])
-        self.iteration = self.consumed = 0
+        self.iteration = self.consumed = self.tokens = 0
+        self.curriculum = None
         self.history, self.kd_history, self.norm_history = [], [], []
         self.skipped_total = 0
         self.teacher = self.teacher_ref = None
@@ -109,6 +111,11 @@ class Trainer:
         self.report_parameters()
         self.schedule = BatchSchedule(cfg.train, ps.dp_size)
         self.train_iters, train_samples = train_schedule(cfg, self.schedule)
+        self.curriculum = build_curriculum(cfg)
+        if self.curriculum is not None and cfg.train.train_tokens is not None:  # shorter steps: more of them
+            self.train_iters, train_samples = iterations_for_tokens(
+                self.curriculum, self.schedule.global_batch, cfg.train.train_tokens, cfg.train.train_iters,
+                cfg.train.train_samples)
         self.scheduler = build_scheduler(cfg.optimizer, cfg.model.seq_length, cfg.train.global_batch_size, train_samples)
         self.scaler = build_loss_scaler(cfg.precision)
         self.guard = NonFiniteGuard(cfg.train.max_skipped_iterations, cfg.precision.fp16)
@@ -187,9 +194,12 @@ class Trainer:
         elif ck.finetune or ck.reset_iteration:
             print_rank0(ps, f"> loaded weights from {ck.load} (iteration {common['iteration']}); iteration reset to 0")
             if ck.finetune:
-                self.scheduler.num_samples = 0
+                self.scheduler.reset()
         else:
             self.iteration, self.consumed = int(common["iteration"]), int(common["consumed_samples"])
+            self.tokens = int(common.get("tokens_trained", self.consumed * self.cfg.model.seq_length))
+            if self.curriculum is not None and "curriculum" in common:
+                self.curriculum.load_state_dict(common["curriculum"])
             print_rank0(ps, f"> resumed from {ck.load} at iteration {self.iteration} ({self.consumed} consumed samples)")
 
     def setup_teacher(self) -> None:
@@ -298,19 +308,30 @@ class Trainer:
         self.metrics.log_eval(self.iteration, split, vals)
         return vals
 
-    def log(self, res: StepResult, batch: int) -> None:
-        self.metrics.record_step(res.logs, res.moe, batch)
+    def log(self, res: StepResult, batch: int, seq_len: int) -> None:
+        self.metrics.record_step(res.logs, res.moe, batch, seq_len)
         if self.iteration % self.cfg.train.log_interval == 0 or self.iteration == self.train_iters:
+            extra = []
+            if self.curriculum is not None:
+                extra = [("curriculum seqlen", f"{seq_len:5d}")]
+                self.metrics.scalar("curriculum-seqlen", seq_len, self.iteration)
             self.metrics.log_interval(self.iteration, self.consumed, batch, self.optimizer.param_groups[0]["lr"],
-                                      self.scaler.scale, res.grad_norm, self.skipped_total, self.model)
+                                      self.scaler.scale, res.grad_norm, self.skipped_total, self.model, extra)
 
     def save(self) -> None:
         """A checkpoint of this iteration (replicas checked identical and weights finite first)."""
         ck = self.cfg.checkpoint
         check_replicas(self.model, self.ps, self.iteration)
         path = save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
-                               self.cfg, self.ps, {"consumed_samples": self.consumed}, save_optim=not ck.no_save_optim)
+                               self.cfg, self.ps, self.checkpoint_extra(), save_optim=not ck.no_save_optim)
         print_rank0(self.ps, f"> saved checkpoint at iteration {self.iteration} to {path}")
+
+    def checkpoint_extra(self) -> dict:
+        """The loop's own state in the checkpoint: samples and tokens consumed, the curriculum's position."""
+        extra = {"consumed_samples": self.consumed, "tokens_trained": self.tokens}
+        if self.curriculum is not None:
+            extra["curriculum"] = self.curriculum.state_dict()
+        return extra
 
     def saved_this_iteration(self) -> bool:
         ck = self.cfg.checkpoint
@@ -340,15 +361,23 @@ class Trainer:
         self.model.train()
         data_iter = MicroBatchIterator(self.train_ds, self.consumed, mbs, ps.dp_rank, ps.dp_size) \
             if self.train_ds is not None else None
+        seq_len = cfg.model.seq_length
+        if self.curriculum is not None and data_iter is not None:
+            data_iter = TruncatingIterator(data_iter, seq_len)
         while self.iteration < self.train_iters and not cfg.train.skip_train:
             num_micro = self.schedule.num_micro_batches(self.consumed)
             batch = num_micro * mbs * ps.dp_size
+            if self.curriculum is not None:
+                seq_len = self.curriculum.update(self.iteration + 1)  # DeepSpeed counts steps from 1
+                if data_iter is not None:
+                    data_iter.seq_len = seq_len
             scale_before = self.scaler.scale
             res = self.train_step(data_iter, num_micro)
             self.iteration += 1
             self.consumed += batch
+            self.tokens += tokens_trained(batch, seq_len)
             if not res.skipped:
-                self.scheduler.step(batch, self.optimizer)
+                self.scheduler.step(batch, self.optimizer, tokens=tokens_trained(batch, seq_len))
             self.skipped_total += int(res.skipped)
             self.history.append(res.logs.get("lm loss", float("nan")))
             self.kd_history.append(res.logs.get("kd loss"))
@@ -357,7 +386,7 @@ class Trainer:
                 self.release_teacher()  # staged KD: LM loss only from here on
                 print_rank0(ps, f"> knowledge distillation stopped at iteration {self.iteration} (--kd-stop-iters); "
                                 f"teacher freed, training on the LM loss only")
-            self.log(res, batch)
+            self.log(res, batch, seq_len)
             self.guard.check(self.iteration, res.logs, res.grad_norm, res.skipped, scale_before, self.scaler)
             if self.valid_ds is not None and cfg.train.eval_iters > 0 and self.iteration % cfg.train.eval_interval == 0 \
                     and self.iteration != self.train_iters:
@@ -374,7 +403,7 @@ class Trainer:
 
     def result(self) -> dict:
         return {"iteration": self.iteration, "losses": self.history, "kd_losses": self.kd_history,
-                "grad_norms": self.norm_history}
+                "grad_norms": self.norm_history, "tokens_trained": self.tokens}
 
     def run(self) -> dict:
         self.setup()
