@@ -24,21 +24,18 @@ copied unchanged. It exists for scripts that expect an explicit conversion step.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.checkpointing import TRACKER, _atomic_write_text, iter_dir_name  # noqa: E402
-from megatron.arguments import argument_parser  # noqa: E402
-from megatron.errors import UserError, run_cli  # noqa: E402
-from megatron.config import ModelConfig  # noqa: E402
-from megatron.inference import load_model, read_checkpoint_config  # noqa: E402
-from megatron.model_stats import count_parameters  # noqa: E402
+from megatron.checkpointing import TRACKER, _atomic_write_text, iter_dir_name
+from megatron.arguments import argument_parser
+from megatron.errors import UserError, run_cli
+from megatron.config import ModelConfig
+from megatron.inference import load_model, read_checkpoint_config
+from megatron.model_stats import count_parameters
 
 
 def parse(argv=None):

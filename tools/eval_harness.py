@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.arguments import argument_parser  # noqa: E402
-from megatron.errors import UserError, run_cli  # noqa: E402
-from megatron.evaluation.local_tasks import REGISTRY, TASKS, write_tasks  # noqa: E402
+from megatron.arguments import argument_parser
+from megatron.errors import UserError, run_cli
+from megatron.evaluation.local_tasks import REGISTRY, TASKS, write_tasks
 
 DEFAULT_DATA = os.environ.get("MEGATRON_MOE_EVAL_DATA", os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data", "eval"))

@@ -11,17 +11,15 @@ one left-padded KV cache. Prints each continuation and the tokens per second.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.arguments import argument_parser  # noqa: E402
-from megatron.errors import UserError, run_cli  # noqa: E402
-from megatron.inference import load_model  # noqa: E402
-from megatron.text_generation import generate, generate_greedy_batch  # noqa: E402
+from megatron.arguments import argument_parser
+from megatron.errors import UserError, run_cli
+from megatron.inference import load_model
+from megatron.text_generation import generate, generate_greedy_batch
 
 
 def parse(argv=None):

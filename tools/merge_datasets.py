@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: E402
-from megatron.errors import UserError, run_cli  # noqa: E402
+from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.errors import UserError, run_cli
 
 
 def get_args(argv=None):

@@ -30,11 +30,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype  # noqa: E402
-from megatron.errors import UserError, run_cli  # noqa: E402
-from megatron.tokenizer import build_tokenizer  # noqa: E402
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megatron.errors import UserError, run_cli
+from megatron.tokenizer import build_tokenizer
 
 _TOKENIZER = None
 _ARGS = None

@@ -17,16 +17,14 @@ import functools
 import os
 import signal
 import socket
-import sys
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from megatron.arguments import argument_parser  # noqa: E402
-from megatron.errors import UserError, run_cli  # noqa: E402
-from megatron.inference import load_model  # noqa: E402
+from megatron.arguments import argument_parser
+from megatron.errors import UserError, run_cli
+from megatron.inference import load_model
 
 
 def parse(argv=None):

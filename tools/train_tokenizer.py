@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.errors import UserError, run_cli  # noqa: E402
-from megatron.tokenizer.sentencepiece_tokenizer import train_sentencepiece  # noqa: E402
+from megatron.errors import UserError, run_cli
+from megatron.tokenizer.sentencepiece_tokenizer import train_sentencepiece
 
 
 def main(argv=None) -> int:
