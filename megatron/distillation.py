@@ -1,4 +1,4 @@
-"""Knowledge distillation from a frozen teacher (--kd) and Mixture-of-Students (--mos), SPEC §4.
+"""Knowledge distillation from a frozen teacher (--kd) and Mixture-of-Students (--mos) (the DeepSpeed-MoE paper's MoS recipe).
 
 The teacher is built from its OWN full config, read from its checkpoint (flags given for it are
 checked against that config), placed with the student's expert-parallel layout, loaded, frozen,
