@@ -239,17 +239,17 @@ class OptimizerConfig:
                                              "state over data-parallel ranks (experts over expert-data-parallel ranks)")
     create_moe_param_group: bool = option("--create-moe-param-group", False, "accepted for compatibility: expert "
                                           "parameters always have their own groups")
-    zero_stage: Optional[int] = option("--zero-stage", None, "DeepSpeed-style synonym: 1 = --use-distributed-optimizer, "
-                                       "0 = off", type=int, choices=[0, 1, 2, 3])
+    zero_stage: Optional[int] = option("--zero-stage", None, "DeepSpeed-style: 1 = --use-distributed-optimizer "
+                                       "(sharded Adam state), 2 = also sharded gradients, 0 = off", type=int, choices=[0, 1, 2, 3])
 
     def validate(self) -> None:
         check(self.lr is not None, "--lr is required: give the peak learning rate, e.g. --lr 3e-4")
         check_options(self)
         check(self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
-        if self.zero_stage in (2, 3):
-            raise UserError(f"--zero-stage {self.zero_stage} is not implemented: use --zero-stage 1 (or "
-                            f"--use-distributed-optimizer), which shards the Adam state; gradients and parameters stay replicated")
-        if self.zero_stage == 1:
+        if self.zero_stage == 3:
+            raise UserError("--zero-stage 3 (sharded parameters) is not implemented: use --zero-stage 2, which shards "
+                            "the Adam state and the gradients; parameters stay replicated")
+        if self.zero_stage in (1, 2):  # stage 2 is stage 1's sharded Adam plus sharded gradients
             self.use_distributed_optimizer = True
 
 

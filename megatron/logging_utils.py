@@ -35,7 +35,7 @@ def validation_line(iteration: int, split: str, values: dict) -> str:
 class TensorBoard:
     """A SummaryWriter on rank 0 only (no-op elsewhere or without --tensorboard-dir)."""
 
-    def __init__(self, log_dir, ps):
+    def __init__(self, log_dir, ps, max_queue: int = 1000):
         self.writer = None
         if log_dir and ps.is_main:
             try:
@@ -43,7 +43,7 @@ class TensorBoard:
             except ImportError:  # pragma: no cover
                 print("WARNING: tensorboard is not installed; --tensorboard-dir ignored", file=sys.stderr)
                 return
-            self.writer = SummaryWriter(log_dir=log_dir, max_queue=1000)
+            self.writer = SummaryWriter(log_dir=log_dir, max_queue=max_queue)  # --tensorboard-queue-size
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.writer is not None:

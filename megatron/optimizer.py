@@ -26,7 +26,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, opt_cfg, device: torch.device, ps=None):
-    """torch AdamW, or the ZeRO-1 sharded AdamW with ``--use-distributed-optimizer``."""
+    """torch AdamW, the ZeRO-1 sharded AdamW with ``--use-distributed-optimizer``, or with ``--zero-stage 2``
+    the ZeRO-2 AdamW that also shards the gradients (the training step then calls its ``reduce_gradients``)."""
+    if opt_cfg.zero_stage == 2 and ps is not None:
+        from megatron.parallel.zero2 import ShardedGradients
+
+        return ShardedGradients(model, opt_cfg, ps)
     if opt_cfg.use_distributed_optimizer and ps is not None:
         from megatron.parallel.distributed_optimizer import DistributedAdamW
 

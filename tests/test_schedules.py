@@ -46,3 +46,22 @@ def test_dynamic_loss_scaler_hysteresis_and_growth():
     t = DynamicLossScaler()
     t.load_state_dict(sd)
     assert t.scale == 1
+
+
+def _run_length(argv):
+    from megatron.arguments import parse_args
+    from megatron.training.schedule import BatchSchedule, train_schedule
+
+    cfg = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+                      "--lr", "1e-3", "--global-batch-size", "8", "--micro-batch-size", "2", "--mock-data", "--vocab-size", "128"] + argv)
+    return train_schedule(cfg, BatchSchedule(cfg.train, 1))
+
+
+def test_train_tokens_with_train_iters_stops_at_the_first_bound():
+    # 8 samples x 16 tokens = 128 tokens per iteration
+    assert _run_length(["--train-iters", "10", "--train-tokens", "500"]) == (4, 32)  # tokens first: ceil(500/128)
+    assert _run_length(["--train-iters", "3", "--train-tokens", "500"]) == (3, 24)   # iterations first
+    assert _run_length(["--train-iters", "10"]) == (10, 80)
+    assert _run_length(["--train-tokens", "500"]) == (4, 32)
+    assert _run_length(["--train-samples", "40", "--train-tokens", "500"]) == (4, 32)
+    assert _run_length(["--train-samples", "16", "--train-tokens", "500"]) == (2, 16)

@@ -33,10 +33,10 @@ class MetricsSink:
 
 
 class TensorBoardSink(MetricsSink):
-    """``--tensorboard-dir``: a SummaryWriter on rank 0."""
+    """``--tensorboard-dir``: a SummaryWriter on rank 0 buffering ``max_queue`` events (``--tensorboard-queue-size``)."""
 
-    def __init__(self, log_dir, ps):
-        self.tb = TensorBoard(log_dir, ps)
+    def __init__(self, log_dir, ps, max_queue: int = 1000):
+        self.tb = TensorBoard(log_dir, ps, max_queue)
 
     def scalar(self, name, value, step):
         self.tb.scalar(name, value, step)

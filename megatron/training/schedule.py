@@ -26,11 +26,18 @@ class BatchSchedule:
 
 
 def train_schedule(cfg, schedule: BatchSchedule) -> tuple[int, int]:
-    """(train iterations, train samples) from --train-iters / --train-samples / --train-tokens."""
+    """(train iterations, train samples) from --train-iters / --train-samples / --train-tokens.
+
+    With --train-tokens next to --train-iters or --train-samples, training stops at whichever bound
+    is reached first (as upstream Megatron-DeepSpeed's loop checks both after every step)."""
     t = cfg.train
-    if t.train_iters is not None:
-        return t.train_iters, t.train_iters * t.global_batch_size
-    samples = t.train_samples if t.train_samples is not None else int(math.ceil(t.train_tokens / cfg.model.seq_length))
+    token_samples = None if t.train_tokens is None else int(math.ceil(t.train_tokens / cfg.model.seq_length))
+    if t.train_iters is not None:  # no batch ramp-up with --train-iters: a fixed global batch
+        iters = t.train_iters
+        if token_samples is not None:
+            iters = min(iters, -(-token_samples // t.global_batch_size))
+        return iters, iters * t.global_batch_size
+    samples = min(s for s in (t.train_samples, token_samples) if s is not None)
     iters, consumed = 0, 0
     while consumed < samples:
         consumed += schedule.global_batch(consumed)

@@ -146,7 +146,7 @@ class Trainer:
                                               cfg.parallel.tensor_model_parallel_size)
         self.tokenizer = tokenizer
         print_rank0(ps, f"> world size {ps.world_size} (TP {ps.tp_size}, DP {ps.dp_size}, EP {ps.ep_size}"
-                        f"{', ZeRO-1 optimizer' if cfg.optimizer.use_distributed_optimizer else ''}) on {ps.device}; "
+                        f"{', ZeRO-2 optimizer' if cfg.optimizer.zero_stage == 2 else ', ZeRO-1 optimizer' if cfg.optimizer.use_distributed_optimizer else ''}) on {ps.device}; "
                         f"vocab {tokenizer.vocab_size} padded to {cfg.model.vocab_size}")
 
     def preflight_save_dir(self) -> None:
@@ -169,6 +169,9 @@ class Trainer:
         cfg, ps = self.cfg, self.ps
         set_seed(cfg.train.seed)
         self.model = build_model(cfg.model, ps, seed=cfg.train.seed, module_fn=lambda: self.model_provider(cfg, ps))
+        if cfg.optimizer.zero_stage == 2 and cfg.parallel.overlap_grad_reduce:
+            raise UserError("--overlap-grad-reduce does not combine with --zero-stage 2 (its gradients are "
+                            "reduce-scattered after the backward): drop one of the two")
         self.optimizer = build_optimizer(self.model, cfg.optimizer, ps.device, ps)
         self.grad_reducer = build_grad_reducer(self.model, ps, cfg.parallel.overlap_grad_reduce)
 
@@ -233,7 +236,7 @@ class Trainer:
         peak = cfg.logging.peak_tflops or device_peak_tflops(ps.device, compute_dtype)
         from megatron.wandb_sink import WandbSink
 
-        sinks = [TensorBoardSink(cfg.logging.tensorboard_dir, ps), WandbSink(cfg.logging, ps, cfg.to_dict())]
+        sinks = [TensorBoardSink(cfg.logging.tensorboard_dir, ps, cfg.logging.tensorboard_queue_size), WandbSink(cfg.logging, ps, cfg.to_dict())]
         sinks += self.extra_sinks
         self.metrics = MetricsLogger(ps, sinks, self.train_iters, cfg.model.seq_length, peak, flops_per_token(cfg.model))
         self.metrics.text("config", f"```\n{cfg.to_dict()}\n```", 0)
@@ -265,16 +268,21 @@ class Trainer:
 
     def step(self, sums: dict, moe_acc: list) -> StepResult:
         """Reduce gradients, unscale, clip and step the optimizer unless the gradient norm is non-finite."""
-        ps, model = self.ps, self.model
-        self.grad_reducer.finish()
+        ps, model, opt = self.ps, self.model, self.optimizer
+        sharded = hasattr(opt, "reduce_gradients")  # ZeRO-2: each rank keeps only its shard of the gradients
+        if sharded:
+            opt.reduce_gradients()
+        else:
+            self.grad_reducer.finish()
         if self.scaler.scale != 1.0:
-            scale_gradients(model, 1.0 / self.scaler.scale)
-        grad_norm = global_grad_norm(model, ps)
+            opt.scale_gradients(1.0 / self.scaler.scale) if sharded else scale_gradients(model, 1.0 / self.scaler.scale)
+        grad_norm = opt.grad_norm() if sharded else global_grad_norm(model, ps)
         found_inf = not math.isfinite(grad_norm)
         if not found_inf:
-            if self.cfg.optimizer.clip_grad > 0:
-                clip_gradients(model, self.cfg.optimizer.clip_grad, grad_norm)
-            self.optimizer.step()
+            clip = self.cfg.optimizer.clip_grad
+            if clip > 0:
+                opt.clip_gradients(clip, grad_norm) if sharded else clip_gradients(model, clip, grad_norm)
+            opt.step()
             update_router_biases(self.model, self.ps)  # aux-loss-free routers: loads summed over DP
         self.scaler.update(found_inf)
         return StepResult(logs=_dp_mean(sums, ps, 1), moe=moe_acc, grad_norm=grad_norm, skipped=found_inf)
