@@ -37,6 +37,26 @@ def run_cli(main) -> None:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        _exit_now_if_distributed(e.exit_code)
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
+
+
+def _exit_now_if_distributed(code: int) -> None:
+    """Leave at once from a failed distributed run: the interpreter's normal shutdown would tear down a
+    process group whose peer may be gone or mid-collective, which aborts the process (SIGABRT,
+    "terminate called ...") instead of exiting with ``code``."""
+    import os
+    import sys
+
+    try:
+        import torch.distributed as dist
+
+        initialized = dist.is_available() and dist.is_initialized()
+    except Exception:  # torch not importable: nothing to tear down
+        initialized = False
+    if initialized:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

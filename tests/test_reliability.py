@@ -26,7 +26,8 @@ SCRIPT = os.path.join(ROOT, "pretrain_gpt_moe.py")
 
 
 def env(**extra):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    # the same thread count as this process: the in-process reference runs must reduce in the same order
+    e = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=ROOT)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     e.update({k: str(v) for k, v in extra.items()})
