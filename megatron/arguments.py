@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron.config import Config, parse_data_path  # noqa: F401  (parse_data_path: public helper)
+from megatron.config import Config
 from megatron.errors import UserError
 from megatron.options import add_options, build_config
 

@@ -6,7 +6,6 @@ device with every expert local.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -15,6 +14,7 @@ import torch
 
 from megatron.checkpointing import load_checkpoint, locate_checkpoint
 from megatron.config import ModelConfig
+from megatron.tokenizer import registry as tokenizer_registry
 from megatron.errors import UserError
 from megatron.parallel_state import ParallelState
 
@@ -34,25 +34,6 @@ def read_checkpoint_config(load_dir: str, flag: str = "--load") -> tuple[str, di
     if found is None:
         raise UserError(f"{flag} {load_dir}: no checkpoint there (latest_checkpointed_iteration.txt is missing)")
     return found
-
-
-def build_tokenizer_from_config(config: dict, vocab_file=None, merge_file=None, tokenizer_model=None):
-    """The tokenizer the checkpoint was trained with (paths as stored, unless overridden)."""
-    from megatron.tokenizer import build_tokenizer
-
-    d = config["data"]
-    kind = d.get("tokenizer_type")
-    if kind == "NullTokenizer":
-        return build_tokenizer("NullTokenizer", vocab_size=config["model"]["vocab_size"])
-    vocab_file, merge_file = vocab_file or d.get("vocab_file"), merge_file or d.get("merge_file")
-    tokenizer_model = tokenizer_model or d.get("tokenizer_model")
-    needed = {"GPT2BPETokenizer": (("--vocab-file", vocab_file), ("--merge-file", merge_file)),
-              "SentencePieceTokenizer": (("--tokenizer-model", tokenizer_model),)}.get(kind, ())
-    for flag, path in needed:
-        if path and not os.path.isfile(path):
-            raise UserError(f"{flag} {path}: the checkpoint's tokenizer file is not found (paths are stored as given at "
-                            f"training time); pass {flag} with its location")
-    return build_tokenizer(kind, vocab_file, merge_file, tokenizer_model)
 
 
 def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor: Optional[float] = None,
@@ -87,6 +68,7 @@ def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor
     if dtype is not None:
         model = model.to(dtype)
     model.eval()
-    tokenizer = build_tokenizer_from_config(common["config"], vocab_file, merge_file, tokenizer_model)
+    tokenizer = tokenizer_registry.from_stored_config(common["config"], vocab_file=vocab_file, merge_file=merge_file,
+                                                      tokenizer_model=tokenizer_model)
     return LoadedModel(model=model, cfg=cfg, tokenizer=tokenizer, iteration=int(common["iteration"]),
                        config=common["config"], path=path)
