@@ -99,6 +99,9 @@ def test_off_in_training_with_grad_and_under_expert_parallelism():
     with torch.no_grad():
         assert small_batch_applies(layer, 1) and small_batch_applies(layer, MAX_ASSIGNMENTS)
         assert not small_batch_applies(layer, MAX_ASSIGNMENTS + 1)
+        layer.small_batch = False
+        assert not small_batch_applies(layer, 1)
+        layer.small_batch = True
         layer.train()
         assert not small_batch_applies(layer, 1)
         layer.eval()

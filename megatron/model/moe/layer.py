@@ -34,6 +34,7 @@ class MoELayer(nn.Module):
         num_local = num_experts // ep_size
         self.experts = StackedExperts(num_local, hidden_size, ffn_hidden_size, first_expert=ep_rank * num_local)
         self.dispatcher: TokenDispatcher = local_dispatcher(num_experts, moe_cfg.token_dropping)
+        self.small_batch = True  # False: always the dispatched path (benchmarks compare the two)
         self.residual = moe_cfg.mlp_type == "residual"
         if self.residual:
             self.residual_mlp = dense_mlp_factory()

@@ -5,9 +5,11 @@ grouped experts, combine) is built for thousands of tokens: its sort, its per-ex
 every expert and its combine cost far more than the few matmuls a handful of tokens need. Here the
 layer routes exactly as the router does in evaluation, groups the assignments by expert on the host
 (one small copy of the [S, k] choices), and for each distinct chosen expert runs one ``addmm`` pair
-on views of its weights (``w1[e]``: no copies), summing the gate-weighted outputs per token.
+on views of its weights (``w1[e]``: no copies) over its rows of one expert-sorted gather, then adds the
+gate-weighted outputs back per token (one scatter).
 
-When it applies (:func:`small_batch_applies`), and why the results equal the regular path's:
+When it applies (:func:`small_batch_applies`; ``MoELayer.small_batch = False`` turns it off), and why
+the results equal the regular path's:
 - evaluation under ``torch.no_grad()`` (serving, generation, scoring): training-only routing
   (gate noise, random token selection, second-expert sampling) never runs here;
 - at most :data:`MAX_ASSIGNMENTS` assignments (tokens x k) in the call;
@@ -46,7 +48,7 @@ _PLAIN_EVAL_ROUTERS = (TopKRouter, AuxLossFreeRouter)  # eval routing = softmax,
 
 def small_batch_applies(layer, num_tokens: int) -> bool:
     """Whether ``layer`` (an MoELayer) may take the small-batch path for a call of ``num_tokens`` tokens."""
-    return (not layer.training and not torch.is_grad_enabled()
+    return (layer.small_batch and not layer.training and not torch.is_grad_enabled()
             and 0 < num_tokens * layer.topk <= MAX_ASSIGNMENTS
             and layer.experts.num_local == layer.num_experts
             and type(layer.dispatcher) in _LOCAL_DISPATCHERS
@@ -59,8 +61,14 @@ class LazyMoEStats(MoEStats):
     def __init__(self, layer: int, logits: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor, num_experts: int):
         self.layer = layer
         self._logits, self._probs, self._indices, self._num_experts = logits, probs, indices, num_experts
-        self.dropped = torch.zeros((), device=logits.device)
-        self.assignments = torch.tensor(float(indices.numel()), device=logits.device)
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        return torch.zeros((), device=self._indices.device)
+
+    @property
+    def assignments(self) -> torch.Tensor:
+        return torch.tensor(float(self._indices.numel()), device=self._indices.device)
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -95,21 +103,24 @@ def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):
         return None
     if k > 1:  # renormalise over the chosen experts (nothing is dropped here)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
-    experts = layer.experts
-    xc = x.to(compute_dtype(x))  # the experts follow --bf16 / --fp16 autocast, as in the grouped path
-    y = None
-    for e, members in groups.items():
-        whole = len(members) == S and k == 1  # every token, in order: no gather, no scatter
-        rows = None if whole else torch.tensor([s for s, _ in members], device=x.device)  # [n]
-        xe = xc if whole else xc.index_select(0, rows)  # [n, H]
-        h = F.gelu(torch.addmm(experts.b1[e].to(xc.dtype), xe, experts.w1[e].to(xc.dtype)))  # [n, F]
-        out = torch.addmm(experts.b2[e].to(xc.dtype), h, experts.w2[e].to(xc.dtype))  # [n, H]
-        w = weights if whole else weights[rows, torch.tensor([j for _, j in members], device=x.device)][:, None]
-        out = out * w.to(out.dtype)  # [n, H]
-        if whole:
-            y = out
-        else:
-            y = out.new_zeros(S, x.shape[1]) if y is None else y
-            y.index_add_(0, rows, out)
+    experts, dt = layer.experts, compute_dtype(x)  # the experts follow --bf16 / --fp16 autocast, as grouped ones do
+    xc = x.to(dt)
+    order = sorted(groups)  # ascending expert id: each token sums its choices in the dispatched path's order
+    if len(order) == 1 and k == 1:  # every token to one expert (always so for one token at top-1)
+        e = order[0]
+        h = F.gelu(torch.addmm(experts.b1[e].to(dt), xc, experts.w1[e].to(dt)))  # [S, F]
+        y = torch.addmm(experts.b2[e].to(dt), h, experts.w2[e].to(dt)) * weights.to(dt)  # [S, H]
+    else:
+        members = [m for e in order for m in groups[e]]  # [N] (token, choice), grouped by expert
+        picks = torch.tensor([[t for t, _ in members], [t * k + j for t, j in members]], device=x.device)  # [2, N]
+        xs = xc.index_select(0, picks[0])  # [N, H] rows grouped by expert
+        outs, first = [], 0
+        for e in order:
+            n = len(groups[e])
+            h = F.gelu(torch.addmm(experts.b1[e].to(dt), xs[first:first + n], experts.w1[e].to(dt)))  # [n, F]
+            outs.append(torch.addmm(experts.b2[e].to(dt), h, experts.w2[e].to(dt)))  # [n, H]
+            first += n
+        out = torch.cat(outs) * weights.reshape(-1).index_select(0, picks[1]).to(dt)[:, None]  # [N, H]
+        y = out.new_zeros(S, x.shape[1]).index_add_(0, picks[0], out)  # [S, H]
     stats = LazyMoEStats(layer.layer_number, logits, probs, indices, layer.num_experts)
     return y.to(x.dtype), stats
