@@ -138,3 +138,13 @@ def test_model_decode_logits_equal_with_kv_cache(mlp_type):
             assert all(isinstance(s, LazyMoEStats) != grad for s in stats)
             outs.append(torch.stack(steps).detach())
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_bf16_autocast_follows_the_dispatched_path(topk):
+    layer = make_layer(topk=topk, token_dropping=False, mlp_type="residual")
+    x = torch.randn(4, 1, H)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, regular = both_paths(layer, x)
+    assert isinstance(fast[1], LazyMoEStats) and fast[0].dtype == regular[0].dtype
+    torch.testing.assert_close(fast[0], regular[0], rtol=2e-2, atol=2e-2)

@@ -27,6 +27,7 @@ Shapes: S tokens, H hidden, F expert hidden, E experts, k choices per token, n r
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -89,8 +90,9 @@ def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):
     """x [S, H] -> (y [S, H] in x's dtype, LazyMoEStats), or None when ``capacity`` would drop a choice."""
     S = x.shape[0]
     router = layer.router
-    with torch.autocast(device_type=x.device.type, enabled=False):  # the router runs in fp32, as in TopKRouter
-        logits = F.linear(x.float(), router.wg.weight.float())  # [S, E]
+    autocast = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(device_type=x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        logits = F.linear(x.float(), router.wg.weight.float())  # [S, E] fp32, as in TopKRouter
         probs = torch.softmax(logits, dim=-1)  # [S, E]
         indices = router.select(logits, probs)  # [S, k]
         weights = probs.gather(1, indices)  # [S, k] fp32
