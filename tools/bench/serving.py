@@ -196,10 +196,10 @@ def main():
     mode = cb if cb in modes else one
     for other in ("dense", "dense-4x"):
         if "MoE-8" in names and other in names:
-            print(f"\n| clients | MoE-8 / {other}: tokens/s | p50 latency | ({mode}) |\n|---|---|---|---|")
+            print(f"\n| clients | MoE-8 / {other} tokens/s ({mode}) | MoE-8 / {other} p50 latency |\n|---|---|---|")
             for c in levels:
                 print(f"| {c} | {tps[('MoE-8', mode, c)] / tps[(other, mode, c)]:.2f} | "
-                      f"{p50[('MoE-8', mode, c)] / p50[(other, mode, c)]:.2f} | |")
+                      f"{p50[('MoE-8', mode, c)] / p50[(other, mode, c)]:.2f} |")
 
 
 if __name__ == "__main__":
