@@ -92,11 +92,11 @@ def whole_model(a):
     assert generate_greedy_batch(models["moe"], batch, 4) == generate_greedy_batch(models["moe-dispatched"], batch, 4)
     labels = (("dense", "dense"), ("moe", "MoE-8 (small-batch path)"), ("moe-dispatched", "MoE-8, dispatched path"))
     for title, run, n_tok in (
-            ("1 prompt", lambda m: lambda: generate(m, prompt, new), new),
-            ("16 prompts batched", lambda m: lambda: generate_greedy_batch(m, batch, new), 16 * new)):
+            ("1 prompt of 32 tokens", lambda m: lambda: generate(m, prompt, new), new),
+            ("16 prompts of 20-35 tokens batched", lambda m: lambda: generate_greedy_batch(m, batch, new), 16 * new)):
         t = interleaved_median({n: run(m) for n, m in models.items()}, repeats=a.repeats)
         print(f"\n# whole model (6 layers, H=256, MoE-8 every other layer, top-1), {title}: {new} greedy tokens "
-              f"each after 20-52 prompt tokens, KV cache (prefill included)")
+              f"each, KV cache (prefill included)")
         print("| model | tokens/s | time / dense |\n|---|---|---|")
         for n, label in labels:
             print(f"| {label} | {n_tok / t[n]:.1f} | **{t[n] / t['dense']:.2f}** |", flush=True)
