@@ -2,8 +2,8 @@
 """Serving throughput and latency: a bounded load generator against the HTTP server on loopback.
 
     python tools/bench/serving.py [--concurrency 1,4,16,64] [--requests-per-client 1] [--max-tokens 48] \
-        [--prompt-tokens 8,32] [--models dense,MoE-8] [--modes continuous,single]
-    python tools/bench/serving.py --models MoE-8,dense-4x --modes continuous --concurrency 1,16
+        [--prompt-tokens 8,32] [--models dense,MoE-8] [--modes continuous,single] [--rounds 1]
+    python tools/bench/serving.py --models dense,MoE-8,dense-4x --modes continuous --concurrency 1,16 --rounds 5
 
 Models (random weights; speed only; 6 layers, 8 heads, vocab 8192, context 512):
 - ``dense``: hidden 256;
@@ -18,8 +18,9 @@ Each model is served by the real app (FastAPI + uvicorn on 127.0.0.1), all serve
 chosen modes: ``continuous`` (continuous batching, up to 64 rows) and ``single`` (one request at a time,
 --max-batch-size 1). For each concurrency level C, C client threads each send ``--requests-per-client``
 greedy completions (prompts of ``--prompt-tokens`` random tokens, ``--max-tokens`` new tokens, no early
-stop) one after another; the servers take turns at each level, so a noisy machine affects them alike.
-Reported: generated tokens/s over the level's wall time, and p50 / p99 of the request latency.
+stop) one after another; the servers take turns at each level (``--rounds`` times), so a noisy machine
+affects them alike. Reported: generated tokens/s over the level's wall time (the median round), and p50 /
+p99 of the request latency (all rounds).
 """
 from __future__ import annotations
 
@@ -157,6 +158,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads of the servers")
     p.add_argument("--models", default="dense,MoE-8", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--modes", default="continuous,single", help="comma list of continuous, single")
+    p.add_argument("--rounds", type=int, default=1, help="repeat each level this many times (servers taking turns); "
+                   "tokens/s is the median round, latencies are pooled")
     a = p.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
     lengths = tuple(int(x) for x in a.prompt_tokens.split(","))
@@ -180,8 +183,15 @@ def main():
         for url in urls.values():  # warm-up
             load(url, 2, 1, 4, seed=0)
         for c in levels:
+            rates, lats = {key: [] for key in urls}, {key: [] for key in urls}
+            for r in range(a.rounds):  # the servers take turns, round after round
+                for key, url in urls.items():
+                    rate, lat = load(url, c, a.requests_per_client, a.max_tokens, seed=c + 1000 * r,
+                                     prompt_tokens=lengths)
+                    rates[key].append(rate)
+                    lats[key] += lat
             for (name, mode), url in urls.items():
-                rate, lat = load(url, c, a.requests_per_client, a.max_tokens, seed=c, prompt_tokens=lengths)
+                rate, lat = statistics.median(rates[(name, mode)]), lats[(name, mode)]
                 tps[(name, mode, c)], p50[(name, mode, c)] = rate, statistics.median(lat)
                 print(f"| {name} | {mode} | {c} | {rate:.0f} | {p50[(name, mode, c)]:.2f} | {pct(lat, 0.99):.2f} |",
                       flush=True)
