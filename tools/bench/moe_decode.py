@@ -8,8 +8,9 @@ the dense MLP; the MoE layer's small-batch path (megatron/model/moe/small_batch.
 ``addmm`` pair per chosen expert on views of its weights), which the layer takes for calls of up to
 ``MAX_ASSIGNMENTS`` assignments; and the layer's dispatched path (plan, dispatch, grouped experts,
 combine; ``MoELayer.small_batch = False``), which it takes for everything larger. Their outputs are
-checked equal first. Layer shapes: H=256, F=1024, E=8, top-1 and top-2, S = 1 to 64 tokens (a decode
-step of S rows). Whole model: tools/bench/generation.py's 6-layer models (MoE-8 every other layer),
+checked equal first; the layer table times the small-batch path directly, also past the limit (marked
+"not used": the layer takes the dispatched path there). Layer shapes: H=256, F=1024, E=8, top-1 and
+top-2, S = 1 to 64 tokens (a decode step of S rows). Whole model: tools/bench/generation.py's 6-layer models (MoE-8 every other layer),
 greedy decoding with a KV cache of one prompt and of a batch of 16 prompts.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from megatron.config import MoEConfig  # noqa: E402
 from megatron.model.moe.layer import MoELayer  # noqa: E402
+from megatron.model.moe.small_batch import MAX_ASSIGNMENTS, small_batch_forward  # noqa: E402
 from megatron.model.transformer import MLP  # noqa: E402
 from tools.bench.common import interleaved_median  # noqa: E402
 
@@ -42,6 +44,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokens", default="1,8,16,32,64", help="tokens per layer call")
     p.add_argument("--quick", action="store_true", help="3 repeats of 50 calls, 32 new tokens")
+    p.add_argument("--layer-only", action="store_true", help="skip the whole-model decoding")
     a = p.parse_args(argv)
     if a.quick:
         a.repeats, a.calls = 3, 50
@@ -72,11 +75,14 @@ def main(argv=None):
                             fn(x)
                 return run
 
-            t = interleaved_median({"dense": many(dense), "fast": many(fast), "slow": many(slow)}, repeats=a.repeats)
+            direct = (lambda z: small_batch_forward(fast, z.reshape(S, H), None))  # past the limit too
+            t = interleaved_median({"dense": many(dense), "fast": many(direct), "slow": many(slow)}, repeats=a.repeats)
             us = {n: 1e6 * v / a.calls for n, v in t.items()}
-            print(f"| {S} | {k} | {us['dense']:.0f} | {us['fast']:.0f} | **{us['fast'] / us['dense']:.2f}** | "
+            used = "" if S * k <= MAX_ASSIGNMENTS else " (not used)"
+            print(f"| {S} | {k} | {us['dense']:.0f} | {us['fast']:.0f}{used} | **{us['fast'] / us['dense']:.2f}** | "
                   f"{us['slow']:.0f} | {us['slow'] / us['dense']:.2f} |", flush=True)
-    whole_model(a)
+    if not a.layer_only:
+        whole_model(a)
 
 
 def whole_model(a):
