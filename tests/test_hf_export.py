@@ -25,6 +25,8 @@ KINDS = {
     "moe_top2": ["--num-experts", "4", "--topk", "2"],
     "prmoe": ["--num-experts", "2", "4", "--mlp-type", "residual"],
     "residual_top2": ["--num-experts", "4", "--mlp-type", "residual", "--topk", "2"],
+    # a large bias step so that the selection-only bias changes which experts are chosen
+    "aux_free": ["--num-experts", "4", "--moe-router-type", "aux_free", "--moe-router-bias-update-rate", "0.05"],
 }
 
 

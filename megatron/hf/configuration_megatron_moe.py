@@ -12,7 +12,7 @@ class MegatronMoEConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=256,
                  max_position_embeddings=128, layernorm_epsilon=1e-5, experts_per_layer=None, mlp_type="standard",
-                 topk=1, initializer_range=0.02, use_cache=True, tie_word_embeddings=True, **kwargs):
+                 topk=1, router_type="topk", initializer_range=0.02, use_cache=True, tie_word_embeddings=True, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -24,6 +24,7 @@ class MegatronMoEConfig(PretrainedConfig):
         self.experts_per_layer = list(experts_per_layer or [1] * num_layers)
         self.mlp_type = mlp_type  # "standard" or "residual" (Residual-MoE: a dense MLP mixed with the experts)
         self.topk = topk
+        self.router_type = router_type  # "topk", or "aux_free" (the router holds a selection-only expert bias)
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -57,7 +57,7 @@ def moe_config(cfg, eod: int) -> dict:
         "num_attention_heads": cfg.num_attention_heads, "ffn_hidden_size": cfg.ffn_hidden_size,
         "max_position_embeddings": cfg.max_position_embeddings, "layernorm_epsilon": cfg.layernorm_epsilon,
         "experts_per_layer": cfg.moe.experts_per_layer(cfg.num_layers), "mlp_type": cfg.moe.mlp_type,
-        "topk": cfg.moe.topk, "initializer_range": cfg.init_method_std, "tie_word_embeddings": True,
+        "topk": cfg.moe.topk, "router_type": cfg.moe.router_type, "initializer_range": cfg.init_method_std, "tie_word_embeddings": True,
         "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": "float32",
     }
 

@@ -57,9 +57,16 @@ class DenseMLPBlock(nn.Module):
 
 
 class Router(nn.Module):
-    def __init__(self, hidden_size: int, num_experts: int):
+    def __init__(self, hidden_size: int, num_experts: int, router_type: str = "topk"):
         super().__init__()
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        if router_type == "aux_free":  # auxiliary-loss-free balancing: a per-expert bias for the choice only
+            self.expert_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)  # [E]
+
+    def choose(self, probs):
+        # probs: [S, E] -> expert indices [S, k'] ranked by the (biased) score; weights stay the unbiased probs
+        bias = getattr(self, "expert_bias", None)
+        return probs if bias is None else probs + bias.float()
 
 
 class StackedExperts(nn.Module):
@@ -79,7 +86,7 @@ class MoELayer(nn.Module):
     def __init__(self, config, num_experts: int):
         super().__init__()
         self.num_experts, self.topk = num_experts, config.topk
-        self.router = Router(config.hidden_size, num_experts)
+        self.router = Router(config.hidden_size, num_experts, getattr(config, "router_type", "topk"))
         self.experts = StackedExperts(num_experts, config.hidden_size, config.ffn_hidden_size)
         self.residual = config.mlp_type == "residual"
         if self.residual:
@@ -90,7 +97,8 @@ class MoELayer(nn.Module):
         B, T, H = hidden.shape
         x = hidden.reshape(B * T, H)  # [S, H]
         probs = torch.softmax(F.linear(x.float(), self.router.wg.weight.float()), dim=-1)  # [S, E] fp32
-        weights, indices = torch.topk(probs, self.topk, dim=-1)  # [S, k]
+        indices = torch.topk(self.router.choose(probs), self.topk, dim=-1).indices  # [S, k]
+        weights = probs.gather(1, indices)  # [S, k]
         if self.topk > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
         y = torch.zeros(B * T, H, dtype=torch.float32, device=x.device)
