@@ -2,10 +2,24 @@
 
 Each expert is initialised from its own generator keyed by (seed, layer, global expert id), so
 the weights do not depend on how experts are laid out across ranks.
+
+Gradient-accumulation fusion (Megatron-LM's name for it): in training, :meth:`StackedExperts.run`
+(the MoE layer's entry) on the padded [E, C, H] path, capacity or no-drop, writes the experts'
+weight gradients straight into ``.grad`` (``baddbmm_`` when a gradient is already there, e.g. from
+an earlier micro-batch; a fresh ``bmm`` when it is None) instead of returning a new [E, H, F] tensor that autograd then adds. The weights are not inputs of the
+autograd graph on that path, so autograd's per-parameter hooks do not see them; whoever needs to
+know when an expert gradient is complete (the overlapped gradient reduce) installs a callback
+with :meth:`StackedExperts.set_grad_ready_callback`. The fused path runs only where it computes
+exactly what autograd would: grad enabled, the input requiring grad, and no autocast (the input
+and the weights in one dtype). Otherwise (bf16/fp16 autocast, the ``torch._grouped_mm`` kernel,
+``fuse_wgrad=False``, a direct ``forward()`` call) autograd accumulates as usual and the parameters'
+hooks fire. Because the weights are outside the graph there, ``torch.autograd.grad`` with respect to
+them through the MoE layer needs ``fuse_wgrad=False``; ``.backward()`` is what the fusion serves.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -21,9 +35,12 @@ def expert_generator(seed: int, layer_number: int, global_expert: int) -> torch.
 class StackedExperts(nn.Module):
     """``num_local`` GeLU MLP experts H -> F -> H; global ids start at ``first_expert``."""
 
-    def __init__(self, num_local: int, hidden_size: int, ffn_hidden_size: int, first_expert: int = 0):
+    def __init__(self, num_local: int, hidden_size: int, ffn_hidden_size: int, first_expert: int = 0,
+                 fuse_wgrad: bool = True):
         super().__init__()
         self.num_local, self.first_expert = num_local, first_expert
+        self.fuse_wgrad = fuse_wgrad  # accumulate weight gradients in place (module docstring); False: autograd
+        self._grad_ready: Optional[Callable[[nn.Parameter], None]] = None
         self.w1 = nn.Parameter(torch.empty(num_local, hidden_size, ffn_hidden_size))  # [E, H, F]
         self.b1 = nn.Parameter(torch.zeros(num_local, ffn_hidden_size))  # [E, F]
         self.w2 = nn.Parameter(torch.empty(num_local, ffn_hidden_size, hidden_size))  # [E, F, H]
@@ -39,6 +56,22 @@ class StackedExperts(nn.Module):
         self._mark_expert_parameters()  # moving off the meta device replaces the Parameter objects
         return out
 
+    def set_grad_ready_callback(self, fn: Optional[Callable[[nn.Parameter], None]]) -> None:
+        """``fn(param)`` is called once a fused backward has written ``param.grad`` (None: no callback).
+
+        It stands in for the post-accumulate-grad hooks that autograd does not run on the fused path.
+        """
+        self._grad_ready = fn
+
+    def _fused_applies(self, buf: torch.Tensor) -> bool:
+        return (torch.is_grad_enabled() and buf.requires_grad
+                and not torch.is_autocast_enabled(buf.device.type)
+                and all(p.dtype == buf.dtype for p in (self.w1, self.b1, self.w2, self.b2)))
+
+    def _accumulated(self, p: nn.Parameter) -> None:
+        if self._grad_ready is not None:
+            self._grad_ready(p)
+
     @torch.no_grad()
     def init_weights(self, seed: int, layer_number: int, std: float, out_std: float) -> None:
         for i in range(self.num_local):
@@ -51,23 +84,30 @@ class StackedExperts(nn.Module):
         self.b2.zero_()
 
     def run(self, batch) -> torch.Tensor:
-        """An ExpertBatch from a dispatcher -> the experts' output in the same layout."""
+        """An ExpertBatch from a dispatcher -> the experts' output in the same layout (the MoE layer's
+        path: weight gradients fused into ``.grad`` where the module docstring says so)."""
         if batch.counts is None:
-            return self(batch.tokens)  # [E_l, C, H]
-        return self.forward_grouped(batch.tokens, batch.counts)  # [N_l, H]
+            return self.forward(batch.tokens, fused=self.fuse_wgrad)  # [E_l, C, H]
+        return self.forward_grouped(batch.tokens, batch.counts, fused=self.fuse_wgrad)  # [N_l, H]
 
-    def forward(self, buf: torch.Tensor) -> torch.Tensor:
+    def forward(self, buf: torch.Tensor, fused: bool = False) -> torch.Tensor:
         # buf: [E, C, H] (one row block per local expert, zero-padded to capacity) -> [E, C, H]
+        # fused: accumulate the weight gradients in place where that is exact (module docstring); by default
+        # a direct call keeps plain autograd semantics (torch.autograd.grad on the weights works).
+        if fused and self._fused_applies(buf):
+            return _FusedWgradExperts.apply(buf, self)
         h = torch.baddbmm(self.b1[:, None, :].to(buf.dtype), buf, self.w1.to(buf.dtype))  # [E, C, F]
         h = F.gelu(h)
         return torch.baddbmm(self.b2[:, None, :].to(buf.dtype), h, self.w2.to(buf.dtype))  # [E, C, H]
 
-    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, kernel: str | None = None,
+                        fused: bool = False) -> torch.Tensor:
         # x: [N, H] sorted by expert, counts: [E] -> [N, H]; no padding to a capacity.
         # kernel: "grouped_mm" (torch._grouped_mm: work proportional to the rows) or "padded" (pad every
         # expert to the largest count + one batched matmul: work proportional to E x the largest count).
         # GPU: grouped_mm. CPU: padded when the load is even (it measured ~2x faster than _grouped_mm for
         # equal work), grouped_mm when most padded rows would be empty (decoding: 1 token, 1 expert).
+        # fused: as in forward(), for the padded kernel only (grouped_mm keeps autograd's accumulation).
         x = x.to(compute_dtype(x))  # torch._grouped_mm is outside autocast: follow --bf16 / --fp16 here
         cap = None
         if kernel is None:
@@ -79,7 +119,7 @@ class StackedExperts(nn.Module):
                 cap = int(counts.max()) if counts.numel() else 0
                 kernel = "padded" if self.num_local * cap <= 2 * x.shape[0] else "grouped_mm"
         if kernel == "padded" or not hasattr(torch, "_grouped_mm"):
-            return self._grouped_by_padding(x, counts, cap)
+            return self._grouped_by_padding(x, counts, cap, fused)
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end offset of each expert's rows
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_local, device=x.device), counts)  # [N]
         w1, w2 = self.w1.to(x.dtype), self.w2.to(x.dtype)
@@ -87,7 +127,7 @@ class StackedExperts(nn.Module):
         h = F.gelu(h)
         return _grouped_mm(h, w2, offs) + self.b2.to(x.dtype).index_select(0, expert_of_row)  # [N, H]
 
-    def _grouped_by_padding(self, x: torch.Tensor, counts: torch.Tensor, cap=None) -> torch.Tensor:
+    def _grouped_by_padding(self, x: torch.Tensor, counts: torch.Tensor, cap=None, fused: bool = False) -> torch.Tensor:
         """Fallback: pad each expert's rows to the largest count (``cap``) and run the batched path."""
         E, H = self.num_local, x.shape[-1]
         if cap is None:
@@ -97,7 +137,61 @@ class StackedExperts(nn.Module):
         pos = torch.arange(x.shape[0], device=x.device) - start[expert_of_row]
         slot = expert_of_row * cap + pos  # [N]
         buf = x.new_zeros(E * cap, H).index_copy(0, slot, x).view(E, cap, H)  # [E, C, H]
-        return self.forward(buf).reshape(E * cap, H).index_select(0, slot)  # [N, H]
+        return self.forward(buf, fused).reshape(E * cap, H).index_select(0, slot)  # [N, H]
+
+
+class _FusedWgradExperts(torch.autograd.Function):
+    """GeLU experts on [E, C, H] whose backward accumulates the weight gradients into ``.grad`` in place.
+
+    The module is passed as a plain argument, so its parameters are not graph inputs: the backward
+    returns only the input's gradient and reports each written gradient to the module's callback.
+    """
+
+    @staticmethod
+    def forward(ctx, buf, experts):
+        # buf [E, C, H] -> [E, C, H]
+        h = torch.baddbmm(experts.b1[:, None, :], buf, experts.w1)  # [E, C, F]
+        a = F.gelu(h)  # [E, C, F]
+        ctx.save_for_backward(buf, h, a)
+        ctx.experts = experts
+        return torch.baddbmm(experts.b2[:, None, :], a, experts.w2)  # [E, C, H]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        # gy [E, C, H] -> grad of buf [E, C, H]; weight and bias gradients go to .grad
+        buf, h, a = ctx.saved_tensors
+        ex = ctx.experts
+        gy = gy.contiguous()
+        _accumulate_bmm(ex, ex.w2, a.transpose(1, 2), gy)  # [E, F, C] @ [E, C, H] -> [E, F, H]
+        _accumulate_sum(ex, ex.b2, gy)  # [E, H]
+        gh = torch.ops.aten.gelu_backward(torch.bmm(gy, ex.w2.transpose(1, 2)), h)  # [E, C, F]
+        _accumulate_bmm(ex, ex.w1, buf.transpose(1, 2), gh)  # [E, H, C] @ [E, C, F] -> [E, H, F]
+        _accumulate_sum(ex, ex.b1, gh)  # [E, F]
+        gbuf = torch.bmm(gh, ex.w1.transpose(1, 2)) if ctx.needs_input_grad[0] else None  # [E, C, H]
+        return gbuf, None
+
+
+def _accumulate_bmm(experts, p, a, b) -> None:
+    """p.grad += a @ b (batched) in place, or p.grad = a @ b when p has no gradient yet."""
+    if not p.requires_grad:
+        return
+    if p.grad is None:
+        p.grad = torch.bmm(a, b)
+    else:
+        p.grad.baddbmm_(a, b)
+    experts._accumulated(p)
+
+
+def _accumulate_sum(experts, p, g) -> None:
+    """p.grad += g summed over the token dim (g [E, C, X] -> [E, X])."""
+    if not p.requires_grad:
+        return
+    if p.grad is None:
+        p.grad = g.sum(1)
+    else:
+        p.grad.add_(g.sum(1))
+    experts._accumulated(p)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
