@@ -38,15 +38,29 @@ def _count_fused(module):
     return seen
 
 
-def test_stacked_experts_fused_equals_loop_oracle_over_two_micro_batches():
+def _loop_rows(experts, x, counts):
+    """The per-expert loop oracle on rows sorted by expert ([N, H], counts [E])."""
+    starts = torch.cumsum(counts, 0) - counts
+    buf = torch.stack([torch.nn.functional.pad(x[s:s + n], (0, 0, 0, int(counts.max()) - n))
+                       for s, n in zip(starts.tolist(), counts.tolist())])  # [E, max, H]
+    out = loop_experts(experts, buf)
+    return torch.cat([out[e, :n] for e, n in enumerate(counts.tolist())])
+
+
+@pytest.mark.parametrize("kernel", ["capacity", "padded", "grouped_mm"])
+def test_stacked_experts_fused_equals_loop_oracle_over_two_micro_batches(kernel):
     fused, plain = _pair(lambda: StackedExperts(E, H, F))
     reported = _count_fused(fused)
+    counts = torch.tensor([3, 0, 6, 2])  # an expert without rows
     for step in range(2):  # the first backward creates .grad, the second accumulates into it
-        buf = torch.randn(E, 5, H, generator=torch.Generator().manual_seed(step))
-        g = torch.randn(E, 5, H, generator=torch.Generator().manual_seed(10 + step))
-        xa, xb = buf.clone().requires_grad_(), buf.clone().requires_grad_()
-        ya = fused.run(ExpertBatch(xa))
-        yb = loop_experts(plain, xb)
+        shape = (E, 5, H) if kernel == "capacity" else (int(counts.sum()), H)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(step))
+        g = torch.randn(*shape, generator=torch.Generator().manual_seed(10 + step))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        if kernel == "capacity":
+            ya, yb = fused.run(ExpertBatch(xa)), loop_experts(plain, xb)
+        else:
+            ya, yb = fused.forward_grouped(xa, counts, kernel=kernel, fused=True), _loop_rows(plain, xb, counts)
         torch.testing.assert_close(ya, yb, **TIGHT)
         (ya * g).sum().backward()
         (yb * g).sum().backward()
@@ -142,10 +156,7 @@ def test_three_training_steps_equal_the_unfused_model(dropping, recompute):
         layer.experts.set_grad_ready_callback(reported.append)
     fused = _train_three_steps(fused_model)
     plain = _train_three_steps(_tiny_gpt(False, dropping, False))
-    if dropping:
-        assert len(reported) == 3 * 2 * 2 * 4  # steps x micro-batches x MoE layers x parameters
-    else:  # no-drop picks the padded kernel (fused) for even loads, torch._grouped_mm (autograd) for uneven ones
-        assert 0 < len(reported) < 3 * 2 * 2 * 4
+    assert len(reported) == 3 * 2 * 2 * 4  # steps x micro-batches x MoE layers x parameters
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=0)
 
 

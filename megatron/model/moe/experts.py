@@ -4,17 +4,18 @@ Each expert is initialised from its own generator keyed by (seed, layer, global 
 the weights do not depend on how experts are laid out across ranks.
 
 Gradient-accumulation fusion (Megatron-LM's name for it): in training, :meth:`StackedExperts.run`
-(the MoE layer's entry) on the padded [E, C, H] path, capacity or no-drop, writes the experts'
-weight gradients straight into ``.grad`` (``baddbmm_`` when a gradient is already there, e.g. from
-an earlier micro-batch; a fresh ``bmm`` when it is None) instead of returning a new [E, H, F] tensor that autograd then adds. The weights are not inputs of the
-autograd graph on that path, so autograd's per-parameter hooks do not see them; whoever needs to
-know when an expert gradient is complete (the overlapped gradient reduce) installs a callback
-with :meth:`StackedExperts.set_grad_ready_callback`. The fused path runs only where it computes
-exactly what autograd would: grad enabled, the input requiring grad, and no autocast (the input
-and the weights in one dtype). Otherwise (bf16/fp16 autocast, the ``torch._grouped_mm`` kernel,
-``fuse_wgrad=False``, a direct ``forward()`` call) autograd accumulates as usual and the parameters'
-hooks fire. Because the weights are outside the graph there, ``torch.autograd.grad`` with respect to
-them through the MoE layer needs ``fuse_wgrad=False``; ``.backward()`` is what the fusion serves.
+(the MoE layer's entry), on the padded [E, C, H] path and on the grouped no-drop path, writes the
+experts' weight gradients straight into ``.grad`` (in place when a gradient is already there, e.g.
+from an earlier micro-batch; a fresh tensor when it is None) instead of returning a new [E, H, F]
+tensor that autograd then adds. The weights are not inputs of the autograd graph on that path, so
+autograd's per-parameter hooks do not see them; whoever needs to know when an expert gradient is
+complete (the overlapped gradient reduce) installs a callback with
+:meth:`StackedExperts.set_grad_ready_callback`. The fused path runs only where it computes what
+autograd would: grad enabled, the input requiring grad, and no autocast (the input and the weights
+in one dtype). Otherwise (bf16/fp16 autocast, ``fuse_wgrad=False``, a direct ``forward()`` /
+``forward_grouped()`` call) autograd accumulates as usual and the parameters' hooks fire. Because
+the weights are outside the graph there, ``torch.autograd.grad`` with respect to them through the
+MoE layer needs ``fuse_wgrad=False``; ``.backward()`` is what the fusion serves.
 """
 from __future__ import annotations
 
@@ -105,15 +106,17 @@ class StackedExperts(nn.Module):
         # x: [N, H] sorted by expert, counts: [E] -> [N, H]; no padding to a capacity.
         # kernel: "grouped_mm" (torch._grouped_mm: work proportional to the rows) or "padded" (pad every
         # expert to the largest count + one batched matmul: work proportional to E x the largest count).
-        # GPU: grouped_mm. CPU: padded when the load is even (it measured ~2x faster than _grouped_mm for
-        # equal work), grouped_mm when most padded rows would be empty (decoding: 1 token, 1 expert).
-        # fused: as in forward(), for the padded kernel only (grouped_mm keeps autograd's accumulation).
+        # GPU, and CPU training with the fused weight gradients: grouped_mm. CPU otherwise: padded when the
+        # load is even (it measured ~2x faster than autograd's _grouped_mm for equal work), grouped_mm when
+        # most padded rows would be empty (decoding: 1 token, 1 expert).
+        # fused: as in forward(), for both kernels.
         x = x.to(compute_dtype(x))  # torch._grouped_mm is outside autocast: follow --bf16 / --fp16 here
+        fused = fused and self._fused_applies(x)
         cap = None
         if kernel is None:
             if not hasattr(torch, "_grouped_mm"):
                 kernel = "padded"
-            elif x.is_cuda:
+            elif x.is_cuda or fused:  # fused on CPU: 0.76-0.94x the padded kernel's time at E = 8-128
                 kernel = "grouped_mm"
             else:
                 cap = int(counts.max()) if counts.numel() else 0
@@ -122,6 +125,8 @@ class StackedExperts(nn.Module):
             return self._grouped_by_padding(x, counts, cap, fused)
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end offset of each expert's rows
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_local, device=x.device), counts)  # [N]
+        if fused:
+            return _FusedWgradGroupedExperts.apply(x, counts, offs, expert_of_row, self)
         w1, w2 = self.w1.to(x.dtype), self.w2.to(x.dtype)
         h = _grouped_mm(x, w1, offs) + self.b1.to(x.dtype).index_select(0, expert_of_row)  # [N, F]
         h = F.gelu(h)
@@ -170,6 +175,71 @@ class _FusedWgradExperts(torch.autograd.Function):
         _accumulate_sum(ex, ex.b1, gh)  # [E, F]
         gbuf = torch.bmm(gh, ex.w1.transpose(1, 2)) if ctx.needs_input_grad[0] else None  # [E, C, H]
         return gbuf, None
+
+
+class _FusedWgradGroupedExperts(torch.autograd.Function):
+    """The grouped (no padding) GeLU experts over rows sorted by expert, weight gradients into ``.grad``.
+
+    Forward and the input gradient use ``torch._grouped_mm``; the weight gradient: see _accumulate_grouped.
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts, offs, expert_of_row, experts):
+        # x [N, H] sorted by expert, counts [E], offs [E] int32 end offsets, expert_of_row [N] -> [N, H]
+        h = _grouped_mm(x, experts.w1, offs) + experts.b1.index_select(0, expert_of_row)  # [N, F]
+        a = F.gelu(h)  # [N, F]
+        ctx.save_for_backward(x, h, a, counts, offs, expert_of_row)
+        ctx.experts = experts
+        return _grouped_mm(a, experts.w2, offs) + experts.b2.index_select(0, expert_of_row)  # [N, H]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        # gy [N, H] -> grad of x [N, H]; weight and bias gradients go to .grad
+        x, h, a, counts, offs, expert_of_row = ctx.saved_tensors
+        ex = ctx.experts
+        gy = gy.contiguous()
+        _accumulate_grouped(ex, ex.w2, a, gy, offs, counts)  # per expert [F, n] @ [n, H] -> [E, F, H]
+        _accumulate_rows(ex, ex.b2, gy, expert_of_row)  # [E, H]
+        gh = torch.ops.aten.gelu_backward(_grouped_mm(gy, ex.w2.transpose(1, 2), offs), h)  # [N, F]
+        _accumulate_grouped(ex, ex.w1, x, gh, offs, counts)  # per expert [H, n] @ [n, F] -> [E, H, F]
+        _accumulate_rows(ex, ex.b1, gh, expert_of_row)  # [E, F]
+        gx = _grouped_mm(gh, ex.w1.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None  # [N, H]
+        return gx, None, None, None, None
+
+
+def _accumulate_grouped(experts, p, a, b, offs, counts) -> None:
+    """p.grad[e] += a[rows of e]^T @ b[rows of e] for every expert e; p.grad created when None.
+
+    CPU: one ``addmm_`` per expert into its slice (in place). CUDA: one ``torch._grouped_mm`` added in
+    (no host sync for the counts).
+    """
+    if not p.requires_grad:
+        return
+    if p.grad is None or a.is_cuda:
+        g = torch._grouped_mm(a.t(), b, offs=offs)  # [E, X, Y]; experts without rows get zeros
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+    else:
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                p.grad[e].addmm_(a[start:start + n].t(), b[start:start + n])
+            start += n
+    experts._accumulated(p)
+
+
+def _accumulate_rows(experts, p, g, expert_of_row) -> None:
+    """p.grad[e] += sum of g's rows of expert e (g [N, X] -> [E, X])."""
+    if not p.requires_grad:
+        return
+    if p.grad is None:
+        p.grad = g.new_zeros(p.shape).index_add_(0, expert_of_row, g)
+    else:
+        p.grad.index_add_(0, expert_of_row, g)
+    experts._accumulated(p)
 
 
 def _accumulate_bmm(experts, p, a, b) -> None:
