@@ -15,7 +15,8 @@ autograd would: grad enabled, the input requiring grad, and no autocast (the inp
 in one dtype). Otherwise (bf16/fp16 autocast, ``fuse_wgrad=False``, a direct ``forward()`` /
 ``forward_grouped()`` call) autograd accumulates as usual and the parameters' hooks fire. Because
 the weights are outside the graph there, ``torch.autograd.grad`` with respect to them through the
-MoE layer needs ``fuse_wgrad=False``; ``.backward()`` is what the fusion serves.
+MoE layer needs ``fuse_wgrad=False``; ``.backward()`` is what the fusion serves. The autograd
+functions are in :mod:`megatron.model.moe.expert_grads`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.model.moe.expert_grads import FusedWgradExperts, FusedWgradGroupedExperts, grouped_mm
 from megatron.parallel.param_tags import mark_expert
 
 
@@ -69,7 +71,8 @@ class StackedExperts(nn.Module):
                 and not torch.is_autocast_enabled(buf.device.type)
                 and all(p.dtype == buf.dtype for p in (self.w1, self.b1, self.w2, self.b2)))
 
-    def _accumulated(self, p: nn.Parameter) -> None:
+    def notify_grad_ready(self, p: nn.Parameter) -> None:
+        """A fused backward finished ``p.grad``: tell the installed callback, if any."""
         if self._grad_ready is not None:
             self._grad_ready(p)
 
@@ -96,7 +99,7 @@ class StackedExperts(nn.Module):
         # fused: accumulate the weight gradients in place where that is exact (module docstring); by default
         # a direct call keeps plain autograd semantics (torch.autograd.grad on the weights works).
         if fused and self._fused_applies(buf):
-            return _FusedWgradExperts.apply(buf, self)
+            return FusedWgradExperts.apply(buf, self)
         h = torch.baddbmm(self.b1[:, None, :].to(buf.dtype), buf, self.w1.to(buf.dtype))  # [E, C, F]
         h = F.gelu(h)
         return torch.baddbmm(self.b2[:, None, :].to(buf.dtype), h, self.w2.to(buf.dtype))  # [E, C, H]
@@ -126,11 +129,11 @@ class StackedExperts(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end offset of each expert's rows
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_local, device=x.device), counts)  # [N]
         if fused:
-            return _FusedWgradGroupedExperts.apply(x, counts, offs, expert_of_row, self)
+            return FusedWgradGroupedExperts.apply(x, counts, offs, expert_of_row, self)
         w1, w2 = self.w1.to(x.dtype), self.w2.to(x.dtype)
-        h = _grouped_mm(x, w1, offs) + self.b1.to(x.dtype).index_select(0, expert_of_row)  # [N, F]
+        h = grouped_mm(x, w1, offs) + self.b1.to(x.dtype).index_select(0, expert_of_row)  # [N, F]
         h = F.gelu(h)
-        return _grouped_mm(h, w2, offs) + self.b2.to(x.dtype).index_select(0, expert_of_row)  # [N, H]
+        return grouped_mm(h, w2, offs) + self.b2.to(x.dtype).index_select(0, expert_of_row)  # [N, H]
 
     def _grouped_by_padding(self, x: torch.Tensor, counts: torch.Tensor, cap=None, fused: bool = False) -> torch.Tensor:
         """Fallback: pad each expert's rows to the largest count (``cap``) and run the batched path."""
@@ -145,137 +148,10 @@ class StackedExperts(nn.Module):
         return self.forward(buf, fused).reshape(E * cap, H).index_select(0, slot)  # [N, H]
 
 
-class _FusedWgradExperts(torch.autograd.Function):
-    """GeLU experts on [E, C, H] whose backward accumulates the weight gradients into ``.grad`` in place.
-
-    The module is passed as a plain argument, so its parameters are not graph inputs: the backward
-    returns only the input's gradient and reports each written gradient to the module's callback.
-    """
-
-    @staticmethod
-    def forward(ctx, buf, experts):
-        # buf [E, C, H] -> [E, C, H]
-        h = torch.baddbmm(experts.b1[:, None, :], buf, experts.w1)  # [E, C, F]
-        a = F.gelu(h)  # [E, C, F]
-        ctx.save_for_backward(buf, h, a)
-        ctx.experts = experts
-        return torch.baddbmm(experts.b2[:, None, :], a, experts.w2)  # [E, C, H]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        # gy [E, C, H] -> grad of buf [E, C, H]; weight and bias gradients go to .grad
-        buf, h, a = ctx.saved_tensors
-        ex = ctx.experts
-        gy = gy.contiguous()
-        _accumulate_bmm(ex, ex.w2, a.transpose(1, 2), gy)  # [E, F, C] @ [E, C, H] -> [E, F, H]
-        _accumulate_sum(ex, ex.b2, gy)  # [E, H]
-        gh = torch.ops.aten.gelu_backward(torch.bmm(gy, ex.w2.transpose(1, 2)), h)  # [E, C, F]
-        _accumulate_bmm(ex, ex.w1, buf.transpose(1, 2), gh)  # [E, H, C] @ [E, C, F] -> [E, H, F]
-        _accumulate_sum(ex, ex.b1, gh)  # [E, F]
-        gbuf = torch.bmm(gh, ex.w1.transpose(1, 2)) if ctx.needs_input_grad[0] else None  # [E, C, H]
-        return gbuf, None
-
-
-class _FusedWgradGroupedExperts(torch.autograd.Function):
-    """The grouped (no padding) GeLU experts over rows sorted by expert, weight gradients into ``.grad``.
-
-    Forward and the input gradient use ``torch._grouped_mm``; the weight gradient: see _accumulate_grouped.
-    """
-
-    @staticmethod
-    def forward(ctx, x, counts, offs, expert_of_row, experts):
-        # x [N, H] sorted by expert, counts [E], offs [E] int32 end offsets, expert_of_row [N] -> [N, H]
-        h = _grouped_mm(x, experts.w1, offs) + experts.b1.index_select(0, expert_of_row)  # [N, F]
-        a = F.gelu(h)  # [N, F]
-        ctx.save_for_backward(x, h, a, counts, offs, expert_of_row)
-        ctx.experts = experts
-        return _grouped_mm(a, experts.w2, offs) + experts.b2.index_select(0, expert_of_row)  # [N, H]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        # gy [N, H] -> grad of x [N, H]; weight and bias gradients go to .grad
-        x, h, a, counts, offs, expert_of_row = ctx.saved_tensors
-        ex = ctx.experts
-        gy = gy.contiguous()
-        _accumulate_grouped(ex, ex.w2, a, gy, offs, counts)  # per expert [F, n] @ [n, H] -> [E, F, H]
-        _accumulate_rows(ex, ex.b2, gy, expert_of_row)  # [E, H]
-        gh = torch.ops.aten.gelu_backward(_grouped_mm(gy, ex.w2.transpose(1, 2), offs), h)  # [N, F]
-        _accumulate_grouped(ex, ex.w1, x, gh, offs, counts)  # per expert [H, n] @ [n, F] -> [E, H, F]
-        _accumulate_rows(ex, ex.b1, gh, expert_of_row)  # [E, F]
-        gx = _grouped_mm(gh, ex.w1.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None  # [N, H]
-        return gx, None, None, None, None
-
-
-def _accumulate_grouped(experts, p, a, b, offs, counts) -> None:
-    """p.grad[e] += a[rows of e]^T @ b[rows of e] for every expert e; p.grad created when None.
-
-    CPU: one ``addmm_`` per expert into its slice (in place). CUDA: one ``torch._grouped_mm`` added in
-    (no host sync for the counts).
-    """
-    if not p.requires_grad:
-        return
-    if p.grad is None or a.is_cuda:
-        g = torch._grouped_mm(a.t(), b, offs=offs)  # [E, X, Y]; experts without rows get zeros
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
-    else:
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                p.grad[e].addmm_(a[start:start + n].t(), b[start:start + n])
-            start += n
-    experts._accumulated(p)
-
-
-def _accumulate_rows(experts, p, g, expert_of_row) -> None:
-    """p.grad[e] += sum of g's rows of expert e (g [N, X] -> [E, X])."""
-    if not p.requires_grad:
-        return
-    if p.grad is None:
-        p.grad = g.new_zeros(p.shape).index_add_(0, expert_of_row, g)
-    else:
-        p.grad.index_add_(0, expert_of_row, g)
-    experts._accumulated(p)
-
-
-def _accumulate_bmm(experts, p, a, b) -> None:
-    """p.grad += a @ b (batched) in place, or p.grad = a @ b when p has no gradient yet."""
-    if not p.requires_grad:
-        return
-    if p.grad is None:
-        p.grad = torch.bmm(a, b)
-    else:
-        p.grad.baddbmm_(a, b)
-    experts._accumulated(p)
-
-
-def _accumulate_sum(experts, p, g) -> None:
-    """p.grad += g summed over the token dim (g [E, C, X] -> [E, X])."""
-    if not p.requires_grad:
-        return
-    if p.grad is None:
-        p.grad = g.sum(1)
-    else:
-        p.grad.add_(g.sum(1))
-    experts._accumulated(p)
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on for x's device (--bf16 / --fp16), else x's own dtype."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm; its CPU backward needs a contiguous incoming gradient."""
-    y = torch._grouped_mm(x.contiguous(), w, offs=offs)
-    if y.requires_grad:
-        y.register_hook(lambda g: g.contiguous())
-    return y
 
 
 def init_std_for_output(std: float, num_layers: int) -> float:
