@@ -80,19 +80,13 @@ class FusedWgradGroupedExperts(torch.autograd.Function):
 
 
 def _accumulate_grouped(experts, p, a, b, offs, counts) -> None:
-    """p.grad[e] += a[rows of e]^T @ b[rows of e] for every expert e; p.grad created when None.
-
-    CPU: one ``addmm_`` per expert into its slice (in place). CUDA: one ``torch._grouped_mm`` added in
-    (no host sync for the counts).
-    """
+    """p.grad[e] += a[rows of e]^T @ b[rows of e] for every expert e, one ``addmm_`` per expert into its
+    slice (in place); p.grad created by one ``torch._grouped_mm`` when None. CPU only (the counts are
+    read on the host)."""
     if not p.requires_grad:
         return
-    if p.grad is None or a.is_cuda:
-        g = torch._grouped_mm(a.t(), b, offs=offs)  # [E, X, Y]; experts without rows get zeros
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
+    if p.grad is None:
+        p.grad = torch._grouped_mm(a.t(), b, offs=offs)  # [E, X, Y]; experts without rows get zeros
     else:
         start = 0
         for e, n in enumerate(counts.tolist()):

@@ -4,7 +4,7 @@ Each expert is initialised from its own generator keyed by (seed, layer, global 
 the weights do not depend on how experts are laid out across ranks.
 
 Gradient-accumulation fusion (Megatron-LM's name for it): in training, :meth:`StackedExperts.run`
-(the MoE layer's entry), on the padded [E, C, H] path and on the grouped no-drop path, writes the
+(the MoE layer's entry), on the padded [E, C, H] path and on the grouped no-drop path (CPU), writes the
 experts' weight gradients straight into ``.grad`` (in place when a gradient is already there, e.g.
 from an earlier micro-batch; a fresh tensor when it is None) instead of returning a new [E, H, F]
 tensor that autograd then adds. The weights are not inputs of the autograd graph on that path, so
@@ -112,9 +112,9 @@ class StackedExperts(nn.Module):
         # GPU, and CPU training with the fused weight gradients: grouped_mm. CPU otherwise: padded when the
         # load is even (it measured ~2x faster than autograd's _grouped_mm for equal work), grouped_mm when
         # most padded rows would be empty (decoding: 1 token, 1 expert).
-        # fused: as in forward(), for both kernels.
+        # fused: as in forward(), for both kernels, on CPU (on GPU this path keeps autograd's accumulation).
         x = x.to(compute_dtype(x))  # torch._grouped_mm is outside autocast: follow --bf16 / --fp16 here
-        fused = fused and self._fused_applies(x)
+        fused = fused and self._fused_applies(x) and not x.is_cuda  # fused grouped_mm: measured on CPU only
         cap = None
         if kernel is None:
             if not hasattr(torch, "_grouped_mm"):
