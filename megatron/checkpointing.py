@@ -263,6 +263,10 @@ def check_architecture(stored_model_cfg: dict, model_cfg, what: str = "--load") 
     from megatron.config import ModelConfig
 
     stored = ModelConfig.from_dict(stored_model_cfg)
+    if stored.moe.enabled and model_cfg.moe.enabled and stored.moe.router_type != model_cfg.moe.router_type:
+        raise UserError(f"{what}: the checkpoint was trained with --moe-router-type {stored.moe.router_type} but the "
+                        f"flags say --moe-router-type {model_cfg.moe.router_type} (the routers hold different state); "
+                        f"pass --moe-router-type {stored.moe.router_type}")
     a, b = stored.architecture(), model_cfg.architecture()
     diffs = [f"{k}: checkpoint {a[k]} vs flags {b[k]}" for k in b if a.get(k) != b[k]]
     if diffs:

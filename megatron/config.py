@@ -353,6 +353,13 @@ class DataConfig:
     data_path: list = option("--data-path", [], "dataset prefix (P for P.bin / P.idx), or weight-prefix pairs for a "
                              "blend: 0.3 A 0.7 B", type=str, nargs="*", convert=parse_data_path)
     split: str = option("--split", "969, 30, 1", "train, validation, test proportions, e.g. 98,2,0")
+    train_data_path: list = option("--train-data-path", [], "training dataset prefix (or weight-prefix pairs), read "
+                                   "whole; with --valid-data-path / --test-data-path instead of --data-path and --split",
+                                   type=str, nargs="*", convert=parse_data_path)
+    valid_data_path: list = option("--valid-data-path", [], "validation dataset prefix (or weight-prefix pairs), read "
+                                   "whole", type=str, nargs="*", convert=parse_data_path)
+    test_data_path: list = option("--test-data-path", [], "test dataset prefix (or weight-prefix pairs), read whole",
+                                  type=str, nargs="*", convert=parse_data_path)
     tokenizer_type: Optional[str] = option("--tokenizer-type", None, "GPT2BPETokenizer, SentencePieceTokenizer, "
                                            "HuggingFaceTokenizer (--tokenizer-model DIR) or NullTokenizer (default with --mock-data)", type=str)
     vocab_file: Optional[str] = option("--vocab-file", None, "GPT-2 BPE vocabulary (vocab.json)", type=str)
@@ -384,8 +391,20 @@ class DataConfig:
 
         check_data_config(self.tokenizer_type, vocab_file=self.vocab_file, merge_file=self.merge_file,
                           tokenizer_model=self.tokenizer_model)
-        check(self.mock_data or len(self.data_path) > 0, "--data-path is required (or --mock-data for a synthetic run)")
+        separate = bool(self.train_data_path or self.valid_data_path or self.test_data_path)
+        check(not (separate and self.data_path), "--data-path and --train-data-path / --valid-data-path / "
+              "--test-data-path exclude each other: give one split file per set, or one --data-path with --split")
+        check(not separate or bool(self.train_data_path), "--valid-data-path / --test-data-path need "
+              "--train-data-path as well")
+        check(self.mock_data or len(self.data_path) > 0 or separate,
+              "--data-path (or --train-data-path) is required (or --mock-data for a synthetic run)")
         self.split_fractions()
+
+    def split_data_paths(self) -> list[list[tuple[float, str]]]:
+        """[train, valid, test] weight-prefix lists when the sets come as separate files, else []."""
+        if not (self.train_data_path or self.valid_data_path or self.test_data_path):
+            return []
+        return [self.train_data_path, self.valid_data_path, self.test_data_path]
 
 
 @dataclass

@@ -6,7 +6,11 @@ counts of :mod:`megatron.model_stats`.
 
 Memory plan (per GPU, bytes): weights are fp32 master parameters (4 B; autocast casts per op),
 gradients fp32 (4 B), Adam moments fp32 (8 B, divided by the data-parallel size for dense
-parameters and by the expert-data-parallel size for experts when the optimizer is sharded).
+parameters and by the expert-data-parallel size for experts when the optimizer is sharded:
+``--use-distributed-optimizer`` / ``--zero-stage 1``). With ``--zero-stage 2`` the gradients are
+sharded the same way: after the reduce-scatter each rank keeps only its shard's averaged
+gradient (DeepSpeed's ZeRO-2 accounting). Here the full gradients are built by the backward and
+freed at the reduce-scatter, as the activations are freed, so the plan counts the gradient shard.
 Dense parameters split over TP ranks; experts split over EP ranks and are replicated over TP
 (parallelism-coordinated all-to-all). Activations follow Korthikanti et al. 2022 ("Reducing
 activation recomputation"), with a flash / fused attention kernel (no [T, T] score tensor kept):
@@ -124,6 +128,7 @@ def memory_plan(cfg, world_size: int, teacher_cfg=None) -> dict:
         "params": int(params),
         "weights": int(4 * params),
         "grads": int(4 * params),
+        "grads_sharded": int(4 * (dense_local / dp + expert_local / edp)),
         "optimizer": int(8 * params),
         "optimizer_sharded": int(8 * (dense_local / dp + expert_local / edp)),
         "activations": activation_bytes(cfg, checkpointing=False),
@@ -148,8 +153,11 @@ def dry_run(cfg, world_size: int) -> dict:
     plan = memory_plan(cfg, world_size, tcfg)
     m = cfg.model
     fpt = flops_per_token(m)
-    optim = plan["optimizer_sharded"] if cfg.optimizer.use_distributed_optimizer else plan["optimizer"]
-    steady = plan["weights"] + plan["grads"] + optim + plan["teacher"]
+    sharded_optim = cfg.optimizer.use_distributed_optimizer or cfg.optimizer.zero_stage in (1, 2)
+    zero2 = cfg.optimizer.zero_stage == 2
+    optim = plan["optimizer_sharded"] if sharded_optim else plan["optimizer"]
+    grads = plan["grads_sharded"] if zero2 else plan["grads"]
+    steady = plan["weights"] + grads + optim + plan["teacher"]
     act = plan["activations_ckpt"] if m.checkpoint_activations else plan["activations"]
     lines = [
         f"> dry run: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, ffn {m.ffn_hidden_size}, "
@@ -164,7 +172,8 @@ def dry_run(cfg, world_size: int) -> dict:
         f"expert-DP {plan['edp']}), micro batch {cfg.train.micro_batch_size}",
         f"  parameters on one GPU:      {plan['params']}",
         f"  weights (fp32):             {_gib(plan['weights'])}",
-        f"  gradients (fp32):           {_gib(plan['grads'])}",
+        f"  gradients (fp32):           {_gib(plan['grads'])} "
+        f"(sharded over DP / expert-DP with --zero-stage 2: {_gib(plan['grads_sharded'])})",
         f"  Adam state (fp32 m, v):     {_gib(plan['optimizer'])} "
         f"(sharded over DP / expert-DP: {_gib(plan['optimizer_sharded'])})",
         f"  activations per micro-batch: {_gib(plan['activations'])} without checkpointing, "
@@ -179,8 +188,9 @@ def dry_run(cfg, world_size: int) -> dict:
         lines.append(f"  teacher (fp32, frozen) + its logits: {_gib(plan['teacher'])}")
     lines += [
         f"  total (this configuration): {_gib(steady + act)} "
-        f"({'sharded' if cfg.optimizer.use_distributed_optimizer else 'plain'} optimizer; "
-        f"with a sharded optimizer: {_gib(steady - optim + plan['optimizer_sharded'] + act)})",
+        f"({'sharded optimizer and gradients' if zero2 else 'sharded optimizer' if sharded_optim else 'plain optimizer'}; "
+        f"ZeRO-1 {_gib(steady - optim - grads + plan['optimizer_sharded'] + plan['grads'] + act)}, "
+        f"ZeRO-2 {_gib(steady - optim - grads + plan['optimizer_sharded'] + plan['grads_sharded'] + act)})",
     ]
     print("\n".join(lines), flush=True)
     return {"total": counts.total, "active": counts.active, "expert": counts.expert, "flops_per_token": fpt,

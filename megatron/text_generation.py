@@ -47,7 +47,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     tokens = torch.tensor([prompt], device=device)  # [1, T]
     offset = 0
     while len(out) < max_new_tokens and len(prompt) + len(out) < max_length:
-        logits, _ = model(tokens, kv_caches=caches, position_offset=offset)  # [1, T, V]
+        logits, _ = model(tokens, kv_caches=caches, position_offset=offset, last_logits_only=True)  # [1, 1, V]
         token = sample_token(logits[0, -1].float(), temperature, top_k, top_p, generator)
         out.append(token)
         if token == eod or (stop is not None and stop(out)):
@@ -77,7 +77,8 @@ def generate_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, 
         valid[i, L - len(p):] = True
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, L]: 0 at each row's first real token
     caches = [dict() for _ in model.layers]
-    logits, _ = model(tokens, position_ids=positions, token_mask=valid, kv_caches=caches)  # [B, L, V]
+    logits, _ = model(tokens, position_ids=positions, token_mask=valid, kv_caches=caches,
+                      last_logits_only=True)  # [B, 1, V] (left-padded: the last position is real)
     outs: list[list[int]] = [[] for _ in range(B)]
     done = [len(p) >= max_length for p in prompts]
     next_pos = positions[:, -1:] + 1  # [B, 1]

@@ -100,6 +100,23 @@ def test_blended_split_datasets(tmp_path):
     assert valid is not None and test is None
 
 
+def test_separate_train_valid_files(tmp_path):
+    """--train-data-path / --valid-data-path: each set is its own file, read whole (no --split)."""
+    a, v = str(tmp_path / "a"), str(tmp_path / "v")
+    make_dataset(a, [[1] * 20 for _ in range(10)])
+    make_dataset(v, [[7] * 20 for _ in range(3)])
+    cfg = DataConfig(train_data_path=[(1.0, a)], valid_data_path=[(1.0, v)], tokenizer_type="NullTokenizer")
+    cfg.validate()
+    train, valid, test = build_datasets(cfg, seq_length=8, seed=1, num_samples=[20, 5, 0])
+    assert {int(t) for i in range(20) for t in train[i]} == {1}
+    assert {int(t) for i in range(5) for t in valid[i]} == {7}
+    assert test is None
+    with pytest.raises(UserError, match="--data-path and --train-data-path"):
+        DataConfig(data_path=[(1.0, a)], valid_data_path=[(1.0, v)], tokenizer_type="NullTokenizer").validate()
+    with pytest.raises(UserError, match="need --train-data-path"):
+        DataConfig(valid_data_path=[(1.0, v)], tokenizer_type="NullTokenizer").validate()
+
+
 def test_preprocess_tool_jsonl_and_text(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps({"text": " ".join(str(i) for i in range(n, n + 5))}) for n in range(10)))

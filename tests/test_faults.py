@@ -173,6 +173,13 @@ def truncate_file(ck, rel, size):
     return load_args(ck)
 
 
+def aux_free_checkpoint(ck):
+    """The golden run's layout trained with the aux-loss-free router instead, loaded with the default top-k one."""
+    shutil.rmtree(ck)
+    pretrain_gpt_moe.main(mock_args(BASE + ["--train-iters", "1", "--save", ck, "--moe-router-type", "aux_free"]))
+    return load_args(ck)
+
+
 def foreign_common(ck):
     return replace_file(ck, "common.pt", {"iteration": 1, "model": {"w": torch.zeros(2)}})
 
@@ -250,6 +257,10 @@ CATALOGUE = [
      "is missing from"),
     ("architecture differs", lambda t, ck: load_args(ck, ["--hidden-size", "64"]), "architecture differs"),
     ("experts differ", lambda t, ck: load_args(ck, ["--num-experts", "8"]), "experts_per_layer"),
+    ("router topk loaded as aux_free", lambda t, ck: load_args(ck, ["--moe-router-type", "aux_free"]),
+     "trained with --moe-router-type topk but the flags say --moe-router-type aux_free"),
+    ("router aux_free loaded as topk", lambda t, ck: aux_free_checkpoint(ck),
+     "trained with --moe-router-type aux_free but the flags say --moe-router-type topk"),
 ]
 
 

@@ -29,25 +29,28 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: list[int],
     if data_cfg.mock_data:
         return [MockGPTDataset(n, max(num_samples[i], 1), seq_length, vocab_size, seed) if num_samples[i] > 0 else None
                 for i, n in enumerate(SPLIT_NAMES)]
-    fractions = data_cfg.split_fractions()
-    weights = [w for w, _ in data_cfg.data_path]
-    if not all(math.isfinite(w) for w in weights):
-        raise UserError(f"--data-path weights {weights} include NaN or infinity: give finite weights (0.3 A 0.7 B)")
-    per_prefix = []
-    for weight, prefix in data_cfg.data_path:
-        indexed = IndexedDataset(prefix)
-        if vocab_size:
-            validate_dataset(indexed, vocab_size, data_cfg.data_cache_path)
-        per_prefix.append((weight, indexed, split_documents(len(indexed.sizes), fractions)))
+    separate = data_cfg.split_data_paths()
+    if separate:
+        # One file list per set, each read whole (Megatron-LM's --train/valid/test-data-path).
+        per_split = []
+        for i, pairs in enumerate(separate):
+            flag = f"--{SPLIT_NAMES[i]}-data-path"
+            per_split.append([(w, indexed, np.arange(len(indexed.sizes), dtype=np.int64))
+                              for w, indexed in _open_all(pairs, flag, vocab_size, data_cfg)])
+    else:
+        fractions = data_cfg.split_fractions()
+        opened = _open_all(data_cfg.data_path, "--data-path", vocab_size, data_cfg)
+        per_prefix = [(w, indexed, split_documents(len(indexed.sizes), fractions)) for w, indexed in opened]
+        per_split = [[(w, indexed, splits[i]) for w, indexed, splits in per_prefix] for i in range(3)]
     out = []
     for i, name in enumerate(SPLIT_NAMES):
         n = num_samples[i]
         if n <= 0:
             out.append(None)
             continue
+        per_prefix = per_split[i]
         parts, weights = [], []
-        for weight, indexed, splits in per_prefix:
-            docs = splits[i]
+        for weight, indexed, docs in per_prefix:
             if len(docs) == 0 or weight == 0:
                 continue
             if int(np.asarray(indexed.sizes)[docs].sum()) <= seq_length:
@@ -63,3 +66,16 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: list[int],
         else:
             out.append(BlendedDataset(parts, weights, n))
     return out
+
+
+def _open_all(pairs, flag: str, vocab_size: int, data_cfg) -> list[tuple[float, IndexedDataset]]:
+    weights = [w for w, _ in pairs]
+    if not all(math.isfinite(w) for w in weights):
+        raise UserError(f"{flag} weights {weights} include NaN or infinity: give finite weights (0.3 A 0.7 B)")
+    opened = []
+    for weight, prefix in pairs:
+        indexed = IndexedDataset(prefix)
+        if vocab_size:
+            validate_dataset(indexed, vocab_size, data_cfg.data_cache_path)
+        opened.append((weight, indexed))
+    return opened

@@ -42,7 +42,9 @@ class MegatronMoELM(TemplateLM):
         return self.tokenizer_.tokenize(string)
 
     def tok_decode(self, tokens) -> str:
-        return self.tokenizer_.detokenize(list(tokens))
+        """Text of ``tokens``; ids of the padded vocabulary (>= the tokenizer's size: an undertrained
+        model may pick them, they have logits but no text) are skipped, as the server does."""
+        return self.tokenizer_.detokenize([int(t) for t in tokens if 0 <= int(t) < self.tokenizer_.vocab_size])
 
     # ---- scoring
     @torch.no_grad()

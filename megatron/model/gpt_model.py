@@ -89,8 +89,10 @@ class GPTModel(nn.Module):
             layer.experts.init_weights(seed, layer.layer_number, std, out_std)
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None, position_ids=None,
-                token_mask: Optional[torch.Tensor] = None, kv_caches: Optional[list] = None, position_offset: int = 0):
+                token_mask: Optional[torch.Tensor] = None, kv_caches: Optional[list] = None, position_offset: int = 0,
+                last_logits_only: bool = False):
         """tokens [B, T] -> (logits [B, T, V] or, with labels, per-token loss [B, T] fp32; moe stats list).
+        ``last_logits_only``: logits [B, 1, V] of the last position only (generation's prefill).
 
         ``token_mask`` [B, T] bool marks real tokens: padding is kept out of MoE routing and capacity, and
         out of attention where it precedes real tokens (left-padded batches; the KV cache remembers it).
@@ -112,6 +114,8 @@ class GPTModel(nn.Module):
                 h, s = layer(h, token_mask, cache, attn_mask)
             if s is not None:
                 stats.append(s)
+        if last_logits_only and labels is None:
+            h = h[:, -1:]  # [B, 1, H]
         h = self.final_layernorm(h)
         if labels is not None and self._fused_output_loss():
             return linear_cross_entropy(h, self.word_embeddings.weight, labels), stats  # no [B, T, V] logits kept

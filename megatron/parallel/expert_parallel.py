@@ -13,10 +13,15 @@ plans like the local dispatchers and then exchanges tokens over the EP group:
   (no padding to the largest demand).
 
 Parameter names do not change, so checkpoints are layout-independent.
+
+Timing: :func:`time_exchanges` gives the dispatchers a timer (any context manager) that every
+all-to-all runs inside, forward and backward; the training loop reports it as ``all-to-all``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,24 +34,28 @@ class _AllToAll(torch.autograd.Function):
     """Autograd-aware all_to_all_single along dim 0 with split sizes (its backward swaps them)."""
 
     @staticmethod
-    def forward(ctx, group, x, out_splits, in_splits):
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+    def forward(ctx, group, x, out_splits, in_splits, timer):
+        ctx.group, ctx.out_splits, ctx.in_splits, ctx.timer = group, out_splits, in_splits, timer
         rows = x.shape[0] if out_splits is None else sum(out_splits)
         out = x.new_empty((rows,) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        with timer or contextlib.nullcontext():
+            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         rows = grad.shape[0] if ctx.in_splits is None else sum(ctx.in_splits)
         out = grad.new_empty((rows,) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return None, out, None, None
+        with ctx.timer or contextlib.nullcontext():
+            dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return None, out, None, None, None
 
 
-def all_to_all(x: torch.Tensor, group, out_splits=None, in_splits=None) -> torch.Tensor:
-    """Rows of x go to the ranks of ``group`` in blocks of ``in_splits`` (equal blocks when None)."""
-    return _AllToAll.apply(group, x, out_splits, in_splits)
+def all_to_all(x: torch.Tensor, group, out_splits=None, in_splits=None,
+               timer: Optional[ContextManager] = None) -> torch.Tensor:
+    """Rows of x go to the ranks of ``group`` in blocks of ``in_splits`` (equal blocks when None);
+    the exchange (and its backward) runs inside ``timer`` when one is given."""
+    return _AllToAll.apply(group, x, out_splits, in_splits, timer)
 
 
 @dataclass
@@ -59,9 +68,14 @@ class _Exchange:
 
 
 class AllToAllDispatcher(TokenDispatcher):
-    def __init__(self, group, ep_size: int, num_experts: int, device):
+    def __init__(self, group, ep_size: int, num_experts: int, device, timer: Optional[ContextManager] = None):
         self.group, self.ep, self.num_experts, self.device = group, ep_size, num_experts, device
         self.num_local = num_experts // ep_size
+        self.timer = timer
+
+    def set_timer(self, timer: Optional[ContextManager]) -> None:
+        """Every all-to-all from now on runs inside ``timer`` (None: untimed)."""
+        self.timer = timer
 
     def plan(self, routing, num_experts, capacity, priority, renormalize) -> DispatchPlan:
         if capacity is not None:  # ranks must agree on the buffer shape
@@ -75,14 +89,14 @@ class AllToAllDispatcher(TokenDispatcher):
         if plan.capacity:
             buf = scatter_to_capacity(x, plan, self.num_experts)  # [E, C, H], rank j's experts at rows j*E_l..
             E, C, H = buf.shape
-            recv = all_to_all(buf.reshape(ep, E_l * C * H), self.group)  # [ep(src), E_l*C*H]
+            recv = all_to_all(buf.reshape(ep, E_l * C * H), self.group, timer=self.timer)  # [ep(src), E_l*C*H]
             return ExpertBatch(recv.view(ep, E_l, C, H).transpose(0, 1).reshape(E_l, ep * C, H))  # [E_l, ep*C, H]
         rows = x.index_select(0, plan.token)  # [N, H] sorted by global expert
         send_counts = plan.counts.view(ep, E_l)  # [ep(dst), E_l]
-        recv_counts = all_to_all(send_counts.contiguous(), self.group)  # [ep(src), E_l]
+        recv_counts = all_to_all(send_counts.contiguous(), self.group, timer=self.timer)  # [ep(src), E_l]
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-        recv = all_to_all(rows, self.group, recv_splits, send_splits)  # [N_l, H] by source rank, then expert
+        recv = all_to_all(rows, self.group, recv_splits, send_splits, self.timer)  # [N_l, H] by source rank, then expert
         local_expert = torch.arange(E_l, device=x.device).repeat(ep)  # [ep * E_l]
         expert_of_row = torch.repeat_interleave(local_expert, recv_counts.reshape(-1))  # [N_l]
         order = torch.argsort(expert_of_row, stable=True)  # [N_l]
@@ -95,11 +109,11 @@ class AllToAllDispatcher(TokenDispatcher):
             _, epC, H = expert_out.shape  # [E_l, ep*C, H]
             C = epC // ep
             send = expert_out.view(E_l, ep, C, H).transpose(0, 1).reshape(ep, E_l * C * H)  # [ep(dst), ...]
-            back = all_to_all(send, self.group).view(ep * E_l, C, H)  # [E, C, H]
+            back = all_to_all(send, self.group, timer=self.timer).view(ep * E_l, C, H)  # [E, C, H]
             return weighted_combine(back, plan, num_tokens)
         ex = plan.exchange
         by_source = torch.empty_like(expert_out).index_copy(0, ex.order, expert_out)  # [N_l, H] source order
-        back = all_to_all(by_source, self.group, ex.send_splits, ex.recv_splits)  # [N, H] sorted by global expert
+        back = all_to_all(by_source, self.group, ex.send_splits, ex.recv_splits, self.timer)  # [N, H] sorted by global expert
         return weighted_combine(back, plan, num_tokens)
 
 
@@ -112,3 +126,16 @@ def apply_expert_parallel(model: torch.nn.Module, ps) -> None:
     for module in model.modules():
         if isinstance(module, MoELayer):
             module.set_dispatcher(AllToAllDispatcher(ps.ep_group, ps.ep_size, module.num_experts, ps.device))
+
+
+def time_exchanges(model: torch.nn.Module, timer: Optional[ContextManager]) -> int:
+    """Run every all-to-all of ``model``'s expert-parallel dispatchers inside ``timer``; returns how many
+    dispatchers took it (0 without expert parallelism)."""
+    from megatron.model.moe.layer import MoELayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer) and isinstance(module.dispatcher, AllToAllDispatcher):
+            module.dispatcher.set_timer(timer)
+            n += 1
+    return n

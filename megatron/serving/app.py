@@ -112,11 +112,15 @@ class Server:
         return ids
 
     # ---- running requests
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams]):
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], stream: bool = False):
+        """The requests, and the queue of their (index, "token" | "done") events; "token" events only when
+        ``stream`` (waking this event loop for every token of every row costs the engine's thread time)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def notify(req, kind, idx):
+            if kind == "token" and not stream:
+                return
             try:
                 loop.call_soon_threadsafe(events.put_nowait, (idx, kind))
             except RuntimeError:  # the event loop is gone (shutdown)
@@ -237,7 +241,7 @@ def build_app(server: Server) -> FastAPI:
             raise BadRequest(f"'prompt': give 1 to {server.engine.max_waiting} prompts")
         ids = [server.prompt_ids(p, f"prompt {i}" if len(prompts) > 1 else "the prompt", body.max_tokens)
                for i, p in enumerate(prompts)]
-        reqs, events = server.submit(ids, [server.completion_params(body) for _ in ids])
+        reqs, events = server.submit(ids, [server.completion_params(body) for _ in ids], stream=body.stream)
         head = {"id": f"cmpl-{reqs[0].id}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name}
         if body.stream:

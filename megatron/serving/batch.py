@@ -40,11 +40,13 @@ class BatchState:
         return 0 if self.caches is None else self.caches[0]["valid"].shape[1]
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Left-padded prompts tokens/valid [B', T] join the batch as its last B' rows -> logits [B', T, V]."""
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Left-padded prompts tokens/valid [B', T] join the batch as its last B' rows -> logits [B', T, V] with
+        ``all_logits`` (scoring the prompt), else [B', 1, V]: the last position's, all that sampling needs."""
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B', T]: 0 at each row's first real token
         caches = [dict() for _ in self.model.layers]
-        logits, _ = self.model(tokens, position_ids=positions, token_mask=valid, kv_caches=caches)
+        logits, _ = self.model(tokens, position_ids=positions, token_mask=valid, kv_caches=caches,
+                               last_logits_only=not all_logits)
         self._join(caches, valid)
         return logits
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megatron.serving.batch import BatchState
 
-STOP, PREFILL, DECODE, KEEP, IDLE = 0, 1, 2, 3, 4
+STOP, PREFILL, DECODE, KEEP, IDLE, PREFILL_ALL_LOGITS = 0, 1, 2, 3, 4, 5
 
 
 class BroadcastBatchState(BatchState):
@@ -26,9 +26,10 @@ class BroadcastBatchState(BatchState):
         for t in tensors:
             dist.broadcast(t.to(self.comm_device).contiguous(), src=0)
 
-    def prefill(self, tokens, valid):
-        self._send(PREFILL, tokens.shape[0], tokens.shape[1], tokens, valid.long())
-        return super().prefill(tokens, valid)
+    def prefill(self, tokens, valid, all_logits=False):
+        op = PREFILL_ALL_LOGITS if all_logits else PREFILL  # every rank runs the same forward
+        self._send(op, tokens.shape[0], tokens.shape[1], tokens, valid.long())
+        return super().prefill(tokens, valid, all_logits)
 
     def decode(self, tokens, positions):
         self._send(DECODE, tokens.shape[0], 0, tokens, positions)
@@ -61,9 +62,9 @@ def follow(model, device) -> None:
         op, d0, d1 = (int(x) for x in header)
         if op == STOP:
             return
-        if op == PREFILL:
+        if op in (PREFILL, PREFILL_ALL_LOGITS):
             tokens, valid = recv(d0, d1), recv(d0, d1).bool()
-            state.prefill(tokens, valid)
+            state.prefill(tokens, valid, all_logits=op == PREFILL_ALL_LOGITS)
         elif op == DECODE:
             state.decode(recv(d0), recv(d0))
         elif op == KEEP:

@@ -167,7 +167,8 @@ class Engine:
         for i, r in enumerate(reqs):
             tokens[i, T - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
             valid[i, T - len(r.prompt):] = True
-        logits = self.state.prefill(tokens, valid)  # [B', T, V]
+        echo = any(r.params.echo for r in reqs)
+        logits = self.state.prefill(tokens, valid, all_logits=echo)  # [B', T, V] with echo, else [B', 1, V]
         self.running += reqs
         for i, r in enumerate(reqs):
             if r.params.echo:

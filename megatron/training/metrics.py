@@ -10,10 +10,13 @@ import math
 import time
 from collections import defaultdict
 
+import torch
+import torch.distributed as dist
 
 from megatron.logging_utils import TensorBoard, fmt_eta, iteration_line, print_rank0, validation_line
 from megatron.model.moe.metrics import accumulate as accumulate_moe, format_moe_line, summarize as summarize_moe
 from megatron.parallel.grad_sync import all_reduce_sum
+from megatron.training.timers import PHASES
 
 
 class MetricsSink:
@@ -137,6 +140,23 @@ class MetricsLogger:
                 self.scalar(tag, value, iteration)
             for sink in self.sinks:
                 sink.histogram(f"moe/layer{s.layer}/tokens-per-expert", s.counts, iteration)
+
+    def log_timers(self, iteration: int, timers, steps: int, console: bool, tensorboard: bool) -> None:
+        """The interval's per-phase times, per iteration and of the slowest rank (collective): the console
+        line ``time (ms) | forward-backward: ... | ...`` and / or the scalars ``<phase>-time`` (seconds)."""
+        seconds = timers.elapsed(PHASES, reset=False)
+        vec = torch.tensor([seconds[n] for n in PHASES] + [float(timers.used(n)) for n in PHASES], dtype=torch.float64)
+        timers.elapsed(timers.names())  # start the next interval
+        if self.ps.distributed:
+            vec = vec.to(self.ps.device)
+            dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=self.ps.world_group)
+        vals = vec.tolist()
+        per_step = {n: vals[i] / max(steps, 1) for i, n in enumerate(PHASES) if vals[len(PHASES) + i] > 0}
+        if console:
+            self.console("time (ms) | " + " | ".join(f"{n}: {1000 * t:.2f}" for n, t in per_step.items()))
+        if tensorboard:
+            for n, t in per_step.items():
+                self.scalar(f"{n}-time", t, iteration)
 
     def log_eval(self, iteration: int, split: str, vals: dict) -> None:
         line = validation_line(iteration, split, {k: v for k, v in vals.items() if k in ("lm loss", "moe loss")})

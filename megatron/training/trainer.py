@@ -33,6 +33,7 @@ from megatron.lr_scheduler import build_scheduler
 from megatron.model.provider import build_model
 from megatron.model_stats import count_parameters, device_peak_tflops, flops_per_token
 from megatron.optimizer import build_optimizer
+from megatron.parallel.expert_parallel import time_exchanges
 from megatron.parallel.param_tags import is_expert
 from megatron.parallel.router_balance import update_router_biases
 from megatron.parallel.grad_sync import (
@@ -43,9 +44,11 @@ from megatron.tokenizer import build_tokenizer
 from megatron.training.agreement import agree_on_error, agree_on_settings, check_replicas
 from megatron.training.guard import NonFiniteGuard
 from megatron.training.metrics import MetricsLogger, MetricsSink, TensorBoardSink, accumulate_moe
+from megatron.training.optimizer_stats import optimizer_state_stats
 from megatron.training.preflight import check_batch_arithmetic, check_save_dir, check_train_split
 from megatron.training.schedule import BatchSchedule, MicroBatchIterator, train_schedule
 from megatron.training.signals import SignalFlag
+from megatron.training.timers import Timers
 
 
 @dataclass
@@ -96,6 +99,8 @@ class Trainer:
         self.skipped_total = 0
         self.teacher = self.teacher_ref = None
         self.signal = None
+        self.timers = Timers(enabled=False)  # setup_timers() decides
+        self.wall_clock_breakdown = False
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -129,6 +134,7 @@ class Trainer:
         check_train_split(self.train_ds, cfg.data, self.train_iters, cfg.train.skip_train)
         self.autocast = autocast_context(cfg, ps.device)
         self.setup_metrics()
+        self.setup_timers()
         if cfg.train.exit_signal_handler:
             self.signal = SignalFlag().install()
         print_rank0(ps, f"> training for {self.train_iters} iterations ({train_samples} samples, global batch {gbs}, "
@@ -241,6 +247,20 @@ class Trainer:
         self.metrics = MetricsLogger(ps, sinks, self.train_iters, cfg.model.seq_length, peak, flops_per_token(cfg.model))
         self.metrics.text("config", f"```\n{cfg.to_dict()}\n```", 0)
 
+    def setup_timers(self) -> None:
+        """Per-phase timers when the DeepSpeed JSON asks for ``wall_clock_breakdown`` (console line) or
+        ``--log-timers-to-tensorboard`` (``<phase>-time`` scalars); otherwise no timing at all."""
+        ds = self.cfg.deepspeed.read()
+        self.wall_clock_breakdown = bool(ds is not None and ds.wall_clock_breakdown)
+        enabled = self.wall_clock_breakdown or self.cfg.logging.log_timers_to_tensorboard
+        self.timers = Timers(self.ps.device, enabled=enabled)
+        self.time_all_to_all(True)
+
+    def time_all_to_all(self, on: bool) -> None:
+        """Time the expert-parallel all-to-alls (training steps only, not evaluation)."""
+        if self.timers.enabled:
+            time_exchanges(self.model, self.timers("all-to-all") if on else None)
+
     # ------------------------------------------------------------------------------------------
     # one step
 
@@ -252,28 +272,44 @@ class Trainer:
         sums: dict = defaultdict(float)
         moe_acc: list = []
         teacher_kwarg = {} if self.teacher is None else {"teacher": self.teacher}  # hooks without KD need not accept it
+        timers = self.timers
+        if timers.enabled and data_iterator is not None:
+            data_iterator = timers.timed_iterator("batch-generator", data_iterator)
+        timers("forward-backward").start()
         for micro in range(num_micro):
             if micro == num_micro - 1:
                 self.grad_reducer.arm()
-            with self.autocast():
+            with timers("forward-compute"), self.autocast():
                 output, loss_fn = self.forward_step_fn(data_iterator, self.model, **teacher_kwarg)
                 loss, logs = loss_fn(output)
-            (loss * (self.scaler.scale / num_micro)).backward()
+            with timers("backward-compute"):
+                (loss * (self.scaler.scale / num_micro)).backward()
             for k, v in logs.items():
                 if k == "moe stats":
                     moe_acc = accumulate_moe(moe_acc, v)
                 else:
                     sums[k] += float(v) / num_micro
+        timers("forward-backward").stop()
         return sums, moe_acc
 
     def step(self, sums: dict, moe_acc: list) -> StepResult:
         """Reduce gradients, unscale, clip and step the optimizer unless the gradient norm is non-finite."""
-        ps, model, opt = self.ps, self.model, self.optimizer
+        ps, opt = self.ps, self.optimizer
         sharded = hasattr(opt, "reduce_gradients")  # ZeRO-2: each rank keeps only its shard of the gradients
         if sharded:
-            opt.reduce_gradients()
+            with self.timers("grads-reduce-scatter"):
+                opt.reduce_gradients()
         else:
-            self.grad_reducer.finish()
+            with self.timers("grads-all-reduce"):
+                self.grad_reducer.finish()
+        with self.timers("optimizer"):
+            found_inf, grad_norm = self.optimizer_step(sharded)
+        self.scaler.update(found_inf)
+        return StepResult(logs=_dp_mean(sums, ps, 1), moe=moe_acc, grad_norm=grad_norm, skipped=found_inf)
+
+    def optimizer_step(self, sharded: bool) -> tuple[bool, float]:
+        """Unscale, the gradient norm, clipping and the Adam step (skipped on a non-finite norm)."""
+        ps, model, opt = self.ps, self.model, self.optimizer
         if self.scaler.scale != 1.0:
             opt.scale_gradients(1.0 / self.scaler.scale) if sharded else scale_gradients(model, 1.0 / self.scaler.scale)
         grad_norm = opt.grad_norm() if sharded else global_grad_norm(model, ps)
@@ -284,8 +320,7 @@ class Trainer:
                 opt.clip_gradients(clip, grad_norm) if sharded else clip_gradients(model, clip, grad_norm)
             opt.step()
             update_router_biases(self.model, self.ps)  # aux-loss-free routers: loads summed over DP
-        self.scaler.update(found_inf)
-        return StepResult(logs=_dp_mean(sums, ps, 1), moe=moe_acc, grad_norm=grad_norm, skipped=found_inf)
+        return found_inf, grad_norm
 
     def train_step(self, data_iterator, num_micro: int) -> StepResult:
         for p in self.model.parameters():
@@ -300,6 +335,7 @@ class Trainer:
         """Mean losses over ``--eval-iters`` global batches of a fixed set (the split's first samples); logged."""
         cfg, ps = self.cfg, self.ps
         self.model.eval()
+        self.time_all_to_all(False)
         it = MicroBatchIterator(dataset, 0, cfg.train.micro_batch_size, ps.dp_rank, ps.dp_size)
         sums: dict = defaultdict(float)
         n = 0
@@ -312,6 +348,7 @@ class Trainer:
                     sums[k] += float(v)
             n += 1
         self.model.train()
+        self.time_all_to_all(True)
         vals = _dp_mean(sums, ps, max(n, 1))
         self.metrics.log_eval(self.iteration, split, vals)
         return vals
@@ -323,8 +360,15 @@ class Trainer:
             if self.curriculum is not None:
                 extra = [("curriculum seqlen", f"{seq_len:5d}")]
                 self.metrics.scalar("curriculum-seqlen", seq_len, self.iteration)
+            steps = self.metrics.iters
             self.metrics.log_interval(self.iteration, self.consumed, batch, self.optimizer.param_groups[0]["lr"],
                                       self.scaler.scale, res.grad_norm, self.skipped_total, self.model, extra)
+            if self.timers.enabled:
+                self.metrics.log_timers(self.iteration, self.timers, steps, console=self.wall_clock_breakdown,
+                                        tensorboard=self.cfg.logging.log_timers_to_tensorboard)
+            if self.cfg.logging.log_optimizer_states_to_tensorboard:
+                for tag, value in optimizer_state_stats(self.optimizer, self.model, self.ps).items():
+                    self.metrics.scalar(tag, value, self.iteration)
 
     def save(self) -> None:
         """A checkpoint of this iteration (replicas checked identical and weights finite first)."""

@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+from plotting import svg_plot  # tools/experiments/plotting.py (this script's folder is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.environ.get("MEGATRON_MOE_DATA", os.path.join(ROOT, "..", "shared", "data"))
 
@@ -72,43 +74,6 @@ def read_curve(tb):
     acc = EventAccumulator(tb)
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars("lm loss validation")]
-
-
-def svg_plot(curves: dict, path: str, title: str) -> None:
-    """A dependency-free line plot of validation loss against iteration."""
-    W, H, L, R, T, B = 640, 400, 60, 170, 30, 40
-    pts = [p for c in curves.values() for p in c]
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
-    sx = lambda x: L + (x - x0) / max(x1 - x0, 1) * (W - L - R)  # noqa: E731
-    sy = lambda y: T + (y1 - y) / (y1 - y0) * (H - T - B)  # noqa: E731
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="18" text-anchor="middle">{title}</text>',
-           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>']
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        out.append(f'<text x="{L - 5}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
-        out.append(f'<line x1="{L}" y1="{sy(y):.1f}" x2="{W - R}" y2="{sy(y):.1f}" stroke="#ddd"/>')
-        x = x0 + (x1 - x0) * i / 4
-        out.append(f'<text x="{sx(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:.0f}</text>')
-    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle">iteration</text>')
-    out.append(f'<text x="14" y="{(T + H - B) / 2}" transform="rotate(-90 14 {(T + H - B) / 2})" '
-               f'text-anchor="middle">validation lm loss</text>')
-    for k, (name, c) in enumerate(curves.items()):
-        col = colors[k % len(colors)]
-        poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in c)
-        out.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{poly}"/>')
-        out.append(f'<line x1="{W - R + 10}" y1="{T + 20 * k + 10}" x2="{W - R + 30}" y2="{T + 20 * k + 10}" '
-                   f'stroke="{col}" stroke-width="2"/>')
-        out.append(f'<text x="{W - R + 35}" y="{T + 20 * k + 14}">{name}</text>')
-    out.append("</svg>")
-    with open(path, "w") as f:
-        f.write("\n".join(out))
 
 
 def main():

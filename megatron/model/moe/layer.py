@@ -1,7 +1,9 @@
 """The MoE layer (standard and Residual-MoE) that replaces a transformer layer's MLP.
 
 route (a router from the registry) -> plan + dispatch (a token dispatcher) -> experts -> combine.
-The layer holds no communication: expert parallelism installs an all-to-all dispatcher with
+Inference calls with a few tokens (decoding) take the small-batch path instead (``small_batch.py``:
+only the chosen experts run, on views of their weights); it gives the same outputs and applies only
+where the regular path would drop nothing and every expert is local. The layer holds no communication: expert parallelism installs an all-to-all dispatcher with
 :meth:`MoELayer.set_dispatcher`.
 
 Shapes: B batch, T sequence, S = B*T tokens, H hidden, E experts (global), E_l local experts.
@@ -18,6 +20,7 @@ from megatron.model.moe.dispatchers import TokenDispatcher, local_dispatcher
 from megatron.model.moe.experts import StackedExperts
 from megatron.model.moe.metrics import MoEStats
 from megatron.model.moe.routers import build_router
+from megatron.model.moe.small_batch import small_batch_applies, small_batch_forward
 
 
 class MoELayer(nn.Module):
@@ -31,6 +34,7 @@ class MoELayer(nn.Module):
         num_local = num_experts // ep_size
         self.experts = StackedExperts(num_local, hidden_size, ffn_hidden_size, first_expert=ep_rank * num_local)
         self.dispatcher: TokenDispatcher = local_dispatcher(num_experts, moe_cfg.token_dropping)
+        self.small_batch = True  # False: always the dispatched path (benchmarks compare the two)
         self.residual = moe_cfg.mlp_type == "residual"
         if self.residual:
             self.residual_mlp = dense_mlp_factory()
@@ -55,19 +59,26 @@ class MoELayer(nn.Module):
             keep_idx = torch.nonzero(token_mask.reshape(-1), as_tuple=False).squeeze(1)  # [S']
             x = x.index_select(0, keep_idx)  # [S', H]
         S = x.shape[0]
-        routing = self.router(x)
         capacity = self.capacity(S)
-        priority = self.router.drop_priority(routing) if capacity is not None else None  # [S, k] or None
-        plan = self.dispatcher.plan(routing, self.num_experts, capacity, priority, renormalize=self.topk > 1)
-        expert_out = self.experts.run(self.dispatcher.dispatch(x, plan))  # [E_l, C', H] or [N_l, H]
-        y = self.dispatcher.combine(expert_out, plan, S).to(hidden.dtype)  # [S, H]
+        fast = small_batch_forward(self, x, capacity) if small_batch_applies(self, S) else None
+        y, stats = fast if fast is not None else self._dispatched(x, capacity)  # [S, H] in x's dtype
         if self.residual:
             dense = self.residual_mlp(x)  # [S, H]
             coef = torch.softmax(self.coefficient(x).float(), dim=-1)  # [S, 2]
             y = (y.float() * coef[:, 0:1] + dense.float() * coef[:, 1:2]).to(hidden.dtype)
         if token_mask is not None:
             y = hidden.new_zeros(B * T, H).index_copy(0, keep_idx, y)
+        return y.reshape(B, T, H), stats
+
+    def _dispatched(self, x: torch.Tensor, capacity: Optional[int]):
+        """The regular path: x [S, H] -> (y [S, H] in x's dtype, MoEStats)."""
+        S = x.shape[0]
+        routing = self.router(x)
+        priority = self.router.drop_priority(routing) if capacity is not None else None  # [S, k] or None
+        plan = self.dispatcher.plan(routing, self.num_experts, capacity, priority, renormalize=self.topk > 1)
+        expert_out = self.experts.run(self.dispatcher.dispatch(x, plan))  # [E_l, C', H] or [N_l, H]
+        y = self.dispatcher.combine(expert_out, plan, S).to(x.dtype)  # [S, H]
         stats = MoEStats(layer=self.layer_number, aux_loss=routing.aux_loss, z_loss=routing.z_loss,
                          counts=routing.counts.detach().float(), dropped=plan.dropped.detach().float(),
                          assignments=torch.tensor(float(S * self.topk), device=x.device))
-        return y.reshape(B, T, H), stats
+        return y, stats

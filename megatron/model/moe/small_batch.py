@@ -1,0 +1,128 @@
+"""The small-batch MoE path for inference: route a few tokens, then run only the chosen experts.
+
+Decoding calls an MoE layer with one token per running request. The regular path (plan, dispatch,
+grouped experts, combine) is built for thousands of tokens: its sort, its per-expert slicing of
+every expert and its combine cost far more than the few matmuls a handful of tokens need. Here the
+layer routes exactly as the router does in evaluation, groups the assignments by expert on the host
+(one small copy of the [S, k] choices), and for each distinct chosen expert runs one ``addmm`` pair
+on views of its weights (``w1[e]``: no copies) over its rows of one expert-sorted gather, then adds the
+gate-weighted outputs back per token (one scatter).
+
+When it applies (:func:`small_batch_applies`; ``MoELayer.small_batch = False`` turns it off), and why
+the results equal the regular path's:
+- evaluation under ``torch.no_grad()`` (serving, generation, scoring): training-only routing
+  (gate noise, random token selection, second-expert sampling) never runs here;
+- at most :data:`MAX_ASSIGNMENTS` assignments (tokens x k) in the call;
+- every expert is on this rank and the dispatcher is a local one (under expert parallelism the
+  all-to-all must run on every rank, so the path is off there);
+- the router is one whose evaluation routing is plain (``topk``, ``aux_free``);
+- with a capacity (``--moe-eval-capacity-factor``), only when no expert receives more assignments
+  than its capacity: then the regular path drops nothing either, and its weights (renormalised over
+  the kept choices) equal the no-drop ones. Otherwise :func:`small_batch_forward` returns None and the
+  caller runs the regular path.
+The layer's statistics (aux and z loss, per-expert counts) are computed when first read, from the
+same routing, with the routers' own formulas; nothing is dropped on this path.
+
+Shapes: S tokens, H hidden, F expert hidden, E experts, k choices per token, n rows of one expert.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.model.moe.dispatchers import LocalCapacityDispatcher, LocalGroupedDispatcher
+from megatron.model.moe.experts import compute_dtype
+from megatron.model.moe.metrics import MoEStats
+from megatron.model.moe.routers import AuxLossFreeRouter, TopKRouter
+from megatron.model.moe.routing import load_balancing_loss, topk_balancing_loss
+
+# Assignments (tokens x k) up to which the path is used: one decode step of a batch of up to 64 rows
+# at top-1 (32 at top-2). Measured with tools/bench/moe_decode.py (docs/PERFORMANCE.md).
+MAX_ASSIGNMENTS = 64
+
+_LOCAL_DISPATCHERS = (LocalCapacityDispatcher, LocalGroupedDispatcher)
+_PLAIN_EVAL_ROUTERS = (TopKRouter, AuxLossFreeRouter)  # eval routing = softmax, select, gather
+
+
+def small_batch_applies(layer, num_tokens: int) -> bool:
+    """Whether ``layer`` (an MoELayer) may take the small-batch path for a call of ``num_tokens`` tokens."""
+    return (layer.small_batch and not layer.training and not torch.is_grad_enabled()
+            and 0 < num_tokens * layer.topk <= MAX_ASSIGNMENTS
+            and layer.experts.num_local == layer.num_experts
+            and type(layer.dispatcher) in _LOCAL_DISPATCHERS
+            and type(layer.router) in _PLAIN_EVAL_ROUTERS)
+
+
+class LazyMoEStats(MoEStats):
+    """MoEStats whose losses and counts are computed from the routing only when read (decoding never reads them)."""
+
+    def __init__(self, layer: int, logits: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor, num_experts: int):
+        self.layer = layer
+        self._logits, self._probs, self._indices, self._num_experts = logits, probs, indices, num_experts
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        return torch.zeros((), device=self._indices.device)
+
+    @property
+    def assignments(self) -> torch.Tensor:
+        return torch.tensor(float(self._indices.numel()), device=self._indices.device)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        if self._indices.shape[1] <= 2:
+            return load_balancing_loss(self._probs, self._indices[:, 0])
+        return topk_balancing_loss(self._probs, self._indices)
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return torch.logsumexp(self._logits, dim=-1).square().mean()
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return torch.bincount(self._indices.reshape(-1), minlength=self._num_experts).float()  # [E]
+
+
+def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):
+    """x [S, H] -> (y [S, H] in x's dtype, LazyMoEStats), or None when ``capacity`` would drop a choice."""
+    S = x.shape[0]
+    router = layer.router
+    autocast = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(device_type=x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        logits = F.linear(x.float(), router.wg.weight.float())  # [S, E] fp32, as in TopKRouter
+        probs = torch.softmax(logits, dim=-1)  # [S, E]
+        indices = router.select(logits, probs)  # [S, k]
+        weights = probs.gather(1, indices)  # [S, k] fp32
+    k = indices.shape[1]
+    groups: dict[int, list[tuple[int, int]]] = {}  # expert -> its (token, choice) assignments, token order
+    for s, row in enumerate(indices.tolist()):  # the one host copy: S x k ints
+        for j, e in enumerate(row):
+            groups.setdefault(e, []).append((s, j))
+    if capacity is not None and max(len(g) for g in groups.values()) > capacity:
+        return None
+    if k > 1:  # renormalise over the chosen experts (nothing is dropped here)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    experts, dt = layer.experts, compute_dtype(x)  # the experts follow --bf16 / --fp16 autocast, as grouped ones do
+    xc = x.to(dt)
+    order = sorted(groups)  # ascending expert id: each token sums its choices in the dispatched path's order
+    if len(order) == 1 and k == 1:  # every token to one expert (always so for one token at top-1)
+        e = order[0]
+        h = F.gelu(torch.addmm(experts.b1[e].to(dt), xc, experts.w1[e].to(dt)))  # [S, F]
+        y = torch.addmm(experts.b2[e].to(dt), h, experts.w2[e].to(dt)) * weights.to(dt)  # [S, H]
+    else:
+        members = [m for e in order for m in groups[e]]  # [N] (token, choice), grouped by expert
+        picks = torch.tensor([[t for t, _ in members], [t * k + j for t, j in members]], device=x.device)  # [2, N]
+        xs = xc.index_select(0, picks[0])  # [N, H] rows grouped by expert
+        outs, first = [], 0
+        for e in order:
+            n = len(groups[e])
+            h = F.gelu(torch.addmm(experts.b1[e].to(dt), xs[first:first + n], experts.w1[e].to(dt)))  # [n, F]
+            outs.append(torch.addmm(experts.b2[e].to(dt), h, experts.w2[e].to(dt)))  # [n, H]
+            first += n
+        out = torch.cat(outs) * weights.reshape(-1).index_select(0, picks[1]).to(dt)[:, None]  # [N, H]
+        y = out.new_zeros(S, x.shape[1]).index_add_(0, picks[0], out)  # [S, H]
+    stats = LazyMoEStats(layer.layer_number, logits, probs, indices, layer.num_experts)
+    return y.to(x.dtype), stats

@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""The paper's claims in miniature on the Gutenberg corpus: Fig. 1 (MoE vs a 4x larger dense model),
+PR-MoE, and Mixture-of-Students, each arm an ordinary ``pretrain_gpt_moe.py`` run.
+
+    python tools/experiments/fig1_small.py --out exp_fig1 --preset cpu      # this study on 2 CPU cores
+    python tools/experiments/fig1_small.py --out exp_fig1 --preset full     # >= 10M tokens per arm
+    python tools/experiments/fig1_small.py --out exp_quick --quick          # a few minutes (CI)
+
+Arms (S = the small dense model; every arm sees the same token stream, ``--seed`` aside):
+  dense_S, dense_S_seed2 (noise), dense_4S (2x hidden = ~4x parameters per token, as 350M -> 1.3B),
+  moe8 / moe32 (S + top-1 experts on every other layer, capacity 1.0, aux loss 0.01),
+  prmoe (S + Residual-MoE with fewer experts in the first MoE layer than in the last two),
+  mos_kd (a student with one layer fewer, distilled from prmoe with staged KD: stopped at 70%),
+  student_nokd (the same student, LM loss only).
+
+Resumable: each arm saves checkpoints into OUT/runs/<arm>/ckpt and is restarted with ``--load`` on the
+same directory when the script is run again; finished arms are skipped. Every command line is written to
+OUT/runs/<arm>/cmd.txt. At the end: zero-shot on the paper's six tasks (tools/eval_harness.py), then
+OUT/report.md (tables) and OUT/*.svg (validation loss vs tokens and vs training FLOPs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from plotting import svg_plot  # this script's folder is on sys.path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = os.environ.get("MEGATRON_MOE_DATA", os.path.join(ROOT, "..", "shared", "data"))
+
+# Sizes per preset. tokens = training tokens per arm; S has `layers` x `hidden`.
+PRESETS = {
+    "quick": dict(layers=6, hidden=32, heads=2, seq=64, mbs=4, gbs=4, iters=8, eval_every=4, eval_iters=2,
+                  vocab=1024, text_mb=2, zeroshot_limit=4, tasks="lambada,piqa"),
+    "cpu": dict(layers=6, hidden=128, heads=4, seq=256, mbs=16, gbs=16, iters=360, eval_every=60, eval_iters=20,
+                vocab=8192, text_mb=0, zeroshot_limit=500, tasks="lambada,piqa,boolq,race,triviaqa,webqs"),
+    "full": dict(layers=6, hidden=128, heads=4, seq=256, mbs=16, gbs=32, iters=1220, eval_every=122, eval_iters=40,
+                 vocab=8192, text_mb=0, zeroshot_limit=1000, tasks="lambada,piqa,boolq,race,triviaqa,webqs"),
+}
+MOE_COMMON = ["--expert-interval", "2", "--topk", "1", "--moe-loss-coeff", "0.01", "--moe-train-capacity-factor",
+              "1.0", "--moe-eval-capacity-factor", "1.0", "--moe-min-capacity", "4"]
+
+
+@dataclass
+class Arm:
+    name: str
+    label: str
+    layers: int
+    hidden_mult: int = 1
+    experts: list = field(default_factory=list)   # per MoE layer; [] = dense
+    residual: bool = False
+    seed_offset: int = 0
+    teacher: str | None = None                     # arm whose checkpoint distils this one (MoS)
+    after: str | None = None                       # start only when this arm is done
+
+
+def arms(p) -> list[Arm]:
+    L = p["layers"]
+    moe_layers = L // 2
+    student_layers = L - 1
+    return [
+        Arm("prmoe", f"PR-MoE (Residual, {' '.join(map(str, _pr_experts(moe_layers)))})", L,
+            experts=_pr_experts(moe_layers), residual=True),
+        Arm("dense_4S", "dense 4S (2x hidden)", L, hidden_mult=2),
+        Arm("moe32", "S + MoE-32", L, experts=[32] * moe_layers),
+        Arm("moe8", "S + MoE-8", L, experts=[8] * moe_layers),
+        Arm("dense_S", "dense S", L),
+        Arm("mos_kd", f"MoS student ({student_layers} layers, KD)", student_layers,
+            experts=_pr_experts(student_layers // 2, last=16), residual=True, teacher="prmoe", after="prmoe"),
+        Arm("student_nokd", f"student ({student_layers} layers, no KD)", student_layers,
+            experts=_pr_experts(student_layers // 2, last=16), residual=True),
+        Arm("dense_S_seed2", "dense S, seed 2", L, seed_offset=1),
+    ]
+
+
+def _pr_experts(moe_layers: int, first: int = 8, last: int = 16) -> list[int]:
+    """PR-MoE's pyramid: the last two MoE layers get `last` experts, earlier ones `first`."""
+    return [first] * max(moe_layers - 2, 0) + [last] * min(moe_layers, 2)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def run(cmd, **kw):
+    print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def prepare(out: str, p: dict) -> dict:
+    src = os.path.join(DATA, "corpus", "gutenberg")
+    if not os.path.isfile(os.path.join(src, "train.txt")):
+        sys.exit(f"error: {src}/train.txt not found: set MEGATRON_MOE_DATA to the shared data folder")
+    d = os.path.join(out, "data")
+    os.makedirs(d, exist_ok=True)
+    texts = {}
+    for split in ("train", "valid"):
+        path = os.path.join(src, f"{split}.txt")
+        if p["text_mb"]:  # quick mode: a slice, so preprocessing takes seconds
+            sliced = os.path.join(d, f"{split}.txt")
+            if not os.path.isfile(sliced):
+                with open(path, "rb") as f, open(sliced + ".tmp", "wb") as g:
+                    g.write(f.read(p["text_mb"] * 1_000_000 // (1 if split == "train" else 8)))
+                os.replace(sliced + ".tmp", sliced)
+            path = sliced
+        texts[split] = path
+    spm = os.path.join(d, f"spm{p['vocab']}")
+    py = sys.executable
+    if not os.path.isfile(spm + ".model"):
+        sample = os.path.join(d, "tokenizer_sample.txt")
+        with open(texts["train"], "rb") as f, open(sample, "wb") as g:
+            g.write(f.read(20_000_000))  # 20 MB is plenty for an 8k vocabulary
+        run([py, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", sample, "--model-prefix", spm,
+             "--vocab-size", str(p["vocab"])])
+        os.remove(sample)
+    prefixes = {}
+    for split, path in texts.items():
+        prefix = os.path.join(d, f"gut_{split}")
+        if not os.path.isfile(prefix + "_text_document.idx"):
+            run([py, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", path, "--output-prefix", prefix,
+                 "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", spm + ".model", "--append-eod",
+                 "--workers", "2", "--quiet"])
+        prefixes[split] = prefix + "_text_document"
+    return dict(spm=spm + ".model", **prefixes)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def precision_flags() -> list[str]:
+    """bf16 only where this machine runs it faster than fp32 (measured once by the probe)."""
+    from megatron.precision_probe import preferred_precision
+
+    return ["--bf16"] if preferred_precision() == "bf16" else []
+
+
+def arm_flags(arm: Arm, p: dict, data: dict, out: str, seed: int) -> list[str]:
+    h = p["hidden"] * arm.hidden_mult
+    flags = ["--num-layers", str(arm.layers), "--hidden-size", str(h), "--num-attention-heads", str(p["heads"] * arm.hidden_mult),
+             "--seq-length", str(p["seq"]), "--max-position-embeddings", str(p["seq"]),
+             "--micro-batch-size", str(p["mbs"]), "--global-batch-size", str(p["gbs"]), "--train-iters", str(p["iters"]),
+             # the paper's schedule shape: linear warm-up, cosine decay to 1/10; AdamW beta2 0.95, wd 0.1, clip 1
+             "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+             "--lr-warmup-iters", str(max(1, p["iters"] // 20)),
+             "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--weight-decay", "0.1", "--clip-grad", "1.0",
+             "--init-method-std", "0.02", "--hidden-dropout", "0", "--attention-dropout", "0",
+             "--train-data-path", data["train"], "--valid-data-path", data["valid"],
+             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data["spm"],
+             "--log-interval", str(max(1, p["eval_every"] // 3)), "--eval-interval", str(p["eval_every"]),
+             "--eval-iters", str(p["eval_iters"]), "--seed", str(seed + arm.seed_offset),
+             "--save", os.path.join(out, "runs", arm.name, "ckpt"), "--load", os.path.join(out, "runs", arm.name, "ckpt"),
+             "--save-interval", str(p["eval_every"]), "--tensorboard-dir", os.path.join(out, "runs", arm.name, "tb")]
+    if arm.experts:
+        flags += ["--num-experts", *map(str, arm.experts), *MOE_COMMON]
+        if arm.residual:
+            flags += ["--mlp-type", "residual"]
+    if arm.teacher:
+        flags += ["--mos", "--load-teacher", os.path.join(out, "runs", arm.teacher, "ckpt"), "--kd-alpha-ce", "1",
+                  "--kd-beta-ce", "1", "--kd-temp", "1.0", "--kd-stop-iters", str(p["iters"] * 7 // 10)]
+    return precision_flags() + flags
+
+
+def is_done(out: str, arm: Arm) -> bool:
+    return os.path.isfile(os.path.join(out, "runs", arm.name, "done.json"))
+
+
+def launch(arm: Arm, p: dict, data: dict, out: str, seed: int, threads: int):
+    d = os.path.join(out, "runs", arm.name)
+    os.makedirs(d, exist_ok=True)
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py")] + arm_flags(arm, p, data, out, seed)
+    with open(os.path.join(d, "cmd.txt"), "w") as f:
+        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    log = open(os.path.join(d, "train.log"), "a")
+    print(f"[{time.strftime('%H:%M:%S')}] start {arm.name} ({threads} threads)", flush=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()
+
+
+def train_all(out: str, p: dict, data: dict, seed: int, parallel: int, only: set | None) -> None:
+    todo = [a for a in arms(p) if (only is None or a.name in only) and not is_done(out, a)]
+    threads = max(1, (os.cpu_count() or 2) // parallel)
+    running = {}
+    while todo or running:
+        for a in list(todo):
+            if len(running) >= parallel:
+                break
+            if a.after and not is_done(out, next(x for x in arms(p) if x.name == a.after)):
+                continue
+            todo.remove(a)
+            running[a.name] = (a, *launch(a, p, data, out, seed, threads))
+        if not running:
+            sys.exit(f"error: {[a.name for a in todo]} wait for arms that are not done; run without --only")
+        time.sleep(2)
+        for name, (a, proc, log, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode != 0:
+                for q in running.values():
+                    q[1].terminate()
+                sys.exit(f"error: arm {name} failed (exit {proc.returncode}); see {out}/runs/{name}/train.log")
+            summary = summarize(out, a, p)
+            summary["wall_s_last_launch"] = round(time.time() - t0, 1)
+            with open(os.path.join(out, "runs", name, "done.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            print(f"[{time.strftime('%H:%M:%S')}] done {name}: validation loss {summary['final_valid_loss']:.4f}",
+                  flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- results
+def read_curve(out: str, name: str) -> list[tuple[int, float]]:
+    """Validation lm loss per iteration from the arm's TensorBoard files (the last write per step wins,
+    so a killed-and-resumed run counts each evaluation once)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(out, "runs", name, "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    by_step = {e.step: e.value for e in acc.Scalars("lm loss validation")}
+    return sorted(by_step.items())
+
+
+def tokens_per_second(out: str, name: str) -> float:
+    """Median of the log lines' tokens/s (the first line of each launch includes start-up)."""
+    vals = []
+    with open(os.path.join(out, "runs", name, "train.log")) as f:
+        for line in f:
+            m = re.search(r"tokens per second: ([0-9.]+)", line)
+            if m:
+                vals.append(float(m.group(1)))
+    vals.sort()
+    return vals[len(vals) // 2] if vals else float("nan")
+
+
+def model_numbers(arm: Arm, p: dict, vocab: int) -> dict:
+    """Parameters (total / active per token) and training FLOPs per token (3 x forward: 2 per multiply-add
+    of every matmul a token passes through, attention scores and values included)."""
+    h, s, L = p["hidden"] * arm.hidden_mult, p["seq"], arm.layers
+    attn, mlp = 4 * h * h + 4 * h, 8 * h * h + 5 * h
+    emb = vocab * h + s * h
+    total = active = emb + L * (attn + 4 * h) + 2 * h
+    moe_at = [i for i in range(L) if (i + 1) % 2 == 0][: len(arm.experts)] if arm.experts else []
+    mm_active = 0
+    for i in range(L):
+        if i in moe_at:
+            e = arm.experts[moe_at.index(i)]
+            total += e * mlp + h * e + (mlp + 2 * h + 2 if arm.residual else 0)
+            active += mlp + h * e + (mlp + 2 * h + 2 if arm.residual else 0)
+            mm_active += 8 * h * h * (2 if arm.residual else 1) + h * e
+        else:
+            total += mlp
+            active += mlp
+            mm_active += 8 * h * h
+    fwd = 2 * (L * 4 * h * h + mm_active + vocab * h) + L * 2 * 2 * s * h  # + QK^T and AV per token
+    return dict(params_total=total, params_active=active, train_flops_per_token=3 * fwd)
+
+
+def summarize(out: str, arm: Arm, p: dict) -> dict:
+    curve = read_curve(out, arm.name)
+    return dict(arm=arm.name, label=arm.label, curve=curve, final_valid_loss=curve[-1][1] if curve else float("nan"),
+                tokens_per_s=tokens_per_second(out, arm.name))
+
+
+def zero_shot(out: str, p: dict, data: dict, names: list[str]) -> dict:
+    path = os.path.join(out, "zeroshot.json")
+    table = os.path.join(out, "zeroshot.md")
+    if not os.path.isfile(table):
+        loads = [os.path.join(out, "runs", n, "ckpt") for n in names]
+        with open(table + ".tmp", "w") as f:
+            run([sys.executable, os.path.join(ROOT, "tools", "eval_harness.py"), "--load", *loads,
+                 "--task-list", p["tasks"], "--eval-data-dir", os.path.join(DATA, "eval"), "--limit",
+                 str(p["zeroshot_limit"]), "--micro-batch-size", "16", "--results-path", path], stdout=f)
+        os.replace(table + ".tmp", table)
+    with open(table) as f:
+        return {"table": f.read()}
+
+
+def report(out: str, p: dict, seed: int) -> str:
+    vocab = _padded_vocab(p["vocab"])
+    tok_per_iter = p["gbs"] * p["seq"]
+    rows, curves_tok, curves_flops = [], {}, {}
+    done = {a.name: (a, json.load(open(os.path.join(out, "runs", a.name, "done.json"))))
+            for a in arms(p) if is_done(out, a)}
+    for name, (a, s) in done.items():
+        n = model_numbers(a, p, vocab)
+        teacher_fwd = 0.0
+        if a.teacher and a.teacher in done:
+            teacher_fwd = model_numbers(done[a.teacher][0], p, vocab)["train_flops_per_token"] / 3 * 0.7  # KD for 70%
+        flops_tok = n["train_flops_per_token"] + teacher_fwd
+        curves_tok[a.label] = [(it * tok_per_iter, v) for it, v in s["curve"]]
+        curves_flops[a.label] = [(it * tok_per_iter * flops_tok, v) for it, v in s["curve"]]
+        rows.append((a, s, n, flops_tok))
+    lines = [f"Preset `{p['name']}`: {p['iters']} iterations x {tok_per_iter} tokens = "
+             f"{p['iters'] * tok_per_iter / 1e6:.2f}M training tokens per arm; S = {p['layers']} layers x hidden "
+             f"{p['hidden']}, seq {p['seq']}, vocabulary {p['vocab']} (padded {vocab}); seed {seed}.", "",
+             "| arm | params total | active / token | train GFLOPs / token | tokens/s | final valid loss | PPL |",
+             "|---|---|---|---|---|---|---|"]
+    for a, s, n, f in rows:
+        lines.append(f"| {a.label} | {n['params_total'] / 1e6:.2f}M | {n['params_active'] / 1e6:.2f}M | "
+                     f"{f / 1e9:.3f} | {s['tokens_per_s']:.0f} | {s['final_valid_loss']:.4f} | "
+                     f"{math.exp(s['final_valid_loss']):.1f} |")
+    final = {a.name: s["final_valid_loss"] for a, s, _, _ in rows}
+    if "dense_S" in final and "dense_4S" in final:
+        gap = final["dense_S"] - final["dense_4S"]
+        lines += ["", f"Gap dense S -> dense 4S at equal tokens: {gap:.4f} nats. Fraction of it closed:", "",
+                  "| arm | valid loss | fraction of the S -> 4S gap closed |", "|---|---|---|"]
+        for name in ("moe8", "moe32", "prmoe", "mos_kd", "student_nokd", "dense_S_seed2"):
+            if name in final and abs(gap) > 0:
+                lines.append(f"| {done[name][0].label} | {final[name]:.4f} | {(final['dense_S'] - final[name]) / gap:.2f} |")
+    if "dense_S_seed2" in final and "dense_S" in final:
+        lines += ["", f"Seed noise (dense S, two seeds): |difference| = {abs(final['dense_S'] - final['dense_S_seed2']):.4f} nats."]
+    svg_plot(curves_tok, os.path.join(out, "fig1_loss_vs_tokens.svg"), "Gutenberg: validation loss vs tokens",
+             xlabel="training tokens")
+    svg_plot(curves_flops, os.path.join(out, "fig1_loss_vs_flops.svg"), "Gutenberg: validation loss vs training FLOPs",
+             xlabel="training FLOPs (log)", logx=True)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _padded_vocab(n: int, multiple: int = 128) -> int:
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (data, runs, report); reused to resume")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--quick", action="store_true", help="the same as --preset quick (a few minutes)")
+    ap.add_argument("--iters", type=int, help="override the preset's training iterations per arm")
+    ap.add_argument("--parallel", type=int, default=2, help="arms trained at once (threads split between them)")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--only", help="comma-separated arm names (default: all)")
+    ap.add_argument("--skip-zeroshot", action="store_true")
+    a = ap.parse_args(argv)
+    p = dict(PRESETS["quick" if a.quick else a.preset], name="quick" if a.quick else a.preset)
+    if a.iters:
+        p["iters"] = a.iters
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "preset.json"), "w") as f:
+        json.dump(p, f, indent=1)
+    data = prepare(a.out, p)
+    only = set(a.only.split(",")) if a.only else None
+    train_all(a.out, p, data, a.seed, a.parallel, only)
+    if not a.skip_zeroshot:
+        names = [x.name for x in arms(p) if is_done(a.out, x)]
+        print(zero_shot(a.out, p, data, names)["table"])
+    print(report(a.out, p, a.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
