@@ -7,6 +7,10 @@ asynchronously (dense over DP, experts over expert-DP). ``finish()`` launches wh
 fixed order, waits, scales by 1/DP and copies back. Every rank runs the same graph, so the hooks
 fire, and the collectives launch, in the same order everywhere. The values are those of the
 blocking reduction (``grad_sync.allreduce_gradients``).
+
+Expert weights whose gradients are accumulated in place outside autograd (the fused expert path,
+``StackedExperts``) get no autograd hook for that backward; their module reports each finished
+gradient through the callback installed here, which counts exactly like the hook.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron.model.moe.experts import StackedExperts
 from megatron.parallel.grad_sync import BUCKET_BYTES, GradReducer, split_params
 
 
@@ -46,7 +51,10 @@ class OverlappedGradReducer(GradReducer):
         self.params = dense + expert
         self.armed, self.launched = False, []
         for p in self.params:
-            p.register_post_accumulate_grad_hook(self._on_grad)
+            p.register_post_accumulate_grad_hook(self.mark_ready)
+        for m in model.modules():
+            if isinstance(m, StackedExperts):
+                m.set_grad_ready_callback(self.mark_ready)
 
     def arm(self) -> None:
         """Call before the backward of the step's last micro-batch."""
@@ -54,7 +62,8 @@ class OverlappedGradReducer(GradReducer):
         for b in self.buckets:
             b.ready, b.handle, b.flat = 0, None, None
 
-    def _on_grad(self, p) -> None:
+    def mark_ready(self, p) -> None:
+        """``p.grad`` is complete for this backward (from autograd's hook or a module's callback)."""
         b = self.bucket_of.get(p) if self.armed else None
         if b is None:
             return

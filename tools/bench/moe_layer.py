@@ -3,11 +3,19 @@
 
     python tools/bench/moe_layer.py                 # S=2048, H=256, F=1024, E = 8 32 128, 5 repeats
     python tools/bench/moe_layer.py --quick         # 2 repeats, E = 8 32
+    python tools/bench/moe_layer.py --grads none    # .grad set to None before each fwd+bwd (or: zero)
     pip install -r tools/bench/requirements.txt     # DeepSpeed (CPU build), bench-only; skipped when absent
 
 Contenders, interleaved in one process (median of the repeats): the dense FFN (H -> F -> H, the same
-FLOPs per token as top-1), our MoELayer (top-1, capacity factor 1.0, min capacity 4), ours without token
-dropping, and ``deepspeed.moe.layer.MoE`` (ep_size 1, world size 1 on gloo, the same gate settings).
+FLOPs per token as top-1), our MoELayer (top-1, capacity factor 1.0, min capacity 4; its experts write their
+weight gradients into ``.grad`` in place), the same layer with that fusion off (``fuse_wgrad=False``: autograd
+allocates each weight gradient and adds it), ours without token dropping, and ``deepspeed.moe.layer.MoE``
+(ep_size 1, world size 1 on gloo, the same gate settings).
+
+Gradients: by default each contender's ``.grad`` is kept across repeats, so every backward accumulates into
+an existing gradient (a training step's later micro-batches); ``--grads none`` sets them to None before each
+repeat (a step's first micro-batch when the trainer frees gradients, as ours does); ``--grads zero`` zeroes
+them in place (persistent gradient buffers, as Megatron-LM keeps them).
 
 The floor: the layer must stream its expert weights twice (forward, backward) and read-modify-write
 their gradients (accumulated across repeats), 4 x W bytes with W = E x 2 x H x F x 4; at this machine's
@@ -37,61 +45,6 @@ from megatron.precision_probe import bf16_is_fast  # noqa: E402
 from tools.bench.common import interleaved_median  # noqa: E402
 
 
-class _FusedWgradFFN(torch.autograd.Function):
-    """PROTOTYPE for a proposed change in megatron/model/moe/experts.py (not used by training): the experts'
-    weight gradients accumulate straight into ``.grad`` (``baddbmm_``) instead of a fresh [E, H, F] tensor that
-    autograd then adds (Megatron-LM's gradient-accumulation fusion). Bypasses post-accumulate-grad hooks."""
-
-    @staticmethod
-    def forward(ctx, buf, w1, b1, w2, b2):
-        # buf [E, C, H] -> [E, C, H]
-        h = torch.baddbmm(b1[:, None, :], buf, w1)  # [E, C, F]
-        a = torch.nn.functional.gelu(h)
-        ctx.save_for_backward(buf, h, a)
-        ctx.params = (w1, b1, w2, b2)
-        return torch.baddbmm(b2[:, None, :], a, w2)
-
-    @staticmethod
-    def backward(ctx, gy):
-        buf, h, a = ctx.saved_tensors
-        w1, b1, w2, b2 = ctx.params
-        for p in ctx.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        w2.grad.baddbmm_(a.transpose(1, 2), gy)  # [E, F, H]
-        b2.grad.add_(gy.sum(1))
-        gh = torch.ops.aten.gelu_backward(torch.bmm(gy, w2.transpose(1, 2)), h)  # [E, C, F]
-        w1.grad.baddbmm_(buf.transpose(1, 2), gh)  # [E, H, F]
-        b1.grad.add_(gh.sum(1))
-        return torch.bmm(gh, w1.transpose(1, 2)), None, None, None, None
-
-
-class FusedWgradMoE(MoELayer):
-    """Our layer with the prototype experts (fp32 only)."""
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        ex = self.experts
-        ex.forward = lambda buf: _FusedWgradFFN.apply(buf, ex.w1, ex.b1, ex.w2, ex.b2)
-
-
-def check_prototype() -> None:
-    """The prototype's gradients equal our layer's (two accumulated steps on a tiny layer)."""
-    torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=[4], train_capacity_factor=4.0)
-    ref = MoELayer(cfg, 16, 64, 4, layer_number=1)
-    ref.experts.init_weights(0, 1, 0.02, 0.02)
-    proto = FusedWgradMoE(cfg, 16, 64, 4, layer_number=1)
-    proto.load_state_dict(ref.state_dict())
-    x = torch.randn(1, 32, 16)
-    for m in (ref, proto):
-        for _ in range(2):
-            torch.manual_seed(1)  # the same random token priorities
-            m(x.clone().requires_grad_())[0].square().sum().backward()
-    for a, b in zip(ref.parameters(), proto.parameters()):
-        torch.testing.assert_close(a.grad, b.grad)
-
-
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes moved per second by a large out-of-cache copy (read + write), best of ``repeats``."""
     src = torch.ones(nbytes // 4)
@@ -118,8 +71,10 @@ def deepspeed_moe(H: int, F_: int, E: int):
                min_capacity=4, drop_tokens=True), ""
 
 
-def fwd_bwd(fn, x, dtype):
+def fwd_bwd(fn, x, dtype, grads: str):
     def run():
+        if grads != "accumulate":
+            fn.zero_grad(set_to_none=grads == "none")
         xi = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             y = fn(xi)
@@ -137,8 +92,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
                    help="default: fp32, and bf16 where this machine runs it fast")
-    p.add_argument("--prototype", action="store_true",
-                   help="also time the proposed in-place weight-gradient experts (a prototype in this file)")
+    p.add_argument("--grads", choices=["accumulate", "none", "zero"], default="accumulate",
+                   help="accumulate: keep .grad across repeats (default); none: set it to None before each; "
+                        "zero: zero it in place before each")
     p.add_argument("--quick", action="store_true", help="2 repeats, E = 8 32")
     a = p.parse_args(argv)
     if a.quick:
@@ -148,48 +104,42 @@ def main(argv=None):
     bf16_fast, why = bf16_is_fast("cpu")
     if a.dtypes is None:
         a.dtypes = ["fp32", "bf16"] if bf16_fast else ["fp32"]
-    if a.prototype:
-        check_prototype()
     H, F_, S = a.hidden, 4 * a.hidden, a.tokens
     torch.manual_seed(0)
     x = torch.randn(1, S, H)
     bw = copy_bandwidth()
     print(f"# MoE layer fwd+bwd, H={H}, F={F_}, S={S}, top-1, capacity factor 1.0; {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s; bf16: {why}")
+          f"torch {torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s; grads: {a.grads}; bf16: {why}")
     dense = MLP(H, F_)
     for dname in a.dtypes:
         dtype = torch.bfloat16 if dname == "bf16" else torch.float32
         print(f"\n| {dname} | dense FFN (ms) | weight traffic (ms) | ours (ms) | ours / floor | ours / dense | "
-              "ours no-drop / dense | DeepSpeed / dense | ours / DeepSpeed |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "ours / ours unfused | ours no-drop / dense | DeepSpeed / dense | ours / DeepSpeed |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for E in a.experts:
             ours = MoELayer(MoEConfig(num_experts=[E]), H, F_, E, layer_number=1)
             ours.experts.init_weights(0, 1, 0.02, 0.02)
+            unfused = MoELayer(MoEConfig(num_experts=[E]), H, F_, E, layer_number=1)
+            unfused.load_state_dict(ours.state_dict())
+            unfused.experts.fuse_wgrad = False
             nodrop = MoELayer(MoEConfig(num_experts=[E], token_dropping=False), H, F_, E, layer_number=1)
             nodrop.load_state_dict(ours.state_dict())
-            fns = {"dense": fwd_bwd(dense, x, dtype), "ours": fwd_bwd(ours, x, dtype),
-                   "nodrop": fwd_bwd(nodrop, x, dtype)}
-            if a.prototype and dtype == torch.float32:
-                proto = FusedWgradMoE(MoEConfig(num_experts=[E]), H, F_, E, layer_number=1)
-                proto.load_state_dict(ours.state_dict())
-                fns["proto"] = fwd_bwd(proto, x, dtype)
+            fns = {"dense": fwd_bwd(dense, x, dtype, a.grads), "ours": fwd_bwd(ours, x, dtype, a.grads),
+                   "unfused": fwd_bwd(unfused, x, dtype, a.grads), "nodrop": fwd_bwd(nodrop, x, dtype, a.grads)}
             ds, reason = deepspeed_moe(H, F_, E)
             if ds is not None:
-                fns["ds"] = fwd_bwd(ds, x, dtype)
+                fns["ds"] = fwd_bwd(ds, x, dtype, a.grads)
             t = interleaved_median(fns, repeats=a.repeats)
             expert_bytes = E * 2 * H * F_ * 4
             traffic = 4 * expert_bytes / bw
             floor = max(t["dense"], traffic)
             ds_cols = (f"{t['ds'] / t['dense']:.2f} | **{t['ours'] / t['ds']:.2f}**" if "ds" in t else "- | -")
             print(f"| E={E} | {1e3 * t['dense']:.1f} | {1e3 * traffic:.1f} | {1e3 * t['ours']:.1f} | "
-                  f"**{t['ours'] / floor:.2f}** | {t['ours'] / t['dense']:.2f} | {t['nodrop'] / t['dense']:.2f} | "
-                  f"{ds_cols} |", flush=True)
+                  f"**{t['ours'] / floor:.2f}** | {t['ours'] / t['dense']:.2f} | {t['ours'] / t['unfused']:.2f} | "
+                  f"{t['nodrop'] / t['dense']:.2f} | {ds_cols} |", flush=True)
             if ds is None:
                 print(f"(DeepSpeed column skipped: {reason})")
-            if "proto" in t:
-                print(f"(E={E}: prototype, weight gradients accumulated in place: {1e3 * t['proto']:.1f} ms, "
-                      f"{t['proto'] / t['ours']:.2f}x ours)")
-            del ours, nodrop, ds, fns
+            del ours, unfused, nodrop, ds, fns
 
 
 if __name__ == "__main__":

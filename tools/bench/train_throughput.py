@@ -11,7 +11,8 @@
 
 fp32, plus bf16 autocast where this machine runs bf16 fast (megatron.precision_probe); --dtypes overrides.
 "ours dense, unfused loss" is our model with the logits materialised and F.cross_entropy on them: the
-fused output cross-entropy's gain, measured side by side.
+fused output cross-entropy's gain, measured side by side. "unfused expert grads" is the MoE model with the
+experts' gradient-accumulation fusion off (autograd allocates and adds each expert weight gradient).
 """
 from __future__ import annotations
 
@@ -70,18 +71,20 @@ def hf(cfg):
     return m, opt
 
 
-def step_fn(kind, model, opt, tokens, dtype):
+def step_fn(kind, model, opt, tokens, dtype, micro_batches: int = 1):
+    """One optimizer step over ``tokens`` split into ``micro_batches`` accumulated micro-batches."""
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            if kind == "hf":
-                loss = model(input_ids=tokens, labels=tokens).loss
-            else:
-                per_tok, stats = model(tokens[:, :-1], tokens[:, 1:])
-                loss = per_tok.mean()
-                if stats:
-                    loss = loss + 0.01 * sum(s.aux_loss for s in stats)
-        loss.backward()
+        for mb in tokens.chunk(micro_batches):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                if kind == "hf":
+                    loss = model(input_ids=mb, labels=mb).loss
+                else:
+                    per_tok, stats = model(mb[:, :-1], mb[:, 1:])
+                    loss = per_tok.mean()
+                    if stats:
+                        loss = loss + 0.01 * sum(s.aux_loss for s in stats)
+            (loss / micro_batches).backward()
         opt.step()
     return step
 
@@ -95,6 +98,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation: the batch split into this "
+                   "many micro-batches per optimizer step")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
                    help="default: fp32, and bf16 where this machine runs it fast (megatron.precision_probe)")
@@ -118,7 +123,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
     ntok = a.batch * a.seq
-    print(f"# L={a.layers} H={a.hidden} heads={a.heads} seq={a.seq} batch={a.batch} vocab={a.vocab}; "
+    print(f"# L={a.layers} H={a.hidden} heads={a.heads} seq={a.seq} batch={a.batch} ({a.micro_batches} micro-batches) "
+          f"vocab={a.vocab}, MoE-{a.experts}; "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}; bf16: {why}")
     print("| contender | dtype | ms / step | tokens/s | MFU vs measured matmul peak | ratio |")
     print("|---|---|---|---|---|---|")
@@ -127,24 +133,29 @@ def main(argv=None):
         mm = torch.randn(512, 512).to(dt)
         fns, fpt = {}, {}
         m1, o1 = ours(dense_cfg)
-        fns["ours dense"] = step_fn("ours", m1, o1, tokens, dt)
+        fns["ours dense"] = step_fn("ours", m1, o1, tokens, dt, a.micro_batches)
         fpt["ours dense"] = flops_per_token(dense_cfg)
         m0, o0 = ours(dense_cfg, UnfusedLossGPT)
-        fns["ours dense, unfused loss"] = step_fn("ours", m0, o0, tokens, dt)
+        fns["ours dense, unfused loss"] = step_fn("ours", m0, o0, tokens, dt, a.micro_batches)
         fpt["ours dense, unfused loss"] = flops_per_token(dense_cfg)
         if a.compile:
             mc, oc = ours(dense_cfg)
-            fns["ours dense, torch.compile"] = step_fn("ours", torch.compile(mc), oc, tokens, dt)
+            fns["ours dense, torch.compile"] = step_fn("ours", torch.compile(mc), oc, tokens, dt, a.micro_batches)
             fpt["ours dense, torch.compile"] = flops_per_token(dense_cfg)
         try:
             m2, o2 = hf(dense_cfg)
-            fns["HF GPT2LMHeadModel"] = step_fn("hf", m2, o2, tokens[:, :-1], dt)
+            fns["HF GPT2LMHeadModel"] = step_fn("hf", m2, o2, tokens[:, :-1], dt, a.micro_batches)
             fpt["HF GPT2LMHeadModel"] = flops_per_token(dense_cfg)
         except ImportError:
             print("(transformers not installed: pip install transformers)")
         m3, o3 = ours(moe_cfg)
-        fns[f"ours MoE-{a.experts}"] = step_fn("ours", m3, o3, tokens, dt)
+        fns[f"ours MoE-{a.experts}"] = step_fn("ours", m3, o3, tokens, dt, a.micro_batches)
         fpt[f"ours MoE-{a.experts}"] = flops_per_token(moe_cfg)
+        m4, o4 = ours(moe_cfg)
+        for layer in m4.moe_layers():
+            layer.experts.fuse_wgrad = False
+        fns[f"ours MoE-{a.experts}, unfused expert grads"] = step_fn("ours", m4, o4, tokens, dt, a.micro_batches)
+        fpt[f"ours MoE-{a.experts}, unfused expert grads"] = flops_per_token(moe_cfg)
         if a.profile:
             for k in ("ours dense", "HF GPT2LMHeadModel"):
                 if k in fns:
