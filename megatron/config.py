@@ -62,6 +62,8 @@ class MoEConfig:
                                             check=(non_negative, "must be >= 0"))
     use_rts: bool = option("--disable-moe-rts", True, "top-1 under a capacity: keep tokens in position order instead "
                            "of random token selection (DeepSpeed's use_rts=False); top-2 always keeps position order")
+    gradient_accumulation_fusion: bool = option("--no-gradient-accumulation-fusion", True, "experts' weight "
+                                                "gradients through autograd instead of accumulating in place into .grad")
     force_layer: bool = option("--moe-force-layer", False, "build MoE layers in the MoE positions even with "
                                "--num-experts 1 (a one-expert MoE layer, e.g. to check it against the dense model)")
 

@@ -324,7 +324,8 @@ class Trainer:
 
     def train_step(self, data_iterator, num_micro: int) -> StepResult:
         for p in self.model.parameters():
-            p.grad = None
+            if p.grad is not None:
+                p.grad.zero_()  # kept allocated (as Megatron's grad buffers): the experts' fused wgrad adds in place
         return self.step(*self.forward_backward(data_iterator, num_micro))
 
     # ------------------------------------------------------------------------------------------

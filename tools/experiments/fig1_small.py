@@ -60,6 +60,7 @@ class Arm:
     seed_offset: int = 0
     teacher: str | None = None                     # arm whose checkpoint distils this one (MoS)
     after: str | None = None                       # start only when this arm is done
+    extra: list = field(default_factory=list)      # further flags (the targeted ablations)
 
 
 def arms(p) -> list[Arm]:
@@ -78,6 +79,18 @@ def arms(p) -> list[Arm]:
         Arm("student_nokd", f"student ({student_layers} layers, no KD)", student_layers,
             experts=_pr_experts(student_layers // 2, last=16), residual=True),
         Arm("dense_S_seed2", "dense S, seed 2", L, seed_offset=1),
+    ]
+
+
+def ablations(p) -> list[Arm]:
+    """Targeted runs (``--ablations``): what moves MoE-32's gain at this scale."""
+    L = p["layers"]
+    return [
+        Arm("moe32_nodrop", "S + MoE-32, no token dropping", L, experts=[32] * (L // 2),
+            extra=["--disable-moe-token-dropping"]),
+        Arm("moe32_top2", "S + MoE-32, top-2", L, experts=[32] * (L // 2), extra=["--topk", "2"]),
+        Arm("moe32_lr2x", "S + MoE-32, peak LR 2e-3", L, experts=[32] * (L // 2),
+            extra=["--lr", "2e-3", "--min-lr", "2e-4"]),
     ]
 
 
@@ -157,6 +170,7 @@ def arm_flags(arm: Arm, p: dict, data: dict, out: str, seed: int) -> list[str]:
         flags += ["--num-experts", *map(str, arm.experts), *MOE_COMMON]
         if arm.residual:
             flags += ["--mlp-type", "residual"]
+    flags += arm.extra  # later flags win
     if arm.teacher:
         flags += ["--mos", "--load-teacher", os.path.join(out, "runs", arm.teacher, "ckpt"), "--kd-alpha-ce", "1",
                   "--kd-beta-ce", "1", "--kd-temp", "1.0", "--kd-stop-iters", str(p["iters"] * 7 // 10)]
@@ -179,15 +193,19 @@ def launch(arm: Arm, p: dict, data: dict, out: str, seed: int, threads: int):
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()
 
 
+def all_arms(p) -> list[Arm]:
+    return arms(p) + (ablations(p) if p.get("ablations") else [])
+
+
 def train_all(out: str, p: dict, data: dict, seed: int, parallel: int, only: set | None) -> None:
-    todo = [a for a in arms(p) if (only is None or a.name in only) and not is_done(out, a)]
+    todo = [a for a in all_arms(p) if (only is None or a.name in only) and not is_done(out, a)]
     threads = max(1, (os.cpu_count() or 2) // parallel)
     running = {}
     while todo or running:
         for a in list(todo):
             if len(running) >= parallel:
                 break
-            if a.after and not is_done(out, next(x for x in arms(p) if x.name == a.after)):
+            if a.after and not is_done(out, next(x for x in all_arms(p) if x.name == a.after)):
                 continue
             todo.remove(a)
             running[a.name] = (a, *launch(a, p, data, out, seed, threads))
@@ -209,6 +227,40 @@ def train_all(out: str, p: dict, data: dict, seed: int, parallel: int, only: set
                 json.dump(summary, f, indent=1)
             print(f"[{time.strftime('%H:%M:%S')}] done {name}: validation loss {summary['final_valid_loss']:.4f}",
                   flush=True)
+
+
+def measure_speed(out: str, p: dict, data: dict, seed: int, iters: int, rounds: int) -> dict:
+    """Tokens/s of every finished arm measured side by side: short runs (no checkpoints) one after another with
+    all cores, in alternating order over ``rounds``; the median of each arm's second-half iteration times."""
+    names = [a for a in all_arms(p) if is_done(out, a)]
+    times: dict = {a.name: [] for a in names}
+    for r in range(rounds):
+        for a in (names if r % 2 == 0 else names[::-1]):
+            flags = _without(arm_flags(a, p, data, out, seed), {"--save", "--load", "--save-interval", "--tensorboard-dir",
+                                                                "--train-iters", "--log-interval", "--eval-iters"})
+            cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py")] + flags + [
+                "--train-iters", str(iters), "--log-interval", str(iters // 2), "--eval-iters", "1"]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1)))
+            ms = re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", res.stdout + res.stderr)
+            if res.returncode != 0 or not ms:
+                sys.exit(f"error: speed run of {a.name} failed: {(res.stdout + res.stderr)[-500:]}")
+            times[a.name].append(float(ms[-1]))
+            print(f"speed {a.name}: {ms[-1]} ms / iteration", flush=True)
+    speed = {n: p["gbs"] * p["seq"] / (sorted(t)[len(t) // 2] / 1000.0) for n, t in times.items()}
+    with open(os.path.join(out, "speed.json"), "w") as f:
+        json.dump({"tokens_per_s": speed, "iters": iters, "rounds": rounds, "threads": os.cpu_count()}, f, indent=1)
+    return speed
+
+
+def _without(flags: list[str], names: set) -> list[str]:
+    """``flags`` minus the options in ``names`` and their values."""
+    out, skip = [], False
+    for f in flags:
+        if f.startswith("--"):
+            skip = f in names
+        if not skip:
+            out.append(f)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -281,17 +333,24 @@ def zero_shot(out: str, p: dict, data: dict, names: list[str]) -> dict:
 def report(out: str, p: dict, seed: int) -> str:
     vocab = _padded_vocab(p["vocab"])
     tok_per_iter = p["gbs"] * p["seq"]
-    rows, curves_tok, curves_flops = [], {}, {}
+    rows, curves_tok, curves_flops, curves_abl = [], {}, {}, {}
+    speed_path = os.path.join(out, "speed.json")
+    speed = json.load(open(speed_path))["tokens_per_s"] if os.path.isfile(speed_path) else {}
+    abl_names = {a.name for a in ablations(p)}
     done = {a.name: (a, json.load(open(os.path.join(out, "runs", a.name, "done.json"))))
-            for a in arms(p) if is_done(out, a)}
+            for a in all_arms(p) if is_done(out, a)}
     for name, (a, s) in done.items():
         n = model_numbers(a, p, vocab)
         teacher_fwd = 0.0
         if a.teacher and a.teacher in done:
             teacher_fwd = model_numbers(done[a.teacher][0], p, vocab)["train_flops_per_token"] / 3 * 0.7  # KD for 70%
         flops_tok = n["train_flops_per_token"] + teacher_fwd
-        curves_tok[a.label] = [(it * tok_per_iter, v) for it, v in s["curve"]]
-        curves_flops[a.label] = [(it * tok_per_iter * flops_tok, v) for it, v in s["curve"]]
+        if name in abl_names or name in ("dense_S", "dense_4S", "moe32"):
+            curves_abl[a.label] = [(it * tok_per_iter, v) for it, v in s["curve"]]
+        if name not in abl_names:
+            curves_tok[a.label] = [(it * tok_per_iter, v) for it, v in s["curve"]]
+            curves_flops[a.label] = [(it * tok_per_iter * flops_tok, v) for it, v in s["curve"]]
+        s = dict(s, tokens_per_s=speed.get(name, s["tokens_per_s"]))
         rows.append((a, s, n, flops_tok))
     lines = [f"Preset `{p['name']}`: {p['iters']} iterations x {tok_per_iter} tokens = "
              f"{p['iters'] * tok_per_iter / 1e6:.2f}M training tokens per arm; S = {p['layers']} layers x hidden "
@@ -307,7 +366,8 @@ def report(out: str, p: dict, seed: int) -> str:
         gap = final["dense_S"] - final["dense_4S"]
         lines += ["", f"Gap dense S -> dense 4S at equal tokens: {gap:.4f} nats. Fraction of it closed:", "",
                   "| arm | valid loss | fraction of the S -> 4S gap closed |", "|---|---|---|"]
-        for name in ("moe8", "moe32", "prmoe", "mos_kd", "student_nokd", "dense_S_seed2"):
+        for name in ("moe8", "moe32", "prmoe", "mos_kd", "student_nokd", "dense_S_seed2") + tuple(
+                a.name for a in ablations(p)):
             if name in final and abs(gap) > 0:
                 lines.append(f"| {done[name][0].label} | {final[name]:.4f} | {(final['dense_S'] - final[name]) / gap:.2f} |")
     if "dense_S_seed2" in final and "dense_S" in final:
@@ -316,6 +376,12 @@ def report(out: str, p: dict, seed: int) -> str:
              xlabel="training tokens")
     svg_plot(curves_flops, os.path.join(out, "fig1_loss_vs_flops.svg"), "Gutenberg: validation loss vs training FLOPs",
              xlabel="training FLOPs (log)", logx=True)
+    if len(curves_abl) > 3:
+        svg_plot(curves_abl, os.path.join(out, "fig1_ablations.svg"), "Gutenberg: what moves MoE-32's gain",
+                 xlabel="training tokens")
+    lines += ["", "tokens/s: " + ("measured side by side (speed.json: short runs, all cores, alternating order)"
+                                  if speed else "median of the training logs' tokens/s (arms ran two at a time, "
+                                  "1 thread each, on a shared machine: not comparable across arms)")]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
@@ -336,8 +402,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--only", help="comma-separated arm names (default: all)")
     ap.add_argument("--skip-zeroshot", action="store_true")
+    ap.add_argument("--ablations", action="store_true", help="also train the targeted ablation arms (moe32_*)")
+    ap.add_argument("--speed", action="store_true", help="measure every finished arm's tokens/s side by side")
+    ap.add_argument("--speed-iters", type=int, default=12)
+    ap.add_argument("--speed-rounds", type=int, default=2)
     a = ap.parse_args(argv)
-    p = dict(PRESETS["quick" if a.quick else a.preset], name="quick" if a.quick else a.preset)
+    p = dict(PRESETS["quick" if a.quick else a.preset], name="quick" if a.quick else a.preset, ablations=a.ablations)
     if a.iters:
         p["iters"] = a.iters
     os.makedirs(a.out, exist_ok=True)
@@ -346,6 +416,8 @@ def main(argv=None) -> int:
     data = prepare(a.out, p)
     only = set(a.only.split(",")) if a.only else None
     train_all(a.out, p, data, a.seed, a.parallel, only)
+    if a.speed:
+        measure_speed(a.out, p, data, a.seed, a.speed_iters, a.speed_rounds)
     if not a.skip_zeroshot:
         names = [x.name for x in arms(p) if is_done(a.out, x)]
         print(zero_shot(a.out, p, data, names)["table"])

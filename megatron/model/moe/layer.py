@@ -32,7 +32,8 @@ class MoELayer(nn.Module):
         self.topk = moe_cfg.topk
         self.router = build_router(hidden_size, num_experts, moe_cfg)
         num_local = num_experts // ep_size
-        self.experts = StackedExperts(num_local, hidden_size, ffn_hidden_size, first_expert=ep_rank * num_local)
+        self.experts = StackedExperts(num_local, hidden_size, ffn_hidden_size, first_expert=ep_rank * num_local,
+                                      fuse_wgrad=moe_cfg.gradient_accumulation_fusion)
         self.dispatcher: TokenDispatcher = local_dispatcher(num_experts, moe_cfg.token_dropping)
         self.small_batch = True  # False: always the dispatched path (benchmarks compare the two)
         self.residual = moe_cfg.mlp_type == "residual"
