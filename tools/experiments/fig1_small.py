@@ -39,9 +39,9 @@ DATA = os.environ.get("MEGATRON_MOE_DATA", os.path.join(ROOT, "..", "shared", "d
 # Sizes per preset. tokens = training tokens per arm; S has `layers` x `hidden`.
 PRESETS = {
     "quick": dict(layers=6, hidden=32, heads=2, seq=64, mbs=4, gbs=4, iters=8, eval_every=4, eval_iters=2,
-                  vocab=1024, text_mb=2, zeroshot_limit=4, tasks="lambada,piqa"),
+                  vocab=1024, text_mb=2, zeroshot_limit=4, tasks="lambada,piqa", final_eval_iters=4),
     "cpu": dict(layers=6, hidden=128, heads=4, seq=256, mbs=16, gbs=16, iters=360, eval_every=60, eval_iters=20,
-                vocab=8192, text_mb=0, zeroshot_limit=500, tasks="lambada,piqa,boolq,race,triviaqa,webqs"),
+                vocab=8192, text_mb=0, zeroshot_limit=500, tasks="lambada,piqa,boolq,race,triviaqa,webqs", final_eval_iters=40),
     "full": dict(layers=6, hidden=128, heads=4, seq=256, mbs=16, gbs=32, iters=1220, eval_every=122, eval_iters=40,
                  vocab=8192, text_mb=0, zeroshot_limit=1000, tasks="lambada,piqa,boolq,race,triviaqa,webqs"),
 }
@@ -252,6 +252,35 @@ def measure_speed(out: str, p: dict, data: dict, seed: int, iters: int, rounds: 
     return speed
 
 
+def final_eval(out: str, p: dict, data: dict, seed: int) -> dict:
+    """Every finished arm's last checkpoint on the same validation samples: (nearly) the whole validation set,
+    drawn with the base seed, so that arms trained with other seeds are scored on identical text."""
+    from megatron.data.indexed_dataset import IndexedDataset
+
+    tokens = int(sum(IndexedDataset(data["valid"]).sizes))
+    iters = min(max(1, tokens // (p["gbs"] * p["seq"]) - 1), p.get("final_eval_iters") or 10**9)
+    losses = {}
+    for a in all_arms(p):
+        path = os.path.join(out, "runs", a.name, "final_eval.json")
+        if not is_done(out, a):
+            continue
+        if not os.path.isfile(path):
+            flags = _without(arm_flags(a, p, data, out, seed), {"--save", "--tensorboard-dir", "--eval-iters", "--seed",
+                                                                "--mos", "--load-teacher", "--kd-alpha-ce", "--kd-beta-ce",
+                                                                "--kd-temp", "--kd-stop-iters"})
+            cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py")] + flags + [
+                "--skip-train", "--eval-iters", str(iters), "--seed", str(seed)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1)))
+            found = re.findall(r"validation loss at iteration \d+ \| lm loss value: ([0-9.E+-]+)", res.stdout + res.stderr)
+            if res.returncode != 0 or not found:
+                sys.exit(f"error: final evaluation of {a.name} failed: {(res.stdout + res.stderr)[-800:]}")
+            with open(path, "w") as f:
+                json.dump({"valid_loss": float(found[-1]), "tokens": iters * p["gbs"] * p["seq"]}, f)
+            print(f"final eval {a.name}: {float(found[-1]):.4f} over {iters * p['gbs'] * p['seq']} tokens", flush=True)
+        losses[a.name] = json.load(open(path))["valid_loss"]
+    return losses
+
+
 def _without(flags: list[str], names: set) -> list[str]:
     """``flags`` minus the options in ``names`` and their values."""
     out, skip = [], False
@@ -351,6 +380,9 @@ def report(out: str, p: dict, seed: int) -> str:
             curves_tok[a.label] = [(it * tok_per_iter, v) for it, v in s["curve"]]
             curves_flops[a.label] = [(it * tok_per_iter * flops_tok, v) for it, v in s["curve"]]
         s = dict(s, tokens_per_s=speed.get(name, s["tokens_per_s"]))
+        fe = os.path.join(out, "runs", name, "final_eval.json")
+        if os.path.isfile(fe):
+            s["final_valid_loss"] = json.load(open(fe))["valid_loss"]
         rows.append((a, s, n, flops_tok))
     lines = [f"Preset `{p['name']}`: {p['iters']} iterations x {tok_per_iter} tokens = "
              f"{p['iters'] * tok_per_iter / 1e6:.2f}M training tokens per arm; S = {p['layers']} layers x hidden "
@@ -379,6 +411,9 @@ def report(out: str, p: dict, seed: int) -> str:
     if len(curves_abl) > 3:
         svg_plot(curves_abl, os.path.join(out, "fig1_ablations.svg"), "Gutenberg: what moves MoE-32's gain",
                  xlabel="training tokens")
+    if any(os.path.isfile(os.path.join(out, "runs", n, "final_eval.json")) for n in done):
+        lines += ["", "Final validation loss: each arm's last checkpoint on the same validation samples (nearly the "
+                  "whole validation set, drawn with the base seed), not the training-time evaluations."]
     lines += ["", "tokens/s: " + ("measured side by side (speed.json: short runs, all cores, alternating order)"
                                   if speed else "median of the training logs' tokens/s (arms ran two at a time, "
                                   "1 thread each, on a shared machine: not comparable across arms)")]
@@ -416,6 +451,7 @@ def main(argv=None) -> int:
     data = prepare(a.out, p)
     only = set(a.only.split(",")) if a.only else None
     train_all(a.out, p, data, a.seed, a.parallel, only)
+    final_eval(a.out, p, data, a.seed)
     if a.speed:
         measure_speed(a.out, p, data, a.seed, a.speed_iters, a.speed_rounds)
     if not a.skip_zeroshot:
