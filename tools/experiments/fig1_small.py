@@ -91,6 +91,7 @@ def ablations(p) -> list[Arm]:
         Arm("moe32_top2", "S + MoE-32, top-2", L, experts=[32] * (L // 2), extra=["--topk", "2"]),
         Arm("moe32_lr2x", "S + MoE-32, peak LR 2e-3", L, experts=[32] * (L // 2),
             extra=["--lr", "2e-3", "--min-lr", "2e-4"]),
+        Arm("dense_S_lr2x", "dense S, peak LR 2e-3", L, extra=["--lr", "2e-3", "--min-lr", "2e-4"]),
     ]
 
 
@@ -324,13 +325,14 @@ def model_numbers(arm: Arm, p: dict, vocab: int) -> dict:
     emb = vocab * h + s * h
     total = active = emb + L * (attn + 4 * h) + 2 * h
     moe_at = [i for i in range(L) if (i + 1) % 2 == 0][: len(arm.experts)] if arm.experts else []
+    k = int(arm.extra[arm.extra.index("--topk") + 1]) if "--topk" in arm.extra else 1
     mm_active = 0
     for i in range(L):
         if i in moe_at:
             e = arm.experts[moe_at.index(i)]
             total += e * mlp + h * e + (mlp + 2 * h + 2 if arm.residual else 0)
-            active += mlp + h * e + (mlp + 2 * h + 2 if arm.residual else 0)
-            mm_active += 8 * h * h * (2 if arm.residual else 1) + h * e
+            active += k * mlp + h * e + (mlp + 2 * h + 2 if arm.residual else 0)
+            mm_active += 8 * h * h * (k + (1 if arm.residual else 0)) + h * e
         else:
             total += mlp
             active += mlp
@@ -374,7 +376,7 @@ def report(out: str, p: dict, seed: int) -> str:
         if a.teacher and a.teacher in done:
             teacher_fwd = model_numbers(done[a.teacher][0], p, vocab)["train_flops_per_token"] / 3 * 0.7  # KD for 70%
         flops_tok = n["train_flops_per_token"] + teacher_fwd
-        if name in abl_names or name in ("dense_S", "dense_4S", "moe32"):
+        if name in abl_names or name in ("dense_S", "dense_S_seed2", "dense_4S", "moe32"):
             curves_abl[a.label] = [(it * tok_per_iter, v) for it, v in s["curve"]]
         if name not in abl_names:
             curves_tok[a.label] = [(it * tok_per_iter, v) for it, v in s["curve"]]
@@ -399,7 +401,7 @@ def report(out: str, p: dict, seed: int) -> str:
         lines += ["", f"Gap dense S -> dense 4S at equal tokens: {gap:.4f} nats. Fraction of it closed:", "",
                   "| arm | valid loss | fraction of the S -> 4S gap closed |", "|---|---|---|"]
         for name in ("moe8", "moe32", "prmoe", "mos_kd", "student_nokd", "dense_S_seed2") + tuple(
-                a.name for a in ablations(p)):
+                a.name for a in ablations(p)):  # noqa: E127
             if name in final and abs(gap) > 0:
                 lines.append(f"| {done[name][0].label} | {final[name]:.4f} | {(final['dense_S'] - final[name]) / gap:.2f} |")
     if "dense_S_seed2" in final and "dense_S" in final:
