@@ -254,8 +254,9 @@ def measure_speed(out: str, p: dict, data: dict, seed: int, iters: int, rounds: 
 
 
 def final_eval(out: str, p: dict, data: dict, seed: int) -> dict:
-    """Every finished arm's last checkpoint on the same validation samples: (nearly) the whole validation set,
-    drawn with the base seed, so that arms trained with other seeds are scored on identical text."""
+    """Every finished arm's last checkpoint on the same validation samples (the whole validation set, or the
+    preset's ``final_eval_iters`` batches of it), drawn with the base seed, so that arms trained with other
+    seeds are scored on identical text."""
     from megatron.data.indexed_dataset import IndexedDataset
 
     tokens = int(sum(IndexedDataset(data["valid"]).sizes))
@@ -413,9 +414,11 @@ def report(out: str, p: dict, seed: int) -> str:
     if len(curves_abl) > 3:
         svg_plot(curves_abl, os.path.join(out, "fig1_ablations.svg"), "Gutenberg: what moves MoE-32's gain",
                  xlabel="training tokens")
-    if any(os.path.isfile(os.path.join(out, "runs", n, "final_eval.json")) for n in done):
-        lines += ["", "Final validation loss: each arm's last checkpoint on the same validation samples (nearly the "
-                  "whole validation set, drawn with the base seed), not the training-time evaluations."]
+    evals = [json.load(open(os.path.join(out, "runs", n, "final_eval.json"))) for n in done
+             if os.path.isfile(os.path.join(out, "runs", n, "final_eval.json"))]
+    if evals:
+        lines += ["", f"Final validation loss: each arm's last checkpoint on the same {evals[0]['tokens']:,} validation "
+                  "tokens (drawn with the base seed), not the training-time evaluations."]
     lines += ["", "tokens/s: " + ("measured side by side (speed.json: short runs, all cores, alternating order)"
                                   if speed else "median of the training logs' tokens/s (arms ran two at a time, "
                                   "1 thread each, on a shared machine: not comparable across arms)")]
@@ -439,6 +442,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--only", help="comma-separated arm names (default: all)")
     ap.add_argument("--skip-zeroshot", action="store_true")
+    ap.add_argument("--zeroshot-limit", type=int, help="documents per task (default: the preset's)")
     ap.add_argument("--ablations", action="store_true", help="also train the targeted ablation arms (moe32_*)")
     ap.add_argument("--speed", action="store_true", help="measure every finished arm's tokens/s side by side")
     ap.add_argument("--speed-iters", type=int, default=12)
@@ -447,6 +451,8 @@ def main(argv=None) -> int:
     p = dict(PRESETS["quick" if a.quick else a.preset], name="quick" if a.quick else a.preset, ablations=a.ablations)
     if a.iters:
         p["iters"] = a.iters
+    if a.zeroshot_limit:
+        p["zeroshot_limit"] = a.zeroshot_limit
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "preset.json"), "w") as f:
         json.dump(p, f, indent=1)
