@@ -363,7 +363,9 @@ def zero_shot(out: str, p: dict, data: dict, names: list[str]) -> dict:
 
 
 def report(out: str, p: dict, seed: int) -> str:
-    vocab = _padded_vocab(p["vocab"])
+    from megatron.config import pad_vocab_size
+
+    vocab = pad_vocab_size(p["vocab"], 128)  # the trainer's padding (--make-vocab-size-divisible-by 128)
     tok_per_iter = p["gbs"] * p["seq"]
     rows, curves_tok, curves_flops, curves_abl = [], {}, {}, {}
     speed_path = os.path.join(out, "speed.json")
@@ -426,10 +428,6 @@ def report(out: str, p: dict, seed: int) -> str:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
     return text
-
-
-def _padded_vocab(n: int, multiple: int = 128) -> int:
-    return ((n + multiple - 1) // multiple) * multiple
 
 
 def main(argv=None) -> int:
