@@ -39,11 +39,11 @@ DATA = os.environ.get("MEGATRON_MOE_DATA", os.path.join(ROOT, "..", "shared", "d
 # Sizes per preset. tokens = training tokens per arm; S has `layers` x `hidden`.
 PRESETS = {
     "quick": dict(layers=6, hidden=32, heads=2, seq=64, mbs=4, gbs=4, iters=8, eval_every=4, eval_iters=2,
-                  vocab=1024, text_mb=2, zeroshot_limit=4, tasks="lambada,piqa", final_eval_iters=4),
+                  lr=1e-3, vocab=1024, text_mb=2, zeroshot_limit=4, tasks="lambada,piqa", final_eval_iters=4),
     "cpu": dict(layers=6, hidden=128, heads=4, seq=256, mbs=16, gbs=16, iters=360, eval_every=60, eval_iters=20,
-                vocab=8192, text_mb=0, zeroshot_limit=500, tasks="lambada,piqa,boolq,race,triviaqa,webqs", final_eval_iters=40),
+                lr=1e-3, vocab=8192, text_mb=0, zeroshot_limit=500, tasks="lambada,piqa,boolq,race,triviaqa,webqs", final_eval_iters=40),
     "full": dict(layers=6, hidden=128, heads=4, seq=256, mbs=16, gbs=32, iters=1220, eval_every=122, eval_iters=40,
-                 vocab=8192, text_mb=0, zeroshot_limit=1000, tasks="lambada,piqa,boolq,race,triviaqa,webqs"),
+                 lr=2e-3, vocab=8192, text_mb=0, zeroshot_limit=1000, tasks="lambada,piqa,boolq,race,triviaqa,webqs"),
 }
 MOE_COMMON = ["--expert-interval", "2", "--topk", "1", "--moe-loss-coeff", "0.01", "--moe-train-capacity-factor",
               "1.0", "--moe-eval-capacity-factor", "1.0", "--moe-min-capacity", "4"]
@@ -67,13 +67,14 @@ def arms(p) -> list[Arm]:
     L = p["layers"]
     moe_layers = L // 2
     student_layers = L - 1
+    # the Fig. 1 core (S, 4S, MoE-32) first, so that a study stopped part-way has its main comparison
     return [
+        Arm("dense_4S", "dense 4S (2x hidden)", L, hidden_mult=2),
+        Arm("dense_S", "dense S", L),
+        Arm("moe32", "S + MoE-32", L, experts=[32] * moe_layers),
         Arm("prmoe", f"PR-MoE (Residual, {' '.join(map(str, _pr_experts(moe_layers)))})", L,
             experts=_pr_experts(moe_layers), residual=True),
-        Arm("dense_4S", "dense 4S (2x hidden)", L, hidden_mult=2),
-        Arm("moe32", "S + MoE-32", L, experts=[32] * moe_layers),
         Arm("moe8", "S + MoE-8", L, experts=[8] * moe_layers),
-        Arm("dense_S", "dense S", L),
         Arm("mos_kd", f"MoS student ({student_layers} layers, KD)", student_layers,
             experts=_pr_experts(student_layers // 2, last=16), residual=True, teacher="prmoe", after="prmoe"),
         Arm("student_nokd", f"student ({student_layers} layers, no KD)", student_layers,
@@ -85,13 +86,13 @@ def arms(p) -> list[Arm]:
 def ablations(p) -> list[Arm]:
     """Targeted runs (``--ablations``): what moves MoE-32's gain at this scale."""
     L = p["layers"]
+    lr2x = ["--lr", f"{2 * p['lr']:g}", "--min-lr", f"{p['lr'] / 5:g}"]
     return [
         Arm("moe32_nodrop", "S + MoE-32, no token dropping", L, experts=[32] * (L // 2),
             extra=["--disable-moe-token-dropping"]),
         Arm("moe32_top2", "S + MoE-32, top-2", L, experts=[32] * (L // 2), extra=["--topk", "2"]),
-        Arm("moe32_lr2x", "S + MoE-32, peak LR 2e-3", L, experts=[32] * (L // 2),
-            extra=["--lr", "2e-3", "--min-lr", "2e-4"]),
-        Arm("dense_S_lr2x", "dense S, peak LR 2e-3", L, extra=["--lr", "2e-3", "--min-lr", "2e-4"]),
+        Arm("moe32_lr2x", f"S + MoE-32, peak LR {2 * p['lr']:g}", L, experts=[32] * (L // 2), extra=lr2x),
+        Arm("dense_S_lr2x", f"dense S, peak LR {2 * p['lr']:g}", L, extra=lr2x),
     ]
 
 
@@ -157,7 +158,7 @@ def arm_flags(arm: Arm, p: dict, data: dict, out: str, seed: int) -> list[str]:
              "--seq-length", str(p["seq"]), "--max-position-embeddings", str(p["seq"]),
              "--micro-batch-size", str(p["mbs"]), "--global-batch-size", str(p["gbs"]), "--train-iters", str(p["iters"]),
              # the paper's schedule shape: linear warm-up, cosine decay to 1/10; AdamW beta2 0.95, wd 0.1, clip 1
-             "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+             "--lr", f"{p['lr']:g}", "--min-lr", f"{p['lr'] / 10:g}", "--lr-decay-style", "cosine",
              "--lr-warmup-iters", str(max(1, p["iters"] // 20)),
              "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--weight-decay", "0.1", "--clip-grad", "1.0",
              "--init-method-std", "0.02", "--hidden-dropout", "0", "--attention-dropout", "0",
