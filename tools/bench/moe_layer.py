@@ -9,8 +9,10 @@
 Contenders, interleaved in one process (median of the repeats): the dense FFN (H -> F -> H, the same
 FLOPs per token as top-1), our MoELayer (top-1, capacity factor 1.0, min capacity 4; its experts write their
 weight gradients into ``.grad`` in place), the same layer with that fusion off (``fuse_wgrad=False``: autograd
-allocates each weight gradient and adds it), ours without token dropping, and ``deepspeed.moe.layer.MoE``
-(ep_size 1, world size 1 on gloo, the same gate settings).
+allocates each weight gradient and adds it), ours without token dropping, ``deepspeed.moe.layer.MoE``
+(ep_size 1, world size 1 on gloo, the same gate settings), and our layer's expert computation alone ("expert
+matmuls": the same fused expert function on tokens already laid out [E, C, H], no routing, dispatch or combine)
+— what torch's batched matmul kernels take for the experts' FLOPs at C = S / E rows each.
 
 Gradients: by default each contender's ``.grad`` is kept across repeats, so every backward accumulates into
 an existing gradient (a training step's later micro-batches); ``--grads none`` sets them to None before each
@@ -28,6 +30,7 @@ Precision: fp32, plus bf16 autocast where bf16 is fast on this machine (megatron
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -69,6 +72,19 @@ def deepspeed_moe(H: int, F_: int, E: int):
         dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/rendezvous", rank=0, world_size=1)
     return MoE(H, MLP(H, F_), num_experts=E, ep_size=1, k=1, capacity_factor=1.0, eval_capacity_factor=1.0,
                min_capacity=4, drop_tokens=True), ""
+
+
+class ExpertsOnly(nn.Module):
+    """Our layer's experts on tokens already laid out one block per expert: [1, S, H] -> [E, S/E, H] -> back."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x):
+        E = self.experts.w1.shape[0]
+        buf = x.reshape(E, -1, x.shape[-1])  # [E, C, H], C = S / E (capacity factor 1.0)
+        return self.experts.forward(buf, fused=self.experts.fuse_wgrad).reshape(x.shape)
 
 
 def fwd_bwd(fn, x, dtype, grads: str):
@@ -114,8 +130,9 @@ def main(argv=None):
     for dname in a.dtypes:
         dtype = torch.bfloat16 if dname == "bf16" else torch.float32
         print(f"\n| {dname} | dense FFN (ms) | weight traffic (ms) | ours (ms) | ours / floor | ours / dense | "
-              "ours / ours unfused | ours no-drop / dense | DeepSpeed / dense | ours / DeepSpeed |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "ours / ours unfused | ours no-drop / dense | DeepSpeed / dense | ours / DeepSpeed | "
+              "expert matmuls (ms) | expert matmuls / floor |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for E in a.experts:
             ours = MoELayer(MoEConfig(num_experts=[E]), H, F_, E, layer_number=1)
             ours.experts.init_weights(0, 1, 0.02, 0.02)
@@ -124,7 +141,9 @@ def main(argv=None):
             unfused.experts.fuse_wgrad = False
             nodrop = MoELayer(MoEConfig(num_experts=[E], token_dropping=False), H, F_, E, layer_number=1)
             nodrop.load_state_dict(ours.state_dict())
+            only = copy.deepcopy(ours.experts)
             fns = {"dense": fwd_bwd(dense, x, dtype, a.grads), "ours": fwd_bwd(ours, x, dtype, a.grads),
+                   "matmuls": fwd_bwd(ExpertsOnly(only), x, dtype, a.grads),
                    "unfused": fwd_bwd(unfused, x, dtype, a.grads), "nodrop": fwd_bwd(nodrop, x, dtype, a.grads)}
             ds, reason = deepspeed_moe(H, F_, E)
             if ds is not None:
@@ -136,10 +155,11 @@ def main(argv=None):
             ds_cols = (f"{t['ds'] / t['dense']:.2f} | **{t['ours'] / t['ds']:.2f}**" if "ds" in t else "- | -")
             print(f"| E={E} | {1e3 * t['dense']:.1f} | {1e3 * traffic:.1f} | {1e3 * t['ours']:.1f} | "
                   f"**{t['ours'] / floor:.2f}** | {t['ours'] / t['dense']:.2f} | {t['ours'] / t['unfused']:.2f} | "
-                  f"{t['nodrop'] / t['dense']:.2f} | {ds_cols} |", flush=True)
+                  f"{t['nodrop'] / t['dense']:.2f} | {ds_cols} | {1e3 * t['matmuls']:.1f} | "
+                  f"{t['matmuls'] / floor:.2f} |", flush=True)
             if ds is None:
                 print(f"(DeepSpeed column skipped: {reason})")
-            del ours, unfused, nodrop, ds, fns
+            del ours, unfused, nodrop, ds, fns, only
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""The CPU benchmarks in tools/bench run end to end at toy sizes, so that a change in the model cannot leave
+them broken until the next time someone measures. They time nothing here; they check the printed tables."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench", script), *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return res.stdout
+
+
+def test_moe_layer_bench_prints_every_column():
+    out = _run("moe_layer.py", "--tokens", "64", "--hidden", "32", "--experts", "4", "--repeats", "1",
+               "--threads", "1", "--dtypes", "fp32")
+    header = next(line for line in out.splitlines() if line.startswith("| fp32 |"))
+    row = next(line for line in out.splitlines() if line.startswith("| E=4 |"))
+    assert len(row.split("|")) == len(header.split("|")), (header, row)
+    numbers = [float(x) for x in re.findall(r"\d+\.\d+", row)]
+    assert len(numbers) >= 8 and all(x >= 0 for x in numbers) and numbers[0] > 0 and numbers[2] > 0, row  # ms > 0
+
+
+def test_moe_decode_bench_layer_table():
+    out = _run("moe_decode.py", "--repeats", "1", "--calls", "2", "--threads", "1", "--tokens", "1,8", "--layer-only")
+    rows = [line for line in out.splitlines() if re.match(r"\| (1|8) \| [12] \|", line)]
+    assert len(rows) >= 2, out
