@@ -15,7 +15,8 @@ plans like the local dispatchers and then exchanges tokens over the EP group:
 Parameter names do not change, so checkpoints are layout-independent.
 
 Timing: :func:`time_exchanges` gives the dispatchers a timer (any context manager) that every
-all-to-all runs inside, forward and backward; the training loop reports it as ``all-to-all``.
+all-to-all (forward and backward) and the capacity all-reduce run inside; the training loop reports it as
+``all-to-all``.
 """
 from __future__ import annotations
 
@@ -74,13 +75,15 @@ class AllToAllDispatcher(TokenDispatcher):
         self.timer = timer
 
     def set_timer(self, timer: Optional[ContextManager]) -> None:
-        """Every all-to-all from now on runs inside ``timer`` (None: untimed)."""
+        """Every exchange from now on (the all-to-alls and the capacity agreement) runs inside ``timer``
+        (None: untimed)."""
         self.timer = timer
 
     def plan(self, routing, num_experts, capacity, priority, renormalize) -> DispatchPlan:
         if capacity is not None:  # ranks must agree on the buffer shape
             t = torch.tensor([capacity], dtype=torch.int64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            with self.timer or contextlib.nullcontext():
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
             capacity = int(t.item())
         return super().plan(routing, num_experts, capacity, priority, renormalize)
 
