@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared by the paper recipes (SPEC.md §1). A recipe sets NAME, MODEL_ARGS (and MOE_ARGS, KD_ARGS)
+# Shared by the paper recipes. A recipe sets NAME, MODEL_ARGS (and MOE_ARGS, KD_ARGS)
 # and the default node count, then calls `launch "$@"`.
 #
 # Environment (default):

@@ -62,6 +62,11 @@ class MoEConfig:
                                             check=(non_negative, "must be >= 0"))
     use_rts: bool = option("--disable-moe-rts", True, "top-1 under a capacity: keep tokens in position order instead "
                            "of random token selection (DeepSpeed's use_rts=False); top-2 always keeps position order")
+    token_drop_policy: str = option("--moe-token-drop-policy", "deepspeed", "which assignments an expert keeps "
+                                    "under a capacity: deepspeed (top-1: random token selection in training; top-2: "
+                                    "first choices, then second, in position order; top-k > 2: by gate probability), "
+                                    "probs (highest gate probability first, Megatron-LM's default) or position "
+                                    "(earliest tokens first)", choices=["deepspeed", "probs", "position"])
     gradient_accumulation_fusion: bool = option("--no-gradient-accumulation-fusion", True, "experts' weight "
                                                 "gradients through autograd instead of accumulating in place into .grad")
     force_layer: bool = option("--moe-force-layer", False, "build MoE layers in the MoE positions even with "

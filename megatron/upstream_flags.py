@@ -40,11 +40,6 @@ def _layer_freq(v: str) -> Optional[str]:
             f"(its layers are one later)")
 
 
-def _drop_policy(v: str) -> Optional[str]:
-    return None if v == "probs" else (f"--moe-token-drop-policy {v}: tokens beyond capacity are dropped by routing "
-                                      f"probability here (the 'probs' policy); 'position' is not implemented")
-
-
 UPSTREAM_FLAGS = {f.name: f for f in [
     # DeepSpeed launcher / engine
     UpstreamFlag("--no-pipeline-parallel", "accepted", False, why="there is no pipeline parallelism: always true"),
@@ -68,7 +63,6 @@ UPSTREAM_FLAGS = {f.name: f for f in [
     UpstreamFlag("--moe-expert-capacity-factor", "alias", True,
                  ("--moe-train-capacity-factor", "--moe-eval-capacity-factor")),
     UpstreamFlag("--moe-layer-freq", "refused", True, check=_layer_freq),
-    UpstreamFlag("--moe-token-drop-policy", "accepted", True, why="'probs' is what we do", check=_drop_policy),
     UpstreamFlag("--moe-pad-expert-input-to-capacity", "accepted", False,
                  why="with a capacity, every expert's input is already padded to it"),
     UpstreamFlag("--moe-grouped-gemm", "accepted", False, why="the no-drop path already runs the experts as one "

@@ -95,6 +95,37 @@ def test_topk_3_drops_by_gate_probability():
         assert got == want
 
 
+def _kept_per_expert(layer, r, C):
+    plan = plan_capacity(r.indices, r.weights, layer.num_experts, C, layer.router.drop_priority(r))
+    return {e: set(plan.token[(plan.slot // C) == e].tolist()) for e in range(layer.num_experts)}
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_drop_policy_probs_keeps_the_most_probable(topk):
+    layer = make_layer(E=4, topk=topk, token_drop_policy="probs")  # training mode: overrides random selection
+    r = layer.router(torch.randn(32, H))
+    C = 3
+    for e, got in _kept_per_expert(layer, r, C).items():
+        tok, tier = (r.indices == e).nonzero(as_tuple=True)
+        want = tok[torch.argsort(r.weights[tok, tier], descending=True)[:C]]
+        assert got == set(want.tolist()) and len(got) == min(C, tok.numel())
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_drop_policy_position_keeps_the_earliest_tokens(topk):
+    layer = make_layer(E=4, topk=topk, token_drop_policy="position")
+    r = layer.router(torch.randn(32, H))
+    C = 3
+    kept = _kept_per_expert(layer, r, C)
+    for e, got in kept.items():  # token-major: a token's second choice comes before a later token's first
+        assert got == set(sorted(set((r.indices == e).nonzero(as_tuple=True)[0].tolist()))[:C])
+    if topk == 2:  # differs from DeepSpeed's order (all first choices before any second choice)
+        ds = make_layer(E=4, topk=2)
+        ds.eval()
+        plan = plan_capacity(r.indices, r.weights, 4, C, ds.router.drop_priority(r))
+        assert any(set(plan.token[(plan.slot // C) == e].tolist()) != kept[e] for e in range(4))
+
+
 @pytest.mark.parametrize("policy", ["Jitter", "RSample"])
 def test_noise_policies_act_in_training_only(policy):
     layer = make_layer(E=4, noisy_gate_policy=policy, token_dropping=False)

@@ -154,10 +154,10 @@ def test_megatron_lm_moe_names_are_aliases():
     cfg = pretrain_gpt_moe_config(mock_args([
         "--num-experts", "4", "--train-iters", "1", "--moe-router-topk", "2", "--expert-model-parallel-size", "2",
         "--moe-aux-loss-coeff", "0.01", "--moe-expert-capacity-factor", "1.25", "--moe-token-dispatcher-type",
-        "alltoall", "--moe-grouped-gemm", "--moe-z-loss-coeff", "0.001"]))
+        "alltoall", "--moe-grouped-gemm", "--moe-z-loss-coeff", "0.001", "--moe-token-drop-policy", "position"]))
     moe = cfg.model.moe
     assert (moe.topk, moe.expert_parallel_size, moe.loss_coeff, moe.train_capacity_factor, moe.eval_capacity_factor,
-            moe.z_loss_coeff) == (2, 2, 0.01, 1.25, 1.25, 0.001)
+            moe.z_loss_coeff, moe.token_drop_policy) == (2, 2, 0.01, 1.25, 1.25, 0.001, "position")
 
 
 def test_json_accumulation_steps_checked_against_the_world(tmp_path):

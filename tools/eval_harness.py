@@ -2,7 +2,7 @@
 """Zero-shot (or few-shot) evaluation of checkpoints through lm-evaluation-harness 0.4.
 
     python tools/eval_harness.py --load CKPT [CKPT ...] \\
-        --task-list lambada,piqa,boolq,race,triviaqa,webqs --eval-data-dir ../shared/data/eval \\
+        --task-list lambada,piqa,boolq,race,triviaqa,webqs --eval-data-dir EVAL_DIR \\
         [--limit N] [--micro-batch-size B] [--moe-eval-capacity-factor CF] --results-path out.json
 
 The paper's six tasks are read from local files (no network); see the registry in

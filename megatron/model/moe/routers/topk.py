@@ -7,7 +7,9 @@ Drop order under a capacity (which assignments an expert keeps first):
   off), else position order;
 - k = 2: first choices before second choices, each in position order (DeepSpeed's top2gating);
 - k > 2: highest gate probability first (DeepSpeed's topkgating, drop policy "probs").
-Evaluation always keeps position order for k <= 2 (deterministic).
+Evaluation always keeps position order for k <= 2 (deterministic). ``--moe-token-drop-policy probs`` or
+``position`` (Megatron-LM's policies) replaces this order for every k, in training and evaluation: the
+highest gate probability first, or the earliest token first (all of a token's choices before the next token's).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class TopKRouter(nn.Module):
         self.noisy_gate_policy = moe_cfg.noisy_gate_policy
         self.second_expert_sampling = moe_cfg.top2_2nd_expert_sampling
         self.use_rts = moe_cfg.use_rts
+        self.drop_policy = moe_cfg.token_drop_policy
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)  # kept in fp32
 
     def select(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -42,7 +45,12 @@ class TopKRouter(nn.Module):
 
     def drop_priority(self, routing: Routing):
         """[S, k] keep-first key for a capacity-limited dispatch, or None for tier-major position order."""
-        S = routing.indices.shape[0]
+        S, k = routing.indices.shape
+        if self.drop_policy == "probs":
+            return routing.weights  # [S, k]
+        if self.drop_policy == "position":
+            pos = torch.arange(S, 0, -1, device=routing.indices.device, dtype=routing.weights.dtype)  # [S] early = high
+            return pos[:, None].expand(S, k)  # [S, k]
         if self.topk == 1 and self.training and self.use_rts:
             return torch.rand(S, 1, device=routing.indices.device)  # random token selection
         if self.topk > 2:
