@@ -363,6 +363,27 @@ def zero_shot(out: str, p: dict, data: dict, names: list[str]) -> dict:
         return {"table": f.read()}
 
 
+def gap_over_tokens(done: dict, p: dict, tok_per_iter: int) -> list[str]:
+    """Markdown lines: the fraction of the dense S -> 4S gap each arm closes at every training-time evaluation
+    (the same validation samples for every arm trained with the base seed), to show whether it grows with tokens."""
+    s_curve, big = dict(done["dense_S"][1]["curve"]), dict(done["dense_4S"][1]["curve"])
+    its = sorted(set(s_curve) & set(big))
+    names = [n for n in ("moe8", "moe32", "prmoe", "mos_kd", "student_nokd") + tuple(a.name for a in ablations(p))
+             if n in done and done[n][0].seed_offset == 0]
+    if not its or not names:
+        return []
+    lines = ["", "Fraction of the S -> 4S gap closed at each training-time evaluation (tokens in millions):", "",
+             "| arm | " + " | ".join(f"{it * tok_per_iter / 1e6:.2f}M" for it in its) + " |",
+             "|---|" + "---|" * len(its),
+             "| gap S - 4S (nats) | " + " | ".join(f"{s_curve[it] - big[it]:.3f}" for it in its) + " |"]
+    for n in names:
+        c = dict(done[n][1]["curve"])
+        cells = [f"{(s_curve[it] - c[it]) / (s_curve[it] - big[it]):.2f}" if it in c and s_curve[it] != big[it] else "-"
+                 for it in its]
+        lines.append(f"| {done[n][0].label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(out: str, p: dict, seed: int) -> str:
     from megatron.config import pad_vocab_size
 
@@ -408,6 +429,8 @@ def report(out: str, p: dict, seed: int) -> str:
                 a.name for a in ablations(p)):  # noqa: E127
             if name in final and abs(gap) > 0:
                 lines.append(f"| {done[name][0].label} | {final[name]:.4f} | {(final['dense_S'] - final[name]) / gap:.2f} |")
+    if "dense_S" in done and "dense_4S" in done:
+        lines += gap_over_tokens(done, p, tok_per_iter)
     if "dense_S_seed2" in final and "dense_S" in final:
         lines += ["", f"Seed noise (dense S, two seeds): |difference| = {abs(final['dense_S'] - final['dense_S_seed2']):.4f} nats."]
     svg_plot(curves_tok, os.path.join(out, "fig1_loss_vs_tokens.svg"), "Gutenberg: validation loss vs tokens",
