@@ -372,8 +372,8 @@ def gap_over_tokens(done: dict, p: dict, tok_per_iter: int) -> list[str]:
              if n in done and done[n][0].seed_offset == 0]
     if not its or not names:
         return []
-    lines = ["", "Fraction of the S -> 4S gap closed at each training-time evaluation (tokens in millions):", "",
-             "| arm | " + " | ".join(f"{it * tok_per_iter / 1e6:.2f}M" for it in its) + " |",
+    lines = ["", "Fraction of the S -> 4S gap closed at each training-time evaluation:", "",
+             "| arm | " + " | ".join(f"{it * tok_per_iter / 1e6:.2f}M tok" for it in its) + " |",
              "|---|" + "---|" * len(its),
              "| gap S - 4S (nats) | " + " | ".join(f"{s_curve[it] - big[it]:.3f}" for it in its) + " |"]
     for n in names:
