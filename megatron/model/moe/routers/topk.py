@@ -49,7 +49,7 @@ class TopKRouter(nn.Module):
         if self.drop_policy == "probs":
             return routing.weights  # [S, k]
         if self.drop_policy == "position":
-            pos = torch.arange(S, 0, -1, device=routing.indices.device, dtype=routing.weights.dtype)  # [S] early = high
+            pos = torch.arange(S, 0, -1, device=routing.indices.device)  # [S] int64, early = high
             return pos[:, None].expand(S, k)  # [S, k]
         if self.topk == 1 and self.training and self.use_rts:
             return torch.rand(S, 1, device=routing.indices.device)  # random token selection
