@@ -190,6 +190,8 @@ def kill_loop(tmp_path, kills, iters, seed):
     seen = []
     for _ in range(kills):
         start = tracker(ck) if os.path.exists(os.path.join(ck, TRACKER)) else 0
+        if start > iters - 20:  # a fast machine runs several steps in the 150 ms: keep the end out of reach
+            break
         with open(log, "w") as f:
             p = subprocess.Popen([sys.executable, SCRIPT] + argv + ["--load", ck, "--save", ck], stdout=f,
                                  stderr=subprocess.STDOUT, env=env())
@@ -199,7 +201,7 @@ def kill_loop(tmp_path, kills, iters, seed):
         p.wait(timeout=60)
         if os.path.exists(os.path.join(ck, TRACKER)):
             seen.append(assert_loadable(ck))
-    assert seen and seen == sorted(seen), seen
+    assert len(seen) >= max(1, kills // 2) and seen == sorted(seen), seen
     k = tracker(ck)
     assert k < iters
     assert pretrain_gpt_moe.main(argv + ["--load", ck, "--save", ck])["losses"] == full[k:]
@@ -207,12 +209,12 @@ def kill_loop(tmp_path, kills, iters, seed):
 
 
 def test_kill_9_at_random_moments(tmp_path):
-    kill_loop(tmp_path, kills=3, iters=16, seed=1)
+    kill_loop(tmp_path, kills=3, iters=30, seed=1)
 
 
 @pytest.mark.slow
 def test_kill_9_soak(tmp_path):
-    kill_loop(tmp_path, kills=10, iters=45, seed=2)
+    kill_loop(tmp_path, kills=10, iters=80, seed=2)
 
 
 # ---------------------------------------------------------------------------------------------- ranks that disagree
