@@ -44,8 +44,11 @@ def test_fig1_quick_end_to_end_and_resume(tmp_path):
     # Resume: an arm whose completion marker is gone restarts from its checkpoint and trains nothing more.
     (out / "runs" / "moe8" / "done.json").unlink()
     before = json.loads((out / "runs" / "dense_S" / "done.json").read_text())
-    r = _run(out, "--skip-zeroshot")
+    r = _run(out, "--skip-zeroshot", "--speed", "--speed-iters", "4", "--speed-rounds", "1")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    speed = json.loads((out / "speed.json").read_text())["tokens_per_s"]
+    assert sorted(speed) == sorted(ARMS) and min(speed.values()) > 0, speed
+    assert "measured side by side" in (out / "report.md").read_text()
     assert "start moe8" in r.stdout and "start dense_S " not in r.stdout
     log = (out / "runs" / "moe8" / "train.log").read_text()
     assert "loaded checkpoint" in log.lower() or "resum" in log.lower(), log[-1500:]

@@ -234,9 +234,13 @@ def train_all(out: str, p: dict, data: dict, seed: int, parallel: int, only: set
 
 
 def measure_speed(out: str, p: dict, data: dict, seed: int, iters: int, rounds: int) -> dict:
-    """Tokens/s of every finished arm measured side by side: short runs (no checkpoints) one after another with
-    all cores, in alternating order over ``rounds``; the median of each arm's second-half iteration times."""
-    names = [a for a in all_arms(p) if is_done(out, a)]
+    """Tokens/s of every arm measured side by side: short runs (no checkpoints) one after another with all cores,
+    in alternating order over ``rounds``; the median of each arm's second-half iteration times. An arm need not be
+    trained (speed depends on its shape only); a MoS arm needs its teacher's checkpoint, of any iteration."""
+    from megatron.checkpointing import TRACKER
+
+    names = [a for a in all_arms(p) if not a.teacher or os.path.isfile(
+        os.path.join(out, "runs", a.teacher, "ckpt", TRACKER))]
     times: dict = {a.name: [] for a in names}
     for r in range(rounds):
         for a in (names if r % 2 == 0 else names[::-1]):
@@ -466,7 +470,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-zeroshot", action="store_true")
     ap.add_argument("--zeroshot-limit", type=int, help="documents per task (default: the preset's)")
     ap.add_argument("--ablations", action="store_true", help="also train the targeted ablation arms (moe32_*)")
-    ap.add_argument("--speed", action="store_true", help="measure every finished arm's tokens/s side by side")
+    ap.add_argument("--speed", action="store_true", help="measure every arm's tokens/s side by side (a quiet machine)")
     ap.add_argument("--speed-iters", type=int, default=12)
     ap.add_argument("--speed-rounds", type=int, default=2)
     a = ap.parse_args(argv)
