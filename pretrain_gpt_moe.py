@@ -11,10 +11,9 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from megatron.data.builder import build_datasets
-from megatron.distillation import build_teacher, kd_loss, teacher_logits
+from megatron.distillation import build_teacher, teacher_logits
 from megatron.model.provider import gpt_module
 from megatron.errors import run_cli
 from megatron.training import pretrain
@@ -74,9 +73,9 @@ def forward_step(cfg, data_iterator, model, teacher=None):
     if teacher is None:
         output = model(tokens, labels)  # (per-token loss [B, T], moe stats)
     else:
-        logits, stats = model(tokens)  # [B, T, V]
-        per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        output = (per_token, stats, kd_loss(logits, teacher_logits(teacher, tokens), cfg.kd.temperature))
+        (per_token, kd), stats = model(tokens, labels, teacher_logits=teacher_logits(teacher, tokens),
+                                       kd_temperature=cfg.kd.temperature)  # [B, T] each
+        output = (per_token, stats, kd)
     return output, partial(loss_func, loss_mask, cfg)
 
 

@@ -6,14 +6,14 @@ and run in eval mode under no_grad: no dropout, no random token selection, no ga
 token dropping (as in evaluation: every token gets its experts' output, whatever capacity factor
 the teacher was trained with) unless ``--kd-teacher-capacity-factor`` asks for one.
 
-Loss per token: alpha * CE(student, labels) + beta * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
+Loss per token: alpha * CE(student, labels) + beta * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
+computed by the model's output step (megatron/model/kd_loss.py) from the teacher logits given here.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from megatron.checkpointing import load_checkpoint, locate_checkpoint
 from megatron.config import ModelConfig, MoEConfig
@@ -23,15 +23,6 @@ TEACHER_FLAGS = {"num_layers": "--num-layers-teacher", "hidden_size": "--hidden-
                  "num_attention_heads": "--num-attention-heads-teacher", "ffn_hidden_size": "--ffn-hidden-size-teacher",
                  "num_experts": "--num-experts-teacher", "expert_interval": "--expert-interval-teacher",
                  "mlp_type": "--mlp-type-teacher", "topk": "--topk-teacher"}
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[B, T, V] x 2 -> per-token T^2 * KL(softmax(teacher / T) || softmax(student / T)) [B, T], fp32."""
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
-    log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [B, T, V]
-    log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # [B, T, V]
-    kl = torch.sum(log_p_teacher.exp() * (log_p_teacher - log_p_student), dim=-1)  # [B, T]
-    return kl * (temperature * temperature)
 
 
 def teacher_model_config(kd_cfg, student_cfg: ModelConfig) -> ModelConfig:

@@ -32,3 +32,12 @@ def test_moe_decode_bench_layer_table():
     out = _run("moe_decode.py", "--repeats", "1", "--calls", "2", "--threads", "1", "--tokens", "1,8", "--layer-only")
     rows = [line for line in out.splitlines() if re.match(r"\| (1|8) \| [12] \|", line)]
     assert len(rows) >= 2, out
+
+
+def test_kd_loss_bench_prints_a_row_per_vocabulary():
+    out = _run("kd_loss.py", "--tokens", "64", "--hidden", "16", "--vocab", "128,300", "--repeats", "1")
+    rows = [line for line in out.splitlines() if re.match(r"\| (128|300) \|", line)]
+    assert len(rows) == 2, out
+    for row in rows:
+        numbers = [float(x) for x in re.findall(r"\d+\.\d+", row)]
+        assert len(numbers) == 5 and all(x > 0 for x in numbers), row

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrain_gpt_moe
-from megatron.distillation import kd_loss
+from megatron.model.kd_loss import kd_loss
 from megatron.errors import UserError
 from tests.dist_utils import run_distributed
 from tests.runs import mock_args, train

@@ -15,13 +15,24 @@ from __future__ import annotations
 import torch
 
 # rows per block of the in-place softmax: about 1 MiB of fp32 logits, so a block stays in L2
-_BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 1 << 20
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(t.device.type):
         return torch.get_autocast_dtype(t.device.type)
     return t.dtype
+
+
+def projection_grads(ctx, dlogits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """d logits [N, V] fp32 -> (d h [N, H], d weight [V, H]) in ``ctx.dtype``, each None where not needed."""
+    d = dlogits.to(ctx.dtype)
+    grad_h = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_h = torch.mm(d, weight.to(ctx.dtype)).to(h.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.mm(d.t(), h.to(ctx.dtype)).to(weight.dtype)
+    return grad_h, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -31,7 +42,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         probs = torch.mm(h.to(dtype), weight.to(dtype).t()).float()  # [N, V] logits, fp32; becomes the softmax
         target = probs.gather(1, labels[:, None]).squeeze(1)  # [N]
         lse = torch.empty(probs.shape[0], dtype=torch.float32, device=probs.device)
-        rows = max(1, _BLOCK_BYTES // (4 * probs.shape[1]))
+        rows = max(1, BLOCK_BYTES // (4 * probs.shape[1]))
         for s in range(0, probs.shape[0], rows):
             block = probs[s:s + rows]  # [rows, V] view
             torch.logsumexp(block, dim=1, out=lse[s:s + rows])
@@ -51,13 +62,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dlogits = probs
         dlogits[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
         dlogits.mul_(grad_loss.float()[:, None])  # [N, V]
-        d = dlogits.to(ctx.dtype)
-        grad_h = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_h = torch.mm(d, weight.to(ctx.dtype)).to(h.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(d.t(), h.to(ctx.dtype)).to(weight.dtype)
-        return grad_h, grad_w, None, None
+        return (*projection_grads(ctx, dlogits, h, weight), None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,5 +71,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     The saved buffer is consumed by backward (call backward through it once, no ``retain_graph``).
     """
     B, T, H = h.shape
-    loss = _LinearCrossEntropy.apply(h.reshape(B * T, H), weight, labels.reshape(-1), _compute_dtype(h))
+    loss = _LinearCrossEntropy.apply(h.reshape(B * T, H), weight, labels.reshape(-1), compute_dtype(h))
     return loss.view(B, T)

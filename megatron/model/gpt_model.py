@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.model.cross_entropy import linear_cross_entropy
 from megatron.model.fused import layer_norm
+from megatron.model.kd_loss import cross_entropy_and_kd, linear_cross_entropy_kd
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
 from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer, padding_attention_mask
@@ -90,9 +91,12 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None, position_ids=None,
                 token_mask: Optional[torch.Tensor] = None, kv_caches: Optional[list] = None, position_offset: int = 0,
-                last_logits_only: bool = False):
+                last_logits_only: bool = False, teacher_logits: Optional[torch.Tensor] = None,
+                kd_temperature: float = 1.0):
         """tokens [B, T] -> (logits [B, T, V] or, with labels, per-token loss [B, T] fp32; moe stats list).
         ``last_logits_only``: logits [B, 1, V] of the last position only (generation's prefill).
+        ``teacher_logits`` [B, T, V] (with labels; distillation): the loss is the pair (cross-entropy, T^2 * KL to
+        the teacher at ``kd_temperature``), [B, T] fp32 each.
 
         ``token_mask`` [B, T] bool marks real tokens: padding is kept out of MoE routing and capacity, and
         out of attention where it precedes real tokens (left-padded batches; the KV cache remembers it).
@@ -117,6 +121,11 @@ class GPTModel(nn.Module):
         if last_logits_only and labels is None:
             h = h[:, -1:]  # [B, 1, H]
         h = self.final_layernorm(h)
+        if labels is not None and teacher_logits is not None:
+            if self._fused_output_loss():
+                return linear_cross_entropy_kd(h, self.word_embeddings.weight, labels, teacher_logits, kd_temperature), stats
+            logits = self.output_layer(h, self.word_embeddings.weight, gather=True)  # [B, T, V]
+            return cross_entropy_and_kd(logits, labels, teacher_logits, kd_temperature), stats
         if labels is not None and self._fused_output_loss():
             return linear_cross_entropy(h, self.word_embeddings.weight, labels), stats  # no [B, T, V] logits kept
         logits = self.output_layer(h, self.word_embeddings.weight, gather=labels is None)  # [B, T, V] (tied)

@@ -1,6 +1,7 @@
 """Timing helpers: interleaved repeats so that noisy machines affect all contenders alike."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 
@@ -17,3 +18,15 @@ def interleaved_median(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (to print with every figure: machines differ between runs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -1,0 +1,79 @@
+"""The fused output step of distillation (projection + cross-entropy + T^2 KL in one autograd step) equals the
+plain path (materialised logits, F.cross_entropy, kd_loss) in values and in the gradients of h and the weight."""
+import pytest
+import torch
+
+from megatron.config import ModelConfig
+from megatron.model.gpt_model import GPTModel
+from megatron.model.kd_loss import cross_entropy_and_kd, linear_cross_entropy_kd
+
+
+def _both_paths(T, dtype=torch.float32, rows=37, vocab=100):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, rows, 16, generator=g).requires_grad_()
+    w = (0.5 * torch.randn(vocab, 16, generator=g)).requires_grad_()
+    labels = torch.randint(0, vocab, (2, rows), generator=g)
+    teacher = 3 * torch.randn(2, rows, vocab, generator=g)
+    a, b = torch.randn(2, rows, generator=g), torch.rand(2, rows, generator=g)  # per-token weights (loss masks)
+    results = []
+    for fused in (False, True):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if fused:
+                ce, kl = linear_cross_entropy_kd(h, w, labels, teacher, T)
+            else:
+                ce, kl = cross_entropy_and_kd(torch.nn.functional.linear(h, w), labels, teacher, T)
+        (a * ce + b * kl).sum().backward()
+        results.append((ce.detach(), kl.detach(), h.grad.clone(), w.grad.clone()))
+    return results
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
+def test_fused_kd_equals_plain_values_and_gradients(T):
+    plain, fused = _both_paths(T)
+    assert fused[0].dtype == fused[1].dtype == torch.float32
+    assert (fused[1] > 0).all() and fused[1].max() > 0.5  # a real KL, not zero
+    for x, y in zip(plain, fused):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=2e-5)
+
+
+def test_fused_kd_spans_several_row_blocks():
+    # 8192-wide rows: 32 rows a block, so 2 x 80 tokens cross block boundaries (and end on a partial block)
+    plain, fused = _both_paths(1.0, rows=80, vocab=8192)
+    for x, y in zip(plain, fused):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=2e-5)
+
+
+def test_fused_kd_under_bf16_autocast_matches_plain():
+    plain, fused = _both_paths(1.0, dtype=torch.bfloat16)
+    for x, y in zip(plain, fused):
+        torch.testing.assert_close(y, x, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_kd_refuses_a_second_backward():
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    ce, kl = linear_cross_entropy_kd(h, torch.randn(16, 8), torch.randint(0, 16, (1, 4)), torch.randn(1, 4, 16), 1.0)
+    loss = (ce + kl).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        loss.backward()
+
+
+def test_model_with_teacher_logits_takes_the_fused_step_and_matches_the_logits_path():
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=12, vocab_size=64,
+                      hidden_dropout=0, attention_dropout=0)
+    m = GPTModel(cfg)
+    m.init_weights(0)
+    tok = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    teacher = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(2))
+    (ce, kl), _ = m(tok[:, :-1], tok[:, 1:], teacher_logits=teacher, kd_temperature=2.0)
+    (ce.mean() + kl.mean()).backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    logits, _ = m(tok[:, :-1])
+    ref_ce, ref_kl = cross_entropy_and_kd(logits, tok[:, 1:], teacher, 2.0)
+    (ref_ce.mean() + ref_kl.mean()).backward()
+    torch.testing.assert_close(ce, ref_ce)
+    torch.testing.assert_close(kl, ref_kl)
+    for g, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
