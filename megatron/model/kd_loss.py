@@ -56,19 +56,22 @@ class _LinearCrossEntropyKD(torch.autograd.Function):
         rows = max(1, BLOCK_BYTES // (4 * q.shape[1]))
         for s in range(0, q.shape[0], rows):
             zb, pb = q[s:s + rows], p[s:s + rows]  # [rows, V] views
-            lse = torch.logsumexp(zb, dim=1, keepdim=True)  # [rows, 1]
-            ce[s:s + rows] += lse[:, 0]
             if temp != 1.0:
+                ce[s:s + rows] += torch.logsumexp(zb, dim=1)
                 zb.div_(temp)
-                lse = torch.logsumexp(zb, dim=1, keepdim=True)
-            zb.sub_(lse)  # log q
-            pb.copy_(teacher_logits[s:s + rows])
-            if temp != 1.0:
-                pb.div_(temp)
-            pb.sub_(torch.logsumexp(pb, dim=1, keepdim=True))  # log p
-            diff = pb - zb  # [rows, V] log p - log q
-            kl[s:s + rows] = (diff.mul_(pb.exp_())).sum(dim=1).mul_(temp * temp)  # pb is now p
-            zb.exp_()  # q
+            mz = zb.amax(dim=1, keepdim=True)  # [rows, 1]
+            zb.sub_(mz)  # z' = z / T - max
+            torch.div(teacher_logits[s:s + rows], temp, out=pb)
+            pb.sub_(pb.amax(dim=1, keepdim=True))  # t' = t / T - max
+            diff = pb - zb  # [rows, V] t' - z' = log p - log q + (log sum exp t' - log sum exp z')
+            sp = pb.exp_().sum(dim=1, keepdim=True)
+            pb.div_(sp)  # p: one exp per distribution
+            sq = zb.exp_().sum(dim=1, keepdim=True)
+            zb.div_(sq)  # q
+            log_sq = sq.log_()
+            if temp == 1.0:
+                ce[s:s + rows] += (mz + log_sq)[:, 0]  # logsumexp(z)
+            kl[s:s + rows] = (diff.mul_(pb).sum(dim=1) - sp.log_()[:, 0] + log_sq[:, 0]).mul_(temp * temp)
         ctx.save_for_backward(h, weight, labels, q, p)
         ctx.dtype, ctx.temp, ctx.consumed = dtype, temp, False
         return ce, kl
