@@ -8,12 +8,13 @@ from megatron.model.gpt_model import GPTModel
 from megatron.model.kd_loss import cross_entropy_and_kd, linear_cross_entropy_kd
 
 
-def _both_paths(T, dtype=torch.float32, rows=37, vocab=100):
+def _both_paths(T, dtype=torch.float32, rows=37, vocab=100, teacher_dtype=torch.float32, scale=0.5):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, rows, 16, generator=g).requires_grad_()
-    w = (0.5 * torch.randn(vocab, 16, generator=g)).requires_grad_()
+    w = (scale * torch.randn(vocab, 16, generator=g)).requires_grad_()
     labels = torch.randint(0, vocab, (2, rows), generator=g)
-    teacher = 3 * torch.randn(2, rows, vocab, generator=g)
+    teacher = (3 * torch.randn(2, rows, vocab, generator=g)).to(teacher_dtype)
+    before = teacher.clone()
     a, b = torch.randn(2, rows, generator=g), torch.rand(2, rows, generator=g)  # per-token weights (loss masks)
     results = []
     for fused in (False, True):
@@ -25,6 +26,7 @@ def _both_paths(T, dtype=torch.float32, rows=37, vocab=100):
                 ce, kl = cross_entropy_and_kd(torch.nn.functional.linear(h, w), labels, teacher, T)
         (a * ce + b * kl).sum().backward()
         results.append((ce.detach(), kl.detach(), h.grad.clone(), w.grad.clone()))
+    assert torch.equal(teacher, before)  # the teacher's logits are read, never written
     return results
 
 
@@ -48,6 +50,29 @@ def test_fused_kd_under_bf16_autocast_matches_plain():
     plain, fused = _both_paths(1.0, dtype=torch.bfloat16)
     for x, y in zip(plain, fused):
         torch.testing.assert_close(y, x, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("T", [1.5, 3.0])
+def test_fused_kd_with_a_bf16_teacher_divides_in_fp32(T):
+    # a bf16 teacher (autocast) at a temperature that is not a power of two: t / T must not round in bf16
+    plain, fused = _both_paths(T, teacher_dtype=torch.bfloat16)
+    for x, y in zip(plain, fused):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=2e-5)
+
+
+def test_fused_kd_at_high_temperature_has_finite_gradients():
+    # near-uniform softmax at T = 12 over 8192 entries: q^T underflows unless scaled by the row maximum first
+    plain, fused = _both_paths(12.0, rows=8, vocab=8192, scale=0.05)
+    assert all(torch.isfinite(t).all() for t in fused)
+    for x, y in zip(plain, fused):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=2e-5)
+
+
+def test_fused_kd_rejects_teacher_logits_of_another_shape():
+    h, w, labels = torch.randn(2, 3, 8), torch.randn(16, 8), torch.randint(0, 16, (2, 3))
+    for bad in (torch.randn(6, 16), torch.randn(2, 3, 15), torch.randn(2, 3, 1)):
+        with pytest.raises(ValueError, match="do not match the student's"):
+            linear_cross_entropy_kd(h, w, labels, bad, 1.0)
 
 
 def test_fused_kd_refuses_a_second_backward():

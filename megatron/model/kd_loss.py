@@ -61,7 +61,9 @@ class _LinearCrossEntropyKD(torch.autograd.Function):
                 zb.div_(temp)
             mz = zb.amax(dim=1, keepdim=True)  # [rows, 1]
             zb.sub_(mz)  # z' = z / T - max
-            torch.div(teacher_logits[s:s + rows], temp, out=pb)
+            pb.copy_(teacher_logits[s:s + rows])  # fp32 before dividing (a bf16 teacher's t / T would round)
+            if temp != 1.0:
+                pb.div_(temp)
             pb.sub_(pb.amax(dim=1, keepdim=True))  # t' = t / T - max
             diff = pb - zb  # [rows, V] t' - z' = log p - log q + (log sum exp t' - log sum exp z')
             sp = pb.exp_().sum(dim=1, keepdim=True)
@@ -92,7 +94,7 @@ class _LinearCrossEntropyKD(torch.autograd.Function):
             if temp == 1.0:  # softmax(z) is q: d = (g_ce + g_kl) q - g_kl p
                 qb.mul_(gc + gk).addcmul_(pb, gk, value=-1.0)
             else:  # d = g_ce softmax(z) + g_kl (q - p), softmax(z) = q^T / sum(q^T)
-                sb = qb.pow(temp)
+                sb = qb.div(qb.amax(dim=1, keepdim=True)).pow_(temp)  # scaled to max 1: no 0/0 at high T
                 sb.div_(sb.sum(dim=1, keepdim=True))
                 qb.sub_(pb).mul_(gk).addcmul_(sb, gc)
         dlogits = q
@@ -105,9 +107,13 @@ def linear_cross_entropy_kd(h: torch.Tensor, weight: torch.Tensor, labels: torch
     """Per-token cross-entropy and T^2 * KL of the student ``h @ weight.T`` against ``labels`` and the teacher:
     h [B, T, H], weight [V, H], labels [B, T], teacher logits [B, T, V] (no grad) -> (ce, kl) [B, T] fp32 each.
 
-    The saved buffers are consumed by backward (call backward through them once, no ``retain_graph``).
+    The saved buffers are consumed by backward (call backward through them once, no ``retain_graph``). fp32
+    throughout, whatever the inputs' dtype (as ``linear_cross_entropy``); the teacher logits are not modified.
     """
     B, T, H = h.shape
+    if teacher_logits.shape != (B, T, weight.shape[0]):
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match the student's "
+                         f"[{B}, {T}, {weight.shape[0]}] (batch, sequence, vocabulary)")
     ce, kl = _LinearCrossEntropyKD.apply(h.reshape(B * T, H), weight, labels.reshape(-1),
                                          teacher_logits.detach().reshape(B * T, -1), temperature, compute_dtype(h))
     return ce.view(B, T), kl.view(B, T)
