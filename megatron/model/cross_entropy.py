@@ -18,6 +18,11 @@ import torch
 BLOCK_BYTES = 1 << 20
 
 
+def block_rows(vocab: int) -> int:
+    """Rows of a [rows, vocab] fp32 block of about BLOCK_BYTES (at least one)."""
+    return max(1, BLOCK_BYTES // (4 * vocab))
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(t.device.type):
         return torch.get_autocast_dtype(t.device.type)
@@ -42,7 +47,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         probs = torch.mm(h.to(dtype), weight.to(dtype).t()).float()  # [N, V] logits, fp32; becomes the softmax
         target = probs.gather(1, labels[:, None]).squeeze(1)  # [N]
         lse = torch.empty(probs.shape[0], dtype=torch.float32, device=probs.device)
-        rows = max(1, BLOCK_BYTES // (4 * probs.shape[1]))
+        rows = block_rows(probs.shape[1])
         for s in range(0, probs.shape[0], rows):
             block = probs[s:s + rows]  # [rows, V] view
             torch.logsumexp(block, dim=1, out=lse[s:s + rows])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron.model.cross_entropy import BLOCK_BYTES, compute_dtype, projection_grads
+from megatron.model.cross_entropy import block_rows, compute_dtype, projection_grads
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -53,7 +53,7 @@ class _LinearCrossEntropyKD(torch.autograd.Function):
         p = torch.empty_like(q)  # [N, V] becomes the teacher's softmax(t / T)
         ce = q.gather(1, labels[:, None]).squeeze(1).neg()  # [N] -z[label]; + logsumexp(z) below
         kl = torch.empty_like(ce)  # [N]
-        rows = max(1, BLOCK_BYTES // (4 * q.shape[1]))
+        rows = block_rows(q.shape[1])
         for s in range(0, q.shape[0], rows):
             zb, pb = q[s:s + rows], p[s:s + rows]  # [rows, V] views
             if temp != 1.0:
@@ -88,7 +88,7 @@ class _LinearCrossEntropyKD(torch.autograd.Function):
         h, weight, labels, q, p = ctx.saved_tensors
         temp = ctx.temp
         g_ce, g_kl = grad_ce.float()[:, None], grad_kl.float()[:, None] * temp  # [N, 1]
-        rows = max(1, BLOCK_BYTES // (4 * q.shape[1]))
+        rows = block_rows(q.shape[1])
         for s in range(0, q.shape[0], rows):
             qb, pb, gc, gk = q[s:s + rows], p[s:s + rows], g_ce[s:s + rows], g_kl[s:s + rows]
             if temp == 1.0:  # softmax(z) is q: d = (g_ce + g_kl) q - g_kl p
