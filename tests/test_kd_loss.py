@@ -68,6 +68,27 @@ def test_fused_kd_at_high_temperature_has_finite_gradients():
         torch.testing.assert_close(y, x, rtol=1e-4, atol=2e-5)
 
 
+def test_teacher_logits_of_minus_inf_give_a_finite_kl_in_both_paths():
+    # a teacher that masks entries (a padded vocabulary) with -inf: probability 0 there, so they add nothing
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(1, 5, 8, generator=g), torch.randn(12, 8, generator=g)
+    labels, teacher = torch.randint(0, 10, (1, 5), generator=g), torch.randn(1, 5, 12, generator=g)
+    masked = teacher.clone()
+    masked[..., 10:] = float("-inf")
+    # the same KL as a teacher whose masked entries are so low that their probability is 0 in fp32
+    expect = cross_entropy_and_kd(torch.nn.functional.linear(h, w), labels, teacher.index_fill(2, torch.tensor([10, 11]), -1e4), 2.0)
+    for fused in (False, True):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if fused:
+            ce, kl = linear_cross_entropy_kd(hh, ww, labels, masked, 2.0)
+        else:
+            ce, kl = cross_entropy_and_kd(torch.nn.functional.linear(hh, ww), labels, masked, 2.0)
+        (ce + kl).sum().backward()
+        torch.testing.assert_close(kl, expect[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ce, expect[0])
+        assert torch.isfinite(hh.grad).all() and torch.isfinite(ww.grad).all()
+
+
 def test_fused_kd_rejects_teacher_logits_of_another_shape():
     h, w, labels = torch.randn(2, 3, 8), torch.randn(16, 8), torch.randint(0, 16, (2, 3))
     for bad in (torch.randn(6, 16), torch.randn(2, 3, 15), torch.randn(2, 3, 1)):

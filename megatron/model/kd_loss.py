@@ -32,7 +32,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
     log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [B, T, V]
     log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # [B, T, V]
-    kl = torch.sum(log_p_teacher.exp() * (log_p_teacher - log_p_student), dim=-1)  # [B, T]
+    # xlogy: a teacher entry of probability 0 (logit -inf, e.g. a masked vocabulary pad) adds 0, not 0 * -inf
+    p_teacher = log_p_teacher.exp()  # [B, T, V]
+    kl = torch.sum(torch.xlogy(p_teacher, p_teacher) - p_teacher * log_p_student, dim=-1)  # [B, T]
     return kl * (temperature * temperature)
 
 
@@ -42,6 +44,9 @@ def cross_entropy_and_kd(logits: torch.Tensor, labels: torch.Tensor, teacher_log
     B, T = labels.shape
     ce = F.cross_entropy(logits.float().view(B * T, -1), labels.reshape(-1), reduction="none").view(B, T)
     return ce, kd_loss(logits, teacher_logits, temperature)
+
+
+_FP32_MIN = torch.finfo(torch.float32).min
 
 
 class _LinearCrossEntropyKD(torch.autograd.Function):
@@ -64,7 +69,8 @@ class _LinearCrossEntropyKD(torch.autograd.Function):
             pb.copy_(teacher_logits[s:s + rows])  # fp32 before dividing (a bf16 teacher's t / T would round)
             if temp != 1.0:
                 pb.div_(temp)
-            pb.sub_(pb.amax(dim=1, keepdim=True))  # t' = t / T - max
+            pb.sub_(pb.amax(dim=1, keepdim=True)).clamp_(min=_FP32_MIN)  # t' = t / T - max; -inf -> finite, so
+            # an entry of teacher probability 0 adds 0 * finite to the KL below, not 0 * -inf = NaN
             diff = pb - zb  # [rows, V] t' - z' = log p - log q + (log sum exp t' - log sum exp z')
             sp = pb.exp_().sum(dim=1, keepdim=True)
             pb.div_(sp)  # p: one exp per distribution

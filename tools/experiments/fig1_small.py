@@ -95,6 +95,8 @@ def ablations(p) -> list[Arm]:
         Arm("moe32_top2", "S + MoE-32, top-2", L, experts=[32] * (L // 2), extra=["--topk", "2"]),
         Arm("moe32_lr2x", f"S + MoE-32, peak LR {2 * p['lr']:g}", L, experts=[32] * (L // 2), extra=lr2x),
         Arm("dense_S_lr2x", f"dense S, peak LR {2 * p['lr']:g}", L, extra=lr2x),
+        # twice the sparse share of the model: experts on all layers, not every other one
+        Arm("moe32_every", "S + MoE-32 on every layer", L, experts=[32] * L, extra=["--expert-interval", "1"]),
     ]
 
 
