@@ -334,8 +334,9 @@ def model_numbers(arm: Arm, p: dict, vocab: int) -> dict:
     attn, mlp = 4 * h * h + 4 * h, 8 * h * h + 5 * h
     emb = vocab * h + s * h
     total = active = emb + L * (attn + 4 * h) + 2 * h
-    moe_at = [i for i in range(L) if (i + 1) % 2 == 0][: len(arm.experts)] if arm.experts else []
-    k = int(arm.extra[arm.extra.index("--topk") + 1]) if "--topk" in arm.extra else 1
+    flag = lambda name, default: int(arm.extra[arm.extra.index(name) + 1]) if name in arm.extra else default  # noqa: E731
+    interval, k = flag("--expert-interval", 2), flag("--topk", 1)
+    moe_at = [i for i in range(L) if (i + 1) % interval == 0][: len(arm.experts)] if arm.experts else []
     mm_active = 0
     for i in range(L):
         if i in moe_at:
