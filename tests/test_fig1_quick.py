@@ -40,6 +40,8 @@ def test_fig1_quick_end_to_end_and_resume(tmp_path):
     assert "fraction of the S -> 4S gap closed" in report and "Seed noise" in report
     for svg in ("fig1_loss_vs_tokens.svg", "fig1_loss_vs_flops.svg"):
         assert (out / svg).read_text().count("<polyline") == len(ARMS)
+    # parameters vs quality: the 6-layer models, one point each (dense S, 4S, MoE-8, MoE-32, PR-MoE)
+    assert (out / "fig1_params_vs_loss.svg").read_text().count("<circle") == 5
     assert "LAMBADA" in (out / "zeroshot.md").read_text()
     # Resume: an arm whose completion marker is gone restarts from its checkpoint and trains nothing more.
     (out / "runs" / "moe8" / "done.json").unlink()

@@ -444,6 +444,12 @@ def report(out: str, p: dict, seed: int) -> str:
              xlabel="training tokens")
     svg_plot(curves_flops, os.path.join(out, "fig1_loss_vs_flops.svg"), "Gutenberg: validation loss vs training FLOPs",
              xlabel="training FLOPs (log)", logx=True)
+    moe_rows = [(a, s, n) for a, s, n, _ in rows 
+                if a.layers == p["layers"] and not a.seed_offset and (a.experts or a.name in ("dense_S", "dense_4S"))]
+    if len(moe_rows) > 2:  # PR-MoE's parameters vs quality against standard MoE (and the dense pair)
+        svg_plot({a.label: [(n["params_total"], s["final_valid_loss"])] for a, s, n in moe_rows},
+                 os.path.join(out, "fig1_params_vs_loss.svg"), "Gutenberg: parameters vs final validation loss",
+                 xlabel="total parameters (log)", ylabel="final validation loss", logx=True, markers=True)
     if len(curves_abl) > 3:
         svg_plot(curves_abl, os.path.join(out, "fig1_ablations.svg"), "Gutenberg: what moves MoE-32's gain",
                  xlabel="training tokens")

@@ -7,8 +7,9 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 
 
 def svg_plot(curves: dict, path: str, title: str, xlabel: str = "iteration", ylabel: str = "validation lm loss",
-             logx: bool = False) -> None:
-    """One polyline per entry of ``curves`` ({name: [(x, y), ...]}), a legend on the right."""
+             logx: bool = False, markers: bool = False) -> None:
+    """One polyline per entry of ``curves`` ({name: [(x, y), ...]}), a legend on the right; ``markers`` also
+    draws each point (a scatter plot: one single-point entry per model)."""
     W, H, L, R, T, B = 720, 420, 60, 230, 30, 40
     fx = (lambda x: math.log10(x)) if logx else (lambda x: x)  # noqa: E731
     pts = [(fx(x), y) for c in curves.values() for x, y in c if not logx or x > 0]
@@ -40,6 +41,8 @@ def svg_plot(curves: dict, path: str, title: str, xlabel: str = "iteration", yla
         col = COLORS[k % len(COLORS)]
         poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in c if not logx or x > 0)
         out.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{poly}"/>')
+        if markers:
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{col}"/>' for x, y in c if not logx or x > 0]
         out.append(f'<line x1="{W - R + 10}" y1="{T + 20 * k + 10}" x2="{W - R + 30}" y2="{T + 20 * k + 10}" '
                    f'stroke="{col}" stroke-width="2"/>')
         out.append(f'<text x="{W - R + 35}" y="{T + 20 * k + 14}">{name}</text>')
