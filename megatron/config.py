@@ -202,6 +202,9 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = option("--tensor-model-parallel-size", 1, "tensor-parallel group size (attention "
                                              "heads, MLP and vocabulary split over TP ranks)", check=(positive, "must be >= 1"))
+    moe_tp_token_split: bool = option("--disable-moe-tp-token-split", True, "under TP, run every MoE layer's experts "
+                                      "and all-to-all on all routed tokens on every TP rank instead of 1/TP of them on "
+                                      "each (the split's expert-gradient all-reduce over TP is then not needed)")
     overlap_grad_reduce: bool = option("--overlap-grad-reduce", False, "all-reduce gradient buckets asynchronously "
                                        "during the last micro-batch's backward")
     distributed_backend: Optional[str] = option("--distributed-backend", None, "torch.distributed backend (default: "

@@ -114,7 +114,8 @@ def memory_plan(cfg, world_size: int, teacher_cfg=None) -> dict:
     tp = cfg.parallel.tensor_model_parallel_size
     ep = cfg.model.moe.expert_parallel_size
     dp = max(world_size // tp, 1)
-    edp = max(dp // ep, 1)
+    # experts are replicated over TP too; with the TP token split their optimizer state is sharded over it
+    edp = max(dp // ep, 1) * (tp if getattr(cfg.parallel, "moe_tp_token_split", True) else 1)
     dense_local = counts.dense / tp
     expert_local = counts.expert / ep
     params = dense_local + expert_local

@@ -41,3 +41,10 @@ def test_kd_loss_bench_prints_a_row_per_vocabulary():
     for row in rows:
         numbers = [float(x) for x in re.findall(r"\d+\.\d+", row)]
         assert len(numbers) == 5 and all(x > 0 for x in numbers), row
+
+
+def test_tp_token_split_bench_times_both_settings():
+    out = _run("tp_token_split.py", "--repeats", "1", "--iters", "3", "--layers", "2", "--hidden", "32", "--seq", "32")
+    rows = re.findall(r"^\| (token split \(default\)|replicated experts) \| ([0-9.]+) \|$", out, re.M)
+    assert len(rows) == 2 and all(float(ms) > 0 for _, ms in rows), out
+    assert re.search(r"replicated / split = [0-9.]+x", out), out

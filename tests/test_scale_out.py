@@ -15,7 +15,13 @@ EXACT = ["--hidden-dropout", "0", "--attention-dropout", "0", "--moe-train-capac
 RUN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4"]
 
 
-@pytest.mark.parametrize("moe", [[], ["--num-experts", "4", "--topk", "2"]], ids=["dense", "moe"])
+# under TP the MoE layer splits its routed tokens over the TP ranks: with token dropping (capacity 1.0,
+# top-1 with random token selection: both TP ranks draw the same numbers) and without
+@pytest.mark.parametrize("moe", [[], ["--num-experts", "4", "--topk", "2"],
+                                 ["--num-experts", "4", "--moe-train-capacity-factor", "1.0"],
+                                 ["--num-experts", "4", "--topk", "2", "--disable-moe-token-dropping"],
+                                 ["--num-experts", "4", "--topk", "2", "--disable-moe-tp-token-split"]],
+                         ids=["dense", "moe", "moe-dropping", "moe-no-drop", "moe-replicated"])
 def test_tp2_equals_tp1_losses_and_grad_norms(tmp_path, moe):
     argv = mock_args(EXACT + RUN + moe)
     single = train(0, argv)

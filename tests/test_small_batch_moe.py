@@ -108,10 +108,13 @@ def test_off_in_training_with_grad_and_under_expert_parallelism():
         ep = MoELayer(MoEConfig(num_experts=[8]), H, F, 8, layer_number=1, ep_rank=1, ep_size=2).eval()
         assert ep.experts.num_local == 4 and not small_batch_applies(ep, 1)  # half the experts are elsewhere
 
-        class Communicating(type(layer.dispatcher)):
-            pass
+        from megatron.parallel.expert_parallel import AllToAllDispatcher, TPSplit
 
-        layer.set_dispatcher(Communicating(8))  # a dispatcher that is not one of the local ones
+        # tensor-parallel peers route the same tokens: every TP rank takes the same path, so it stays on
+        layer.set_dispatcher(AllToAllDispatcher(None, 1, 8, torch.device("cpu"), tp=TPSplit(None, 0, 2)))
+        assert small_batch_applies(layer, 1)
+
+        layer.dispatcher.peers_route_other_tokens = True  # as under expert parallelism: off
         assert not small_batch_applies(layer, 1)
 
 

@@ -28,6 +28,8 @@ LAYOUTS = {
     "DP 4, EP 4, ZeRO-1": ["--moe-expert-parallel-size", "4", "--use-distributed-optimizer"],
     "TP 2 x DP 2": ["--tensor-model-parallel-size", "2"],
     "TP 2 x DP 2, EP 2": ["--tensor-model-parallel-size", "2", "--moe-expert-parallel-size", "2"],
+    "TP 2 x DP 2, EP 2, no TP token split": ["--tensor-model-parallel-size", "2", "--moe-expert-parallel-size", "2",
+                                             "--disable-moe-tp-token-split"],
     "TP 2 x DP 2, EP 2, ZeRO-1": ["--tensor-model-parallel-size", "2", "--moe-expert-parallel-size", "2",
                                   "--use-distributed-optimizer"],
     "TP 4": ["--tensor-model-parallel-size", "4"],

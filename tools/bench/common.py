@@ -30,3 +30,22 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def mean_train_step_seconds(rank: int, argv: list, skip: int = 2) -> float:
+    """One process of a ``pretrain_gpt_moe.py`` run (under ``tests.dist_utils.run_distributed``): the mean
+    wall time of its training steps after the first ``skip``."""
+    import pretrain_gpt_moe
+    from megatron.training import Trainer
+
+    times = []
+    orig = Trainer.train_step
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        out = orig(*a, **k)
+        times.append(time.perf_counter() - t0)
+        return out
+    Trainer.train_step = timed
+    pretrain_gpt_moe.main(argv)
+    return statistics.mean(times[skip:])

@@ -22,36 +22,18 @@ ARGS = ["--num-layers", "8", "--hidden-size", "256", "--num-attention-heads", "8
         "--train-iters", "12", "--eval-iters", "0", "--log-interval", "1000", "--num-experts", "8", "--use-cpu"]
 
 
-def _run(rank, argv):
-    import time
-
-    import pretrain_gpt_moe
-    from megatron.training import Trainer
-
-    times = []
-    orig = Trainer.train_step
-
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        out = orig(*a, **k)
-        times.append(time.perf_counter() - t0)
-        return out
-    Trainer.train_step = timed
-    pretrain_gpt_moe.main(argv)
-    return statistics.mean(times[2:])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     from tests.dist_utils import run_distributed
+    from tools.bench.common import mean_train_step_seconds
 
     res = {"blocking": [], "overlap": []}
     for _ in range(a.repeats):
         for name, extra in (("blocking", []), ("overlap", ["--overlap-grad-reduce"])):
             with tempfile.TemporaryDirectory() as d:
-                res[name].append(run_distributed(_run, 2, d, ARGS + extra, timeout=900)[0])
+                res[name].append(run_distributed(mean_train_step_seconds, 2, d, ARGS + extra, timeout=900)[0])
     b, o = statistics.median(res["blocking"]), statistics.median(res["overlap"])
     print(f"| setting | step time (ms) |\n|---|---|\n| blocking all-reduce | {1000 * b:.1f} |\n"
           f"| --overlap-grad-reduce | {1000 * o:.1f} |\n\nblocking / overlap = {b / o:.2f}x")

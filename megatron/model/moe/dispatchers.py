@@ -27,6 +27,10 @@ class ExpertBatch:
 class TokenDispatcher:
     """Interface. ``capacity`` None means no token is dropped."""
 
+    # True when dispatch is a collective with ranks that route other tokens (expert parallelism): every
+    # rank must then take the dispatched path on every call (no small-batch shortcut)
+    peers_route_other_tokens = False
+
     def plan(self, routing, num_experts: int, capacity: Optional[int], priority, renormalize: bool) -> DispatchPlan:
         if capacity is None:
             return plan_grouped(routing.indices, routing.weights, num_experts, renormalize=renormalize)

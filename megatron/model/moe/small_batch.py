@@ -13,8 +13,9 @@ the results equal the regular path's:
 - evaluation under ``torch.no_grad()`` (serving, generation, scoring): training-only routing
   (gate noise, random token selection, second-expert sampling) never runs here;
 - at most :data:`MAX_ASSIGNMENTS` assignments (tokens x k) in the call;
-- every expert is on this rank and the dispatcher is a local one (under expert parallelism the
-  all-to-all must run on every rank, so the path is off there);
+- every expert is on this rank and no peer routes other tokens through the dispatcher (under expert
+  parallelism the all-to-all must run on every rank, so the path is off there; tensor-parallel peers
+  route the same tokens, so they all take the same path);
 - the router is one whose evaluation routing is plain (``topk``, ``aux_free``);
 - with a capacity (``--moe-eval-capacity-factor``), only when no expert receives more assignments
   than its capacity: then the regular path drops nothing either, and its weights (renormalised over
@@ -33,7 +34,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.model.moe.dispatchers import LocalCapacityDispatcher, LocalGroupedDispatcher
 from megatron.model.moe.experts import compute_dtype
 from megatron.model.moe.metrics import MoEStats
 from megatron.model.moe.routers import AuxLossFreeRouter, TopKRouter
@@ -43,7 +43,6 @@ from megatron.model.moe.routing import load_balancing_loss, topk_balancing_loss
 # at top-1 (32 at top-2). Measured with tools/bench/moe_decode.py (docs/PERFORMANCE.md).
 MAX_ASSIGNMENTS = 64
 
-_LOCAL_DISPATCHERS = (LocalCapacityDispatcher, LocalGroupedDispatcher)
 _PLAIN_EVAL_ROUTERS = (TopKRouter, AuxLossFreeRouter)  # eval routing = softmax, select, gather
 
 
@@ -52,7 +51,7 @@ def small_batch_applies(layer, num_tokens: int) -> bool:
     return (layer.small_batch and not layer.training and not torch.is_grad_enabled()
             and 0 < num_tokens * layer.topk <= MAX_ASSIGNMENTS
             and layer.experts.num_local == layer.num_experts
-            and type(layer.dispatcher) in _LOCAL_DISPATCHERS
+            and not layer.dispatcher.peers_route_other_tokens
             and type(layer.router) in _PLAIN_EVAL_ROUTERS)
 
 
