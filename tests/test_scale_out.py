@@ -20,8 +20,11 @@ RUN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "
 @pytest.mark.parametrize("moe", [[], ["--num-experts", "4", "--topk", "2"],
                                  ["--num-experts", "4", "--moe-train-capacity-factor", "1.0"],
                                  ["--num-experts", "4", "--topk", "2", "--disable-moe-token-dropping"],
-                                 ["--num-experts", "4", "--topk", "2", "--disable-moe-tp-token-split"]],
-                         ids=["dense", "moe", "moe-dropping", "moe-no-drop", "moe-replicated"])
+                                 ["--num-experts", "4", "--topk", "2", "--disable-moe-tp-token-split"],
+                                 # the expert gradients' TP sum through the other two gradient reducers
+                                 ["--num-experts", "4", "--topk", "2", "--overlap-grad-reduce"],
+                                 ["--num-experts", "4", "--topk", "2", "--zero-stage", "2"]],
+                         ids=["dense", "moe", "moe-dropping", "moe-no-drop", "moe-replicated", "moe-overlap", "moe-zero2"])
 def test_tp2_equals_tp1_losses_and_grad_norms(tmp_path, moe):
     argv = mock_args(EXACT + RUN + moe)
     single = train(0, argv)

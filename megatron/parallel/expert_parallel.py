@@ -175,7 +175,8 @@ def apply_expert_parallel(model: torch.nn.Module, ps) -> None:
 
 def time_exchanges(model: torch.nn.Module, timer: Optional[ContextManager]) -> int:
     """Run every all-to-all of ``model``'s expert-parallel dispatchers inside ``timer``; returns how many
-    dispatchers took it (0 without expert parallelism)."""
+    dispatchers took it (0 without expert or tensor parallelism; a TP-only dispatcher has no all-to-all, and
+    the TP split's all-gathers are not timed)."""
     from megatron.model.moe.layer import MoELayer
 
     n = 0
