@@ -275,3 +275,43 @@ def test_diverged_replicas_are_an_error_on_every_rank_at_save(tmp_path):
     (same0, diff0), (same1, diff1) = run_distributed(_replica_worker, 2, str(tmp_path))
     assert same0 == same1 == "ok"
     assert diff0 == diff1 and diff0.startswith("iteration 5: the dense weights of data-parallel replicas differ")
+
+
+def _tp_replica_worker(rank, which):
+    """TP = 2: a TP shard may differ between the ranks; a TP-replicated weight or an expert (replicated over
+    TP under the MoE token split) may not."""
+    import torch.distributed as dist
+
+    from megatron.parallel.param_tags import mark_expert, mark_tp_shard
+    from megatron.parallel_state import build_groups
+    from megatron.training.agreement import check_replicas
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ps = build_groups(rank, 2, 1, torch.device("cpu"), tp_size=2)
+    model = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(4), "shard": torch.nn.Linear(4, 4),
+                                 "experts": torch.nn.Linear(4, 4)})
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    mark_tp_shard(model["shard"].weight, 0, [torch.arange(0, 4), torch.arange(4, 8)])
+    for p in model["experts"].parameters():
+        mark_expert(p)
+    with torch.no_grad():
+        model["shard"].weight.add_(rank)  # shards differ by design
+        if which:
+            getattr(model[which], "weight").add_(1e-6 * rank)
+    try:
+        check_replicas(model, ps, 7)
+        verdict = "ok"
+    except TrainingFault as e:
+        verdict = str(e)
+    dist.destroy_process_group()
+    return verdict
+
+
+@pytest.mark.parametrize("which,what", [(None, None), ("norm", "TP-replicated weights of tensor-parallel ranks"),
+                                        ("experts", "expert weights of their replicas")])
+def test_diverged_tp_and_expert_replicas_are_an_error_at_save(tmp_path, which, what):
+    v0, v1 = run_distributed(_tp_replica_worker, 2, str(tmp_path), which)
+    assert v0 == v1
+    assert v0 == "ok" if what is None else v0.startswith(f"iteration 7: the {what} differ")

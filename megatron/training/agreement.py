@@ -5,8 +5,9 @@
   raises the same one-line error naming the differing option and the ranks.
 * ``agree_on_error``: a check that runs on some ranks only (rank 0 proving the save directory
   writable) becomes an error on every rank instead of a hang in the next collective.
-* ``check_replicas``: before a save, the data-parallel replicas of the dense weights must be
-  identical; a cheap checksum (sum and sum of squares, float64) is all-gathered over DP.
+* ``check_replicas``: before a save, every replica of a weight must be identical (dense weights over
+  DP, TP-replicated ones over TP, experts over their expert-data-parallel group); a cheap checksum
+  (sum and sum of squares, float64) is all-gathered over each group.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.errors import TrainingFault, UserError
-from megatron.parallel.param_tags import is_expert
+from megatron.parallel.param_tags import is_expert, is_tp_sharded
 from megatron.parallel.grad_sync import any_rank
 
 
@@ -87,28 +88,42 @@ def agree_on_error(message: str | None, ps) -> None:
         raise UserError(first)
 
 
-def dense_checksum(model) -> torch.Tensor:
-    """[2] float64: sum and sum of squares of every non-expert parameter of this rank."""
+def _checksum(params) -> torch.Tensor:
+    """[2] float64: sum and sum of squares of ``params``."""
     acc = torch.zeros(2, dtype=torch.float64)
-    for p in model.parameters():
-        if not is_expert(p):
-            t = p.detach().double()
-            acc[0] += t.sum().cpu()
-            acc[1] += t.square().sum().cpu()
+    for p in params:
+        t = p.detach().double()
+        acc[0] += t.sum().cpu()
+        acc[1] += t.square().sum().cpu()
     return acc
 
 
+def _replica_groups(model, ps) -> list:
+    """(what, group, size, params): each set of parameters that must be identical over a group."""
+    params = list(model.parameters())
+    groups = [("dense weights of data-parallel replicas", ps.dp_group, ps.dp_size,
+               [p for p in params if not is_expert(p)])]
+    if ps.tp_size > 1:  # layer norms, routers, MoE layers ... replicated over TP (shards differ by design)
+        groups.append(("TP-replicated weights of tensor-parallel ranks", ps.tp_group, ps.tp_size,
+                       [p for p in params if not is_expert(p) and not is_tp_sharded(p)]))
+    if ps.edp_size > 1:  # the replicas of this rank's experts (over DP and, with the MoE token split, TP)
+        groups.append(("expert weights of their replicas", ps.edp_group, ps.edp_size, [p for p in params if is_expert(p)]))
+    return groups
+
+
 def check_replicas(model, ps, iteration: int) -> None:
-    """The dense weights of every data-parallel replica are identical, or an error on every rank."""
-    if ps.dp_size <= 1:
-        return
-    local = dense_checksum(model).to(ps.device)
-    gathered = [torch.empty_like(local) for _ in range(ps.dp_size)]
-    dist.all_gather(gathered, local, group=ps.dp_group)
-    sums = [g.cpu() for g in gathered]
-    bad = [r for r, s in enumerate(sums) if not torch.equal(s, sums[0])]
-    if any_rank(bool(bad), ps):
-        raise TrainingFault(
-            f"iteration {iteration}: the dense weights of data-parallel replicas differ (checksums "
-            f"{[round(float(s[0]), 6) for s in sums]}); the replicas diverged, so no checkpoint was written "
-            f"and the last one is kept: check that every rank runs the same code, flags and hardware")
+    """Every replica of every weight is identical (dense over DP, TP-replicated over TP, experts over their
+    expert-data-parallel group), or one error on every rank."""
+    for what, group, size, params in _replica_groups(model, ps):
+        if size <= 1:
+            continue
+        local = _checksum(params).to(ps.device)
+        gathered = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(gathered, local, group=group)
+        sums = [g.cpu() for g in gathered]
+        bad = [r for r, s in enumerate(sums) if not torch.equal(s, sums[0])]
+        if any_rank(bool(bad), ps):
+            raise TrainingFault(
+                f"iteration {iteration}: the {what} differ (checksums "
+                f"{[round(float(s[0]), 6) for s in sums]}); the replicas diverged, so no checkpoint was written "
+                f"and the last one is kept: check that every rank runs the same code, flags and hardware")
