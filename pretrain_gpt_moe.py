@@ -13,10 +13,10 @@ from functools import partial
 import torch
 
 from megatron.data.builder import build_datasets
-from megatron.distillation import build_teacher, teacher_logits
-from megatron.model.provider import gpt_module
 from megatron.errors import run_cli
+from megatron.parallel.apply import gpt_module
 from megatron.training import pretrain
+from megatron.training.distillation import build_teacher, teacher_logits
 
 
 def model_provider(cfg, ps):
@@ -80,11 +80,11 @@ def forward_step(cfg, data_iterator, model, teacher=None):
 
 
 def main(argv=None, cfg=None):
-    from megatron.arguments import parse_args
+    from megatron.training.arguments import parse_args
 
     cfg = cfg or parse_args(argv)
     if cfg.dry_run:
-        from megatron.dry_run import dry_run
+        from megatron.planning.dry_run import dry_run
 
         return dry_run(cfg, cfg.dry_run_world_size)
     return pretrain(train_valid_test_datasets_provider, model_provider, partial(forward_step, cfg), cfg=cfg,

@@ -1,7 +1,7 @@
 """Run a function in N real processes with torch.distributed (gloo), as torchrun would."""
+import multiprocessing as mp
 import os
 import socket
-import multiprocessing as mp
 
 import torch
 

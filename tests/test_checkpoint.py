@@ -4,7 +4,7 @@ import shutil
 import torch
 
 import pretrain_gpt_moe
-from megatron.checkpointing import TRACKER
+from megatron.checkpoint.checkpointing import TRACKER
 from tests.runs import mock_args
 
 BASE = ["--micro-batch-size", "2", "--global-batch-size", "4", "--num-experts", "4"]

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from megatron.curriculum import CurriculumConfig, SeqLenCurriculum, tokens_trained, truncate_batch, truncate_block
+from megatron.config.curriculum import CurriculumConfig
 from megatron.errors import UserError
+from megatron.training.curriculum import SeqLenCurriculum, tokens_trained, truncate_batch, truncate_block
 
 
 def linear(total=100, lo=8, hi=64, step=8):
@@ -62,8 +63,8 @@ def test_truncation_keeps_labels_and_positions_aligned():
 def test_built_from_the_deepspeed_config_of_the_command_line(tmp_path):
     import json
 
-    from megatron.arguments import parse_args
-    from megatron.curriculum import build_curriculum
+    from megatron.training.arguments import parse_args
+    from megatron.training.curriculum import build_curriculum
     from tests.runs import mock_args
 
     cl = {"enabled": True, "curriculum_type": "seqlen", "min_difficulty": 8, "max_difficulty": 16,

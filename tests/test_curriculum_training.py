@@ -5,9 +5,9 @@ import os
 import torch
 
 import pretrain_gpt_moe
-from megatron.arguments import parse_args
-from megatron.lr_scheduler import build_scheduler
+from megatron.optim.lr_scheduler import build_scheduler
 from megatron.training import pretrain
+from megatron.training.arguments import parse_args
 from megatron.training.metrics import MetricsSink
 from tests.runs import mock_args
 

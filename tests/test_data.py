@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from megatron.config import DataConfig
+from megatron.config.schema import DataConfig
 from megatron.data.blended_dataset import blend_indices
 from megatron.data.builder import build_datasets, split_documents
 from megatron.data.gpt_dataset import GPTDataset

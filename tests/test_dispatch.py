@@ -3,7 +3,7 @@ outputs, input gradients and expert gradients; no-drop sends exactly the routed 
 import pytest
 import torch
 
-from megatron.config import MoEConfig
+from megatron.config.schema import MoEConfig
 from megatron.model.moe.layer import MoELayer
 from tests.dist_utils import run_distributed
 

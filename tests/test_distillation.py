@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import pretrain_gpt_moe
-from megatron.model.kd_loss import kd_loss
 from megatron.errors import UserError
+from megatron.model.kd_loss import kd_loss
 from tests.dist_utils import run_distributed
 from tests.runs import mock_args, train
 
@@ -55,8 +55,8 @@ def test_student_that_is_the_teacher_has_zero_kd_loss(tmp_path):
 
 
 def test_teacher_keeps_every_token_whatever_its_capacity(tmp_path):
-    from megatron.config import KDConfig, ModelConfig
-    from megatron.distillation import teacher_model_config
+    from megatron.checkpoint.teacher_config import teacher_model_config
+    from megatron.config.schema import KDConfig, ModelConfig
 
     ck = str(tmp_path / "teacher")
     pretrain_gpt_moe.main(mock_args(RUN + ["--num-experts", "4", "--moe-eval-capacity-factor", "0.25",

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from megatron.ds_config import read_deepspeed_config
+from megatron.config.compat.ds_config import read_deepspeed_config
 from megatron.errors import UserError
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import pretrain_gpt_moe
 from megatron.errors import UserError
-from megatron.inference import load_model
-from megatron.text_generation import generate
+from megatron.inference.generate import generate
+from megatron.inference.load import load_model
 from tests.conftest import require_shared, shared_path
 from tests.runs import mock_args
 
@@ -106,7 +106,7 @@ def test_generation_with_kv_cache_equals_without(checkpoints, kind):
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(checkpoints, kind):
-    from megatron.text_generation import generate_greedy_batch
+    from megatron.inference.generate import generate_greedy_batch
 
     lm = load_model(checkpoints[kind], "cpu")
     prompts = [[5, 17, 9, 33, 2], [40], list(range(3, 20)), [7, 7, 7]]  # left-padded to 17 in the batch

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from megatron.config import ModelConfig, MoEConfig
-from megatron.dry_run import built_counts, memory_plan
-from megatron.model_stats import count_parameters
+from megatron.config.schema import ModelConfig, MoEConfig
+from megatron.planning.dry_run import built_counts, memory_plan
+from megatron.planning.model_stats import count_parameters
 from tests.conftest import ROOT
 
 # script -> (paper size in parameters, tolerance). The 350M PR-MoE's "4B" holds the residual MLP as
@@ -102,9 +102,9 @@ def test_activation_estimate_tracks_the_tensors_autograd_saves(extra):
     """The plan's activations (no checkpointing) against the bytes autograd keeps for backward, measured."""
     import torch
 
-    from megatron.arguments import parse_args
-    from megatron.dry_run import activation_bytes, resolve_vocab_size
     from megatron.model.gpt_model import GPTModel
+    from megatron.planning.dry_run import activation_bytes, resolve_vocab_size
+    from megatron.training.arguments import parse_args
 
     cfg = parse_args(["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "256",
                       "--micro-batch-size", "4", "--lr", "1e-4", "--train-iters", "1", "--mock-data", "--vocab-size",

@@ -5,7 +5,7 @@ expert parallelism and the overlapped gradient reduce on 2 gloo processes, and 3
 import pytest
 import torch
 
-from megatron.config import ModelConfig, MoEConfig
+from megatron.config.schema import ModelConfig, MoEConfig
 from megatron.model.gpt_model import GPTModel
 from megatron.model.moe.dispatchers import ExpertBatch
 from megatron.model.moe.experts import StackedExperts
@@ -174,7 +174,7 @@ def _worker(rank):
     from megatron.parallel.expert_parallel import AllToAllDispatcher
     from megatron.parallel.grad_sync import allreduce_gradients
     from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
-    from megatron.parallel_state import build_groups
+    from megatron.parallel.state import build_groups
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     pairs = {}

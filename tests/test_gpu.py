@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pretrain_gpt_moe
-from megatron.config import ModelConfig, MoEConfig
+from megatron.config.schema import ModelConfig, MoEConfig
 from megatron.model.gpt_model import GPTModel
 from megatron.model.moe.experts import StackedExperts
 from tests.dist_utils import run_distributed

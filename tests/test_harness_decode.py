@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from megatron.config import ModelConfig, pad_vocab_size
-from megatron.inference import LoadedModel
+from megatron.config.schema import ModelConfig, pad_vocab_size
+from megatron.inference.load import LoadedModel
 from megatron.model.gpt_model import GPTModel
 from megatron.tokenizer import build_tokenizer
 from tests.conftest import require_shared, shared_path

@@ -10,8 +10,8 @@ import torch
 
 import pretrain_gpt_moe
 from megatron.errors import UserError
-from megatron.inference import load_model
-from megatron.text_generation import generate
+from megatron.inference.generate import generate
+from megatron.inference.load import load_model
 from tests.conftest import ROOT, require_shared
 from tests.runs import mock_args
 

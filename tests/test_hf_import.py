@@ -9,7 +9,7 @@ import torch
 
 import pretrain_gpt_moe
 from megatron.errors import UserError
-from megatron.inference import load_model
+from megatron.inference.load import load_model
 from tests.conftest import ROOT
 from tests.runs import mock_args
 from tools import checkpoint_util

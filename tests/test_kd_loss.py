@@ -3,7 +3,7 @@ plain path (materialised logits, F.cross_entropy, kd_loss) in values and in the 
 import pytest
 import torch
 
-from megatron.config import ModelConfig
+from megatron.config.schema import ModelConfig
 from megatron.model.gpt_model import GPTModel
 from megatron.model.kd_loss import cross_entropy_and_kd, linear_cross_entropy_kd
 

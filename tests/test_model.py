@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from megatron.config import ModelConfig, MoEConfig
+from megatron.config.schema import ModelConfig, MoEConfig
 from megatron.model.gpt_model import GPTModel
-from megatron.model_stats import count_parameters
+from megatron.planning.model_stats import count_parameters
 
 
 @pytest.mark.parametrize("moe", [MoEConfig(), MoEConfig(num_experts=[4]), MoEConfig(num_experts=[2, 4], mlp_type="residual", topk=2),

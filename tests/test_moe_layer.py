@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron.config import MoEConfig
+from megatron.config.schema import MoEConfig
 from megatron.model.moe.capacity import expert_capacity
 from megatron.model.moe.dispatch import plan_capacity
 from megatron.model.moe.layer import MoELayer
@@ -226,12 +226,12 @@ def test_grouped_kernels_equal_loop_oracle(kernel):
 def test_one_expert_moe_model_trains_like_the_dense_model():
     """--num-experts 1 --moe-force-layer: a one-expert MoE layer in every MoE position. With the dense model's
     MLP weights copied into the expert, three AdamW steps give the same LM losses and gradient norms."""
-    from megatron.arguments import parse_args
-    from megatron.config import ModelConfig, OptimizerConfig
+    from megatron.config.schema import ModelConfig, OptimizerConfig
     from megatron.model.gpt_model import GPTModel
-    from megatron.optimizer import build_optimizer
+    from megatron.optim.build import build_optimizer
     from megatron.parallel.grad_sync import global_grad_norm
-    from megatron.parallel_state import ParallelState
+    from megatron.parallel.state import ParallelState
+    from megatron.training.arguments import parse_args
     from tests.runs import mock_args
 
     flags = parse_args(mock_args(["--num-experts", "1", "--moe-force-layer", "--train-iters", "1"]))

@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from megatron.arguments import build_parser, parse_args
-from megatron.config import Config, ModelConfig, MoEConfig
+from megatron.config.options import iter_options
+from megatron.config.schema import Config, ModelConfig, MoEConfig
 from megatron.errors import UserError
-from megatron.options import iter_options
+from megatron.training.arguments import build_parser, parse_args
 
 MINIMAL = ["--mock-data", "--vocab-size", "64", "--lr", "1e-3", "--train-iters", "1"]
 

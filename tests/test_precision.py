@@ -21,7 +21,7 @@ def test_bf16_trains():
 
 
 def test_bf16_rule_reads_cpu_flags(tmp_path):
-    from megatron.precision_probe import bf16_is_fast, cpu_flags, cpu_has_bf16_units
+    from megatron.planning.precision_probe import bf16_is_fast, cpu_flags, cpu_has_bf16_units
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
@@ -36,7 +36,7 @@ def test_bf16_rule_reads_cpu_flags(tmp_path):
 
 
 def test_bf16_probe_agrees_with_the_flags_on_this_cpu():
-    from megatron.precision_probe import SLOW_RATIO, bf16_matmul_slowdown, cpu_has_bf16_units
+    from megatron.planning.precision_probe import SLOW_RATIO, bf16_matmul_slowdown, cpu_has_bf16_units
 
     units = cpu_has_bf16_units()
     if units is None:
@@ -48,7 +48,7 @@ def test_bf16_probe_agrees_with_the_flags_on_this_cpu():
 
 
 def test_bf16_warning_is_one_line_advising_fp32():
-    from megatron.precision_probe import bf16_warning, cpu_has_bf16_units, preferred_precision
+    from megatron.planning.precision_probe import bf16_warning, cpu_has_bf16_units, preferred_precision
 
     w = bf16_warning("cpu")
     if cpu_has_bf16_units():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import pretrain_gpt_moe
-from megatron.checkpointing import TRACKER, locate_checkpoint
-from megatron.config import ModelConfig
+from megatron.checkpoint.checkpointing import TRACKER, locate_checkpoint
+from megatron.config.schema import ModelConfig
 from megatron.errors import TrainingFault, UserError
 from megatron.training.preflight import check_save_dir
 from tests.conftest import ROOT
@@ -254,7 +254,7 @@ def _replica_worker(rank):
     """check_replicas on identical replicas, then on replicas whose weights differ: one verdict per case."""
     import torch.distributed as dist
 
-    from megatron.parallel_state import build_groups
+    from megatron.parallel.state import build_groups
     from megatron.training.agreement import check_replicas
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -282,8 +282,8 @@ def _tp_replica_worker(rank, which):
     TP under the MoE token split) may not."""
     import torch.distributed as dist
 
-    from megatron.parallel.param_tags import mark_expert, mark_tp_shard
-    from megatron.parallel_state import build_groups
+    from megatron.model.param_tags import mark_expert, mark_tp_shard
+    from megatron.parallel.state import build_groups
     from megatron.training.agreement import check_replicas
 
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron.config import MoEConfig
+from megatron.config.schema import MoEConfig
 from megatron.model.moe.capacity import expert_capacity
 from megatron.model.moe.dispatch import plan_capacity
 from megatron.model.moe.layer import MoELayer
@@ -225,7 +225,7 @@ def _aux_free_worker(rank):
     import torch.distributed as dist
 
     from megatron.parallel.router_balance import update_router_biases
-    from megatron.parallel_state import build_groups
+    from megatron.parallel.state import build_groups
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ps = build_groups(rank, 2, 1, torch.device("cpu"))
@@ -239,7 +239,7 @@ def _aux_free_worker(rank):
 
 
 def test_aux_free_training_run_saves_the_bias_and_counts_each_forward_once(tmp_path):
-    from megatron.config import ModelConfig
+    from megatron.config.schema import ModelConfig
     from megatron.model.gpt_model import GPTModel
     from tests.runs import mock_args, train
 

@@ -43,7 +43,7 @@ def _vocab_parallel_ce_worker(rank):
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from megatron.parallel_state import build_groups
+    from megatron.parallel.state import build_groups
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ps = build_groups(rank, 2, 1, torch.device("cpu"), tp_size=2)
@@ -105,10 +105,10 @@ def test_overlapped_grad_reduce_launches_buckets_during_backward(tmp_path):
 def _overlap_worker(rank):
     import torch.distributed as dist
 
-    from megatron.config import ModelConfig, MoEConfig
+    from megatron.config.schema import ModelConfig, MoEConfig
     from megatron.model.gpt_model import GPTModel
     from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
-    from megatron.parallel_state import build_groups
+    from megatron.parallel.state import build_groups
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ps = build_groups(rank, 2, 1, torch.device("cpu"))

@@ -1,8 +1,8 @@
 import pytest
 
-from megatron.config import OptimizerConfig
-from megatron.loss_scaler import DynamicLossScaler
-from megatron.lr_scheduler import LRScheduler, build_scheduler
+from megatron.config.schema import OptimizerConfig
+from megatron.optim.loss_scaler import DynamicLossScaler
+from megatron.optim.lr_scheduler import LRScheduler, build_scheduler
 
 
 def test_lr_warmup_then_cosine_to_min():
@@ -49,7 +49,7 @@ def test_dynamic_loss_scaler_hysteresis_and_growth():
 
 
 def _run_length(argv):
-    from megatron.arguments import parse_args
+    from megatron.training.arguments import parse_args
     from megatron.training.schedule import BatchSchedule, train_schedule
 
     cfg = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",

@@ -14,9 +14,9 @@ import requests
 import torch
 
 import pretrain_gpt_moe
-from megatron.inference import load_model
-from megatron.serving.engine import Engine, Request, SamplingParams
-from megatron.text_generation import generate
+from megatron.inference.generate import generate
+from megatron.inference.load import load_model
+from megatron.inference.serving.engine import Engine, Request, SamplingParams
 from tests.conftest import ROOT
 from tests.dist_utils import free_port
 from tests.runs import mock_args

@@ -32,10 +32,10 @@ def _ep_engine(rank, load, prompts):
     import time
     from types import SimpleNamespace
 
-    from megatron.inference import load_model
-    from megatron.parallel_state import initialize
-    from megatron.serving.distributed import BroadcastBatchState, follow
-    from megatron.serving.engine import Engine, Request, SamplingParams
+    from megatron.inference.load import load_model
+    from megatron.inference.serving.distributed import BroadcastBatchState, follow
+    from megatron.inference.serving.engine import Engine, Request, SamplingParams
+    from megatron.parallel.state import initialize
 
     ps = initialize(SimpleNamespace(use_cpu=True, distributed_backend="gloo", tensor_model_parallel_size=1), 2)
     lm = load_model(load, "cpu", ps=ps)
@@ -57,8 +57,8 @@ def _ep_engine(rank, load, prompts):
 
 @pytest.mark.slow
 def test_expert_parallel_engine_idles_and_equals_one_process(checkpoints, tmp_path):  # noqa: F811
-    from megatron.inference import load_model
-    from megatron.text_generation import generate
+    from megatron.inference.generate import generate
+    from megatron.inference.load import load_model
     from tests.dist_utils import run_distributed
 
     out = run_distributed(_ep_engine, 2, str(tmp_path), checkpoints["moe"], PROMPTS[:4], timeout=240)

@@ -3,11 +3,11 @@ same tokens and log-probs as one-prompt generation either way, for a dense and a
 import pytest
 import torch
 
-from megatron.config import ModelConfig, MoEConfig
+from megatron.config.schema import ModelConfig, MoEConfig
+from megatron.inference.generate import generate
+from megatron.inference.serving.batch import BatchState
+from megatron.inference.serving.engine import Engine, Request, SamplingParams
 from megatron.model.gpt_model import GPTModel
-from megatron.serving.batch import BatchState
-from megatron.serving.engine import Engine, Request, SamplingParams
-from megatron.text_generation import generate
 
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [20], [9, 8, 7, 6]]
 

@@ -7,7 +7,7 @@ statistics it returns).
 import pytest
 import torch
 
-from megatron.config import ModelConfig, MoEConfig
+from megatron.config.schema import ModelConfig, MoEConfig
 from megatron.model.gpt_model import GPTModel
 from megatron.model.moe.layer import MoELayer
 from megatron.model.moe.metrics import MoEStats

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pretrain_gpt_moe
-from megatron.arguments import parse_args
+from megatron.training.arguments import parse_args
 from megatron.training.metrics import MetricsSink
 from megatron.training.optimizer_stats import optimizer_state_stats
 from megatron.training.timers import Timers

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron.config import MoEConfig
+from megatron.config.schema import MoEConfig
 from megatron.model.moe.layer import MoELayer
 from megatron.parallel.token_split import chunk_counts
 from tests.dist_utils import run_distributed

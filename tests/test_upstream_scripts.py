@@ -8,9 +8,9 @@ import re
 import pytest
 
 import pretrain_gpt_moe
+from megatron.config.compat.upstream_flags import translate_argv
 from megatron.data.indexed_dataset import IndexedDatasetBuilder
 from megatron.errors import UserError
-from megatron.upstream_flags import translate_argv
 from tests.conftest import require_shared, shared_path
 
 SEQ = 2048
@@ -129,7 +129,7 @@ def test_translation_of_a_script_command_line(tmp_path):
 
 
 def pretrain_gpt_moe_config(argv):
-    from megatron.arguments import parse_args
+    from megatron.training.arguments import parse_args
 
     return parse_args(argv + ["--dry-run"])
 
@@ -161,7 +161,7 @@ def test_megatron_lm_moe_names_are_aliases():
 
 
 def test_json_accumulation_steps_checked_against_the_world(tmp_path):
-    from megatron.arguments import parse_args
+    from megatron.training.arguments import parse_args
     from tests.runs import mock_args
 
     js = ds_config(tmp_path / "ds.json", 8, 2)

@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from megatron.config import LoggingConfig
+from megatron.config.schema import LoggingConfig
 from megatron.errors import UserError
-from megatron.parallel_state import ParallelState
+from megatron.parallel.state import ParallelState
 
 
 def test_offline_run_files_hold_the_scalars(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from megatron.wandb_sink import WandbSink
+    from megatron.training.wandb_sink import WandbSink
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -35,20 +35,21 @@ def test_offline_run_files_hold_the_scalars(tmp_path, monkeypatch):
 
 
 def test_no_sink_off_rank_0_or_without_project(tmp_path):
-    from megatron.wandb_sink import WandbSink
+    from megatron.training.wandb_sink import WandbSink
 
     assert WandbSink(LoggingConfig(), ParallelState()).run is None
     assert WandbSink(LoggingConfig(wandb_project="p"), ParallelState(rank=1, world_size=2)).run is None
 
 
 def test_wandb_flag_errors(monkeypatch):
-    from megatron import wandb_sink
-    from megatron.arguments import parse_args
+    from megatron.training.arguments import parse_args
     from tests.runs import mock_args
 
     with pytest.raises(UserError, match="--wandb-exp-name / --wandb-save-dir need --wandb-project"):
         parse_args(mock_args(["--train-iters", "1", "--wandb-exp-name", "x"]))
-    monkeypatch.setattr(wandb_sink.importlib.util, "find_spec", lambda name: None)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="--wandb-project needs the wandb package: pip install wandb"):
         parse_args(mock_args(["--train-iters", "1", "--wandb-project", "p"]))
 

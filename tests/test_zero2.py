@@ -2,7 +2,6 @@
 DP=2, in losses and gradient norms, and its optimizer state resumes at DP=1."""
 import copy
 
-import pytest
 import torch
 
 from tests.dist_utils import run_distributed
@@ -14,10 +13,10 @@ ARGS = ["--hidden-dropout", "0", "--attention-dropout", "0", "--num-experts", "4
 
 
 def _setup(ep_size=1):
-    from megatron.arguments import parse_args
-    from megatron.config import ParallelConfig, pad_vocab_size
+    from megatron.config.schema import ParallelConfig, pad_vocab_size
     from megatron.model.gpt_model import GPTModel
-    from megatron.parallel_state import initialize
+    from megatron.parallel.state import initialize
+    from megatron.training.arguments import parse_args
 
     cfg = parse_args(mock_args(ARGS))
     cfg.model.vocab_size = pad_vocab_size(128, 128)
@@ -66,8 +65,8 @@ def _zero2_step(model, opt, cfg, tokens, labels, loss_scale=1.0):
 
 
 def _worker(rank):
-    from megatron.optimizer import build_optimizer
-    from megatron.parallel.zero2 import ShardedGradients
+    from megatron.optim.build import build_optimizer
+    from megatron.optim.zero2 import ShardedGradients
 
     cfg, ps, model = _setup()
     plain_model, zero_model = model, copy.deepcopy(model)
@@ -103,11 +102,11 @@ def test_zero2_equals_plain_adam_under_dp2_and_resumes_at_dp1(tmp_path):
     assert r0["shard_numel"] + r1["shard_numel"] == total  # each rank holds half of the state
 
     # resume the DP=2 optimizer state in one process (ZeRO-2 at DP=1): the next step equals DP=2's
-    from megatron.parallel_state import ParallelState
-    from megatron.parallel.zero2 import ShardedGradients
-    from megatron.arguments import parse_args
-    from megatron.config import pad_vocab_size
+    from megatron.config.schema import pad_vocab_size
     from megatron.model.gpt_model import GPTModel
+    from megatron.optim.zero2 import ShardedGradients
+    from megatron.parallel.state import ParallelState
+    from megatron.training.arguments import parse_args
 
     cfg = parse_args(mock_args(ARGS))
     cfg.model.vocab_size = pad_vocab_size(128, 128)

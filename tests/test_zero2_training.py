@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from megatron.optimizer import build_optimizer
-from megatron.parallel.zero2 import ShardedGradients
-from megatron.parallel_state import ParallelState
+from megatron.optim.build import build_optimizer
+from megatron.optim.zero2 import ShardedGradients
+from megatron.parallel.state import ParallelState
 from tests.dist_utils import run_distributed
 from tests.runs import close, mock_args, train
 
@@ -61,7 +61,7 @@ def test_tensorboard_queue_size_reaches_the_writer(tmp_path):
 def test_deepspeed_json_stage_2_selects_zero2(tmp_path):
     import json
 
-    from megatron.arguments import parse_args
+    from megatron.training.arguments import parse_args
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,

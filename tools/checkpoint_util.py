@@ -27,15 +27,14 @@ from __future__ import annotations
 import os
 import shutil
 
-
 import torch
 
-from megatron.checkpointing import TRACKER, _atomic_write_text, iter_dir_name
-from megatron.arguments import argument_parser
+from megatron.checkpoint.checkpointing import TRACKER, _atomic_write_text, iter_dir_name
+from megatron.config.schema import ModelConfig
 from megatron.errors import UserError, run_cli
-from megatron.config import ModelConfig
-from megatron.inference import load_model, read_checkpoint_config
-from megatron.model_stats import count_parameters
+from megatron.inference.load import load_model, read_checkpoint_config
+from megatron.planning.model_stats import count_parameters
+from megatron.training.arguments import argument_parser
 
 
 def parse(argv=None):

@@ -26,10 +26,9 @@ import os
 import tempfile
 import time
 
-
-from megatron.arguments import argument_parser
 from megatron.errors import UserError, run_cli
 from megatron.evaluation.local_tasks import REGISTRY, TASKS, write_tasks
+from megatron.training.arguments import argument_parser
 
 DEFAULT_DATA = os.environ.get("MEGATRON_MOE_EVAL_DATA", os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data", "eval"))
@@ -174,7 +173,7 @@ def main(argv=None) -> dict:
     a = parse(argv)
     _split(a)
     for load in a.load:
-        from megatron.inference import read_checkpoint_config
+        from megatron.inference.load import read_checkpoint_config
 
         _, common = read_checkpoint_config(load)  # fail early, before any evaluation runs
         if common["config"]["data"].get("tokenizer_type") == "NullTokenizer":

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import time
 
-
 import torch
 
-from megatron.arguments import argument_parser
 from megatron.errors import UserError, run_cli
-from megatron.inference import load_model
-from megatron.text_generation import generate, generate_greedy_batch
+from megatron.inference.generate import generate, generate_greedy_batch
+from megatron.inference.load import load_model
+from megatron.training.arguments import argument_parser
 
 
 def parse(argv=None):

@@ -13,7 +13,6 @@ import argparse
 import glob
 import os
 
-
 from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.errors import UserError, run_cli
 

@@ -30,7 +30,6 @@ import time
 
 import numpy as np
 
-
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from megatron.errors import UserError, run_cli
 from megatron.tokenizer import build_tokenizer

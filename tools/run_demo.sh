@@ -8,9 +8,9 @@ bash tools/install.sh
 OUT=${DEMO_DIR:-demo}
 PY=${PYTHON:-python3}
 bash tools/prepare_demo_data.sh "$OUT"
-# bf16 only where this machine runs it fast (megatron.precision_probe: GPU support or CPU bf16 units)
+# bf16 only where this machine runs it fast (megatron.planning.precision_probe: GPU support or CPU bf16 units)
 PRECISION_FLAG=""
-if [ "$($PY -m megatron.precision_probe 2>/dev/null)" = bf16 ]; then PRECISION_FLAG="--bf16"; fi
+if [ "$($PY -m megatron.planning.precision_probe 2>/dev/null)" = bf16 ]; then PRECISION_FLAG="--bf16"; fi
 $PY pretrain_gpt_moe.py \
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
   --num-experts 8 --expert-interval 2 --topk 1 --moe-loss-coeff 0.01 \

@@ -19,12 +19,11 @@ import signal
 import socket
 from types import SimpleNamespace
 
-
 import torch
 
-from megatron.arguments import argument_parser
 from megatron.errors import UserError, run_cli
-from megatron.inference import load_model
+from megatron.inference.load import load_model
+from megatron.training.arguments import argument_parser
 
 
 def parse(argv=None):
@@ -72,8 +71,8 @@ def main(argv=None) -> int:
     a = parse(argv)
     if int(os.environ.get("RANK", "0")) == 0:
         check_port(a.host, a.port)
-    from megatron.parallel_state import destroy, initialize
-    from megatron.serving.distributed import BroadcastBatchState, follow
+    from megatron.inference.serving.distributed import BroadcastBatchState, follow
+    from megatron.parallel.state import destroy, initialize
 
     ps = initialize(SimpleNamespace(use_cpu=a.device == "cpu", distributed_backend=None, tensor_model_parallel_size=1),
                     a.moe_expert_parallel_size)
@@ -100,8 +99,8 @@ def ignore_stop_signals() -> None:
 def serve(a, lm, state=None) -> int:
     import uvicorn
 
-    from megatron.serving.app import Server, build_app, text_of
-    from megatron.serving.engine import Engine
+    from megatron.inference.serving.app import Server, build_app, text_of
+    from megatron.inference.serving.engine import Engine
 
     tok = lm.tokenizer
     max_length = lm.cfg.max_position_embeddings

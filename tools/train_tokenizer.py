@@ -11,7 +11,6 @@ import json
 import os
 import tempfile
 
-
 from megatron.errors import UserError, run_cli
 from megatron.tokenizer.sentencepiece_tokenizer import train_sentencepiece
 

@@ -15,8 +15,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from megatron.inference import load_model
-from megatron.text_generation import generate, generate_greedy_batch
+from megatron.inference.generate import generate, generate_greedy_batch
+from megatron.inference.load import load_model
 
 
 @register_model("megatron-moe")

@@ -8,7 +8,10 @@ import shutil
 
 import torch
 
+from megatron.config.schema import Config, ModelConfig, pad_vocab_size
 from megatron.errors import UserError
+from megatron.hf.weights_checkpoint import write_weights_checkpoint
+from megatron.model.gpt_model import GPTModel
 
 SUPPORTED = "GPT-2 family (model_type gpt2: GPT2LMHeadModel / GPT2Model, e.g. gpt2, distilgpt2, DialoGPT)"
 
@@ -52,8 +55,6 @@ def read_hf_state(src: str) -> dict:
 
 
 def gpt2_model_config(hf: dict, vocab_size: int):
-    from megatron.config import ModelConfig
-
     return ModelConfig(num_layers=hf["n_layer"], hidden_size=hf["n_embd"], num_attention_heads=hf["n_head"],
                        ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"], seq_length=hf["n_positions"],
                        max_position_embeddings=hf["n_positions"], vocab_size=vocab_size,
@@ -98,10 +99,6 @@ def load_gpt2_into(model, state: dict, n_vocab: int) -> None:
 def import_gpt2(src: str, save_dir: str, final_dir: str, divisible_by: int = 128) -> dict:
     """Writes the checkpoint (and a tokenizer/ copy of vocab.json + merges.txt) in save_dir, a folder that is
     to be renamed ``final_dir`` (the tokenizer paths stored point there); returns a summary."""
-    from megatron.config import Config, pad_vocab_size
-    from megatron.hf.weights_checkpoint import write_weights_checkpoint
-    from megatron.model.gpt_model import GPTModel
-
     hf = read_hf_config(src)
     state = read_hf_state(src)
     n_vocab = hf["vocab_size"]

@@ -20,13 +20,16 @@ import copy
 
 import torch
 
+from megatron.config.schema import ModelConfig
 from megatron.errors import UserError
+from megatron.hf.weights_checkpoint import write_weights_checkpoint
+from megatron.inference.load import load_model, read_checkpoint_config
+from megatron.model.gpt_model import GPTModel
+from megatron.model.moe.layer import MoELayer
 
 
 def upcycle_model(dense, moe) -> None:
     """Fill ``moe`` (GPTModel, every expert local) from ``dense`` (GPTModel without MoE layers)."""
-    from megatron.model.moe.layer import MoELayer
-
     dense_params = dict(dense.named_parameters())
     with torch.no_grad():
         for name, p in moe.named_parameters():
@@ -51,11 +54,6 @@ def upcycle_model(dense, moe) -> None:
 
 def upcycle_checkpoint(load: str, save_dir: str, num_experts: list, expert_interval: int, mlp_type: str,
                        topk: int) -> dict:
-    from megatron.config import ModelConfig
-    from megatron.hf.weights_checkpoint import write_weights_checkpoint
-    from megatron.inference import load_model, read_checkpoint_config
-    from megatron.model.gpt_model import GPTModel
-
     _, common = read_checkpoint_config(load)
     config = copy.deepcopy(common["config"])
     if ModelConfig.from_dict(config["model"]).moe.enabled:

@@ -12,14 +12,13 @@ import shutil
 
 import torch
 
-from megatron.checkpointing import FORMAT_VERSION, TRACKER, _atomic_write_text, expert_file, iter_dir_name
+from megatron.checkpoint.checkpointing import FORMAT_VERSION, TRACKER, _atomic_write_text, expert_file, iter_dir_name
+from megatron.model.moe.layer import MoELayer
 
 
 def write_weights_checkpoint(save_dir: str, model, config: dict, iteration: int = 0, consumed_samples: int = 0) -> str:
     """``model``: a GPTModel with every expert local; ``config``: the full stored config (Config.to_dict()).
     Written into ``save_dir`` (which must be new or empty) through a temporary folder renamed at the end."""
-    from megatron.model.moe.layer import MoELayer
-
     name = iter_dir_name(iteration)
     tmp = os.path.join(save_dir, "." + name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,8 +16,8 @@ from megatron.model.fused import layer_norm
 from megatron.model.kd_loss import cross_entropy_and_kd, linear_cross_entropy_kd
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
+from megatron.model.param_tags import is_output_layer
 from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer, padding_attention_mask
-from megatron.parallel.param_tags import is_output_layer
 
 
 class TiedOutputLayer(nn.Module):

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.model.fused import layer_norm
-from megatron.parallel.param_tags import mark_output_layer
+from megatron.model.param_tags import mark_output_layer
 
 
 class SelfAttention(nn.Module):

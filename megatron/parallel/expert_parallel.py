@@ -36,7 +36,9 @@ import torch.nn.functional as F
 
 from megatron.model.moe.dispatch import DispatchPlan
 from megatron.model.moe.dispatchers import ExpertBatch, TokenDispatcher, scatter_to_capacity, weighted_combine
-from megatron.parallel.token_split import chunk_counts, chunk_length, gather_from_tp, split_to_tp
+from megatron.model.moe.layer import MoELayer
+from megatron.parallel.collectives import chunk_length, gather_from_tp, split_to_tp
+from megatron.parallel.token_split import chunk_counts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -166,8 +168,6 @@ def apply_expert_parallel(model: torch.nn.Module, ps) -> None:
     tp = TPSplit(ps.tp_group, ps.tp_rank, ps.tp_size) if ps.tp_token_split else None
     if ps.ep_size == 1 and tp is None:
         return
-    from megatron.model.moe.layer import MoELayer
-
     for module in model.modules():
         if isinstance(module, MoELayer):
             module.set_dispatcher(AllToAllDispatcher(ps.ep_group, ps.ep_size, module.num_experts, ps.device, tp=tp))
@@ -177,8 +177,6 @@ def time_exchanges(model: torch.nn.Module, timer: Optional[ContextManager]) -> i
     """Run every all-to-all of ``model``'s expert-parallel dispatchers inside ``timer``; returns how many
     dispatchers took it (0 without expert or tensor parallelism; a TP-only dispatcher has no all-to-all, and
     the TP split's all-gathers are not timed)."""
-    from megatron.model.moe.layer import MoELayer
-
     n = 0
     for module in model.modules():
         if isinstance(module, MoELayer) and isinstance(module.dispatcher, AllToAllDispatcher):

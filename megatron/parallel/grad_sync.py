@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megatron.parallel.param_tags import is_expert
-from megatron.parallel.tensor_parallel import is_tp_sharded
+from megatron.model.param_tags import is_expert, is_tp_sharded
 
 BUCKET_BYTES = 32 * 1024 * 1024
 
@@ -83,15 +82,6 @@ class BlockingGradReducer(GradReducer):
         allreduce_gradients(self.model, self.ps)
 
 
-def build_grad_reducer(model: torch.nn.Module, ps, overlap: bool) -> GradReducer:
-    """``--overlap-grad-reduce`` (with more than one process) overlaps the reduction with backward."""
-    if overlap and ps.distributed:
-        from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
-
-        return OverlappedGradReducer(model, ps)
-    return BlockingGradReducer(model, ps)
-
-
 def global_grad_norm(model: torch.nn.Module, ps) -> float:
     """sqrt(sum over dense params once + every expert once across the EP group).
 
@@ -134,15 +124,3 @@ def scale_gradients(model: torch.nn.Module, factor: float) -> None:
             p.grad.mul_(factor)
 
 
-def all_reduce_sum(t: torch.Tensor, ps, group=None) -> torch.Tensor:
-    if ps.distributed:
-        dist.all_reduce(t, group=group)
-    return t
-
-
-def any_rank(flag: bool, ps) -> bool:
-    if not ps.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=ps.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.world_group)
-    return bool(t.item() > 0)

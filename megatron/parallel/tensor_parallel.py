@@ -26,51 +26,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.parallel.param_tags import is_tp_sharded, mark_tp_shard  # noqa: F401 (is_tp_sharded re-exported)
-
-
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward; all-reduce of the input gradient over TP (entry of a column-parallel op)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """All-reduce forward; identity backward (exit of a row-parallel op)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    """All-gather along the last dim forward; take this rank's slice backward."""
-
-    @staticmethod
-    def forward(ctx, x, group, rank, size):
-        ctx.rank, ctx.size = rank, size
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None, None, None
+from megatron.model.param_tags import is_tp_sharded, mark_tp_shard
+from megatron.model.transformer import DenseMLPBlock
+from megatron.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
 
 
 def _shard(param: torch.Tensor, dim: int, indices: list[torch.Tensor], rank: int) -> nn.Parameter:
@@ -92,7 +50,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _shard(linear.bias, 0, indices, ps.tp_rank)  # [out/T]
 
     def forward(self, x):
-        return F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -103,7 +61,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(linear.bias.detach().clone())  # replicated, added after the reduction
 
     def forward(self, x):
-        return _ReduceFromTP.apply(F.linear(x, self.weight), self.group) + self.bias
+        return reduce_from_tp(F.linear(x, self.weight), self.group) + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -119,7 +77,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (tokens < self.start) | (tokens >= self.end)
         local = (tokens - self.start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
-        return _ReduceFromTP.apply(out, self.group)
+        return reduce_from_tp(out, self.group)
 
 
 class VocabParallelOutputLayer(nn.Module):
@@ -128,8 +86,8 @@ class VocabParallelOutputLayer(nn.Module):
         self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
 
     def forward(self, h, weight, gather: bool = True):
-        logits = F.linear(_CopyToTP.apply(h, self.group), weight)  # [B, T, V/T]
-        return _GatherFromTP.apply(logits, self.group, self.rank, self.size) if gather else logits
+        logits = F.linear(copy_to_tp(h, self.group), weight)  # [B, T, V/T]
+        return gather_from_tp(logits, -1, self.size * logits.shape[-1], self.group, self.rank, self.size) if gather else logits
 
 
 class VocabParallelCrossEntropy(nn.Module):
@@ -148,8 +106,8 @@ class VocabParallelCrossEntropy(nn.Module):
         local = labels - self.vocab_start
         inside = (local >= 0) & (local < Vl)
         target = shifted.gather(-1, local.clamp(0, Vl - 1)[..., None]).squeeze(-1) * inside  # [B, T]
-        target = _ReduceFromTP.apply(target, self.group)
-        sum_exp = _ReduceFromTP.apply(shifted.exp().sum(dim=-1), self.group)  # [B, T]
+        target = reduce_from_tp(target, self.group)
+        sum_exp = reduce_from_tp(shifted.exp().sum(dim=-1), self.group)  # [B, T]
         return torch.log(sum_exp) - target
 
 
@@ -157,8 +115,6 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
     """Shard ``model`` (a GPTModel) in place for ``ps.tp_size`` ranks; a no-op at TP=1."""
     if ps.tp_size == 1:
         return
-    from megatron.model.transformer import DenseMLPBlock
-
     T = ps.tp_size
     for layer in model.layers:
         att = layer.attention

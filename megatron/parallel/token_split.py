@@ -6,7 +6,8 @@ paper's parallelism-coordinated communication (DeepSpeed's ``drop_tokens`` / ``g
 gives each TP rank 1/TP of the dispatched tokens after routing, runs the experts and the all-to-all on
 that share only, and all-gathers the experts' output before the combine, which stays replicated.
 
-Two autograd functions along one dimension of a tensor that is identical on every TP rank:
+Two autograd functions (``megatron/parallel/collectives.py``) along one dimension of a tensor that is
+identical on every TP rank:
 
 - :func:`split_to_tp`: forward keeps this rank's chunk (the dimension padded with zeros to a multiple of
   TP, so chunks are equal); backward all-gathers the chunks' gradients, so the replicated input gets its
@@ -16,70 +17,13 @@ Two autograd functions along one dimension of a tensor that is identical on ever
 
 The experts' weight gradients then cover only this rank's share of the tokens: they are summed over
 the TP ranks with the expert-data-parallel reduction (the EDP group includes the TP ranks, see
-``parallel_state``).
+``megatron/parallel/state.py``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-
-def chunk_length(n: int, size: int) -> int:
-    """Rows per TP rank when ``n`` rows are split over ``size`` ranks (the last chunks may be padding)."""
-    return math.ceil(n / size) if n else 0
-
-
-def _pad_along(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    extra = length - x.shape[dim]
-    if extra == 0:
-        return x
-    pad = [0, 0] * (x.dim() - 1 - dim) + [0, extra]  # F.pad lists dims from the last one
-    return F.pad(x, pad)
-
-
-def _all_gather_along(x: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-class _SplitToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group, rank, size):
-        n = x.shape[dim]
-        c = chunk_length(n, size)
-        ctx.dim, ctx.group, ctx.size, ctx.n = dim, group, size, n
-        return _pad_along(x, dim, c * size).narrow(dim, rank * c, c).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        full = _all_gather_along(grad, ctx.dim, ctx.group, ctx.size)
-        return full.narrow(ctx.dim, 0, ctx.n), None, None, None, None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, n, group, rank, size):
-        ctx.dim, ctx.rank, ctx.c, ctx.size = dim, rank, x.shape[dim], size
-        return _all_gather_along(x, dim, group, size).narrow(dim, 0, n)
-
-    @staticmethod
-    def backward(ctx, grad):
-        full = _pad_along(grad, ctx.dim, ctx.c * ctx.size)
-        return full.narrow(ctx.dim, ctx.rank * ctx.c, ctx.c).contiguous(), None, None, None, None, None
-
-
-def split_to_tp(x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch.Tensor:
-    """This TP rank's chunk of ``x`` along ``dim``: ceil(n / size) entries (zero-padded at the end)."""
-    return _SplitToTP.apply(x, dim, group, rank, size)
-
-
-def gather_from_tp(x: torch.Tensor, dim: int, n: int, group, rank: int, size: int) -> torch.Tensor:
-    """The TP ranks' chunks of ``dim`` concatenated and cut to its first ``n`` entries."""
-    return _GatherFromTP.apply(x, dim, n, group, rank, size)
+from megatron.parallel.collectives import chunk_length
 
 
 def chunk_counts(counts: torch.Tensor, rank: int, size: int) -> torch.Tensor:

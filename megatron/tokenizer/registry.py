@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megatron.errors import UserError
+from megatron.tokenizer.fast_gpt2_bpe import FastGPT2BPETokenizer, fast_bpe_available
+from megatron.tokenizer.gpt2_bpe import GPT2BPETokenizer
+from megatron.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
+from megatron.tokenizer.null_tokenizer import NullTokenizer
+from megatron.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
 
 
 @dataclass(frozen=True)
@@ -20,28 +25,19 @@ class TokenizerSpec:
 
 
 def _gpt2(files, vocab_size):
-    from megatron.tokenizer.fast_gpt2_bpe import FastGPT2BPETokenizer, fast_bpe_available
-    from megatron.tokenizer.gpt2_bpe import GPT2BPETokenizer
-
     impl = FastGPT2BPETokenizer if fast_bpe_available() and not os.environ.get("MEGATRON_PYTHON_BPE") else GPT2BPETokenizer
     return impl(files["vocab_file"], files["merge_file"])
 
 
 def _sentencepiece(files, vocab_size):
-    from megatron.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
-
     return SentencePieceTokenizer(files["tokenizer_model"])
 
 
 def _huggingface(files, vocab_size):
-    from megatron.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
-
     return HuggingFaceTokenizer(files["tokenizer_model"])
 
 
 def _null(files, vocab_size):
-    from megatron.tokenizer.build import NullTokenizer
-
     if not vocab_size:
         raise UserError("NullTokenizer needs --vocab-size")
     return NullTokenizer(vocab_size)

@@ -17,9 +17,11 @@ import json
 import torch
 import torch.distributed as dist
 
+from megatron.config.options import iter_options
+from megatron.config.schema import Config
 from megatron.errors import TrainingFault, UserError
-from megatron.parallel.param_tags import is_expert, is_tp_sharded
-from megatron.parallel.grad_sync import any_rank
+from megatron.model.param_tags import is_expert, is_tp_sharded
+from megatron.parallel.collectives import any_rank
 
 
 def flatten_settings(d: dict, prefix: str = "") -> dict:
@@ -39,9 +41,6 @@ def settings_hash(flat: dict) -> str:
 
 def _flag_of(key: str) -> str:
     """The flag of a config field ("train.global_batch_size" -> "--global-batch-size (train.global_batch_size)")."""
-    from megatron.config import Config
-    from megatron.options import iter_options
-
     flags = {path: f.metadata["flag"] for path, _, f in iter_options(Config)}
     return f"{flags[key]} ({key})" if key in flags else key
 

@@ -13,9 +13,11 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from megatron.logging_utils import TensorBoard, fmt_eta, iteration_line, print_rank0, validation_line
-from megatron.model.moe.metrics import accumulate as accumulate_moe, format_moe_line, summarize as summarize_moe
-from megatron.parallel.grad_sync import all_reduce_sum
+from megatron.model.moe.metrics import accumulate as accumulate_moe
+from megatron.model.moe.metrics import format_moe_line
+from megatron.model.moe.metrics import summarize as summarize_moe
+from megatron.parallel.collectives import all_reduce_sum
+from megatron.training.logging_utils import TensorBoard, fmt_eta, iteration_line, print_rank0, validation_line
 from megatron.training.timers import PHASES
 
 

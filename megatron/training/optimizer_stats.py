@@ -18,7 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron.parallel.param_tags import is_expert, is_tp_sharded
+from megatron.model.param_tags import is_expert, is_tp_sharded
 
 QUANTITIES = ("variance", "variance_sqrt", "momentum", "weight")
 # rows of the per-rank sums: (is expert, is TP-sharded)

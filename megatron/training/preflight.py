@@ -13,7 +13,7 @@ import resource
 import shutil
 
 from megatron.errors import UserError, check
-from megatron.model_stats import count_parameters
+from megatron.planning.model_stats import count_parameters
 
 BYTES_PER_VALUE = 4  # checkpoints hold fp32 weights and fp32 Adam moments
 

@@ -22,33 +22,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron.arguments import parse_args
-from megatron.checkpointing import TRACKER, load_checkpoint, recover_and_clean, save_checkpoint
-from megatron.config import pad_vocab_size
-from megatron.curriculum import TruncatingIterator, build_curriculum, iterations_for_tokens, tokens_trained
+from megatron.checkpoint.checkpointing import TRACKER, load_checkpoint, recover_and_clean, save_checkpoint
+from megatron.config.schema import pad_vocab_size
 from megatron.errors import UserError
-from megatron.logging_utils import print_rank0
-from megatron.loss_scaler import build_loss_scaler
-from megatron.lr_scheduler import build_scheduler
-from megatron.model.provider import build_model
-from megatron.model_stats import count_parameters, device_peak_tflops, flops_per_token
-from megatron.optimizer import build_optimizer
+from megatron.model.param_tags import is_expert
+from megatron.optim.build import build_optimizer
+from megatron.optim.loss_scaler import build_loss_scaler
+from megatron.optim.lr_scheduler import build_scheduler
+from megatron.parallel.apply import build_grad_reducer, build_model
+from megatron.parallel.collectives import all_reduce_sum, any_rank
 from megatron.parallel.expert_parallel import time_exchanges
-from megatron.parallel.param_tags import is_expert
+from megatron.parallel.grad_sync import clip_gradients, global_grad_norm, scale_gradients
 from megatron.parallel.router_balance import update_router_biases
-from megatron.parallel.grad_sync import (
-    all_reduce_sum, any_rank, build_grad_reducer, clip_gradients, global_grad_norm, scale_gradients,
-)
-from megatron.parallel_state import ParallelState, destroy, initialize
+from megatron.parallel.state import ParallelState, destroy, initialize
+from megatron.planning.model_stats import count_parameters, device_peak_tflops, flops_per_token
 from megatron.tokenizer import build_tokenizer
 from megatron.training.agreement import agree_on_error, agree_on_settings, check_replicas
+from megatron.training.arguments import parse_args
+from megatron.training.curriculum import TruncatingIterator, build_curriculum, iterations_for_tokens, tokens_trained
 from megatron.training.guard import NonFiniteGuard
+from megatron.training.logging_utils import print_rank0
 from megatron.training.metrics import MetricsLogger, MetricsSink, TensorBoardSink, accumulate_moe
 from megatron.training.optimizer_stats import optimizer_state_stats
 from megatron.training.preflight import check_batch_arithmetic, check_save_dir, check_train_split
 from megatron.training.schedule import BatchSchedule, MicroBatchIterator, train_schedule
 from megatron.training.signals import SignalFlag
 from megatron.training.timers import Timers
+from megatron.training.wandb_sink import WandbSink
 
 
 @dataclass
@@ -240,8 +240,6 @@ class Trainer:
         cfg, ps = self.cfg, self.ps
         compute_dtype = torch.bfloat16 if cfg.precision.bf16 else (torch.float16 if cfg.precision.fp16 else torch.float32)
         peak = cfg.logging.peak_tflops or device_peak_tflops(ps.device, compute_dtype)
-        from megatron.wandb_sink import WandbSink
-
         sinks = [TensorBoardSink(cfg.logging.tensorboard_dir, ps, cfg.logging.tensorboard_queue_size), WandbSink(cfg.logging, ps, cfg.to_dict())]
         sinks += self.extra_sinks
         self.metrics = MetricsLogger(ps, sinks, self.train_iters, cfg.model.seq_length, peak, flops_per_token(cfg.model))

@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from megatron.config import ModelConfig, MoEConfig  # noqa: E402
+from megatron.config.schema import ModelConfig, MoEConfig  # noqa: E402
+from megatron.inference.generate import generate  # noqa: E402
 from megatron.model.gpt_model import GPTModel  # noqa: E402
-from megatron.text_generation import generate  # noqa: E402
 from tools.bench.common import interleaved_median  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main():
     from types import SimpleNamespace
 
     from megatron.evaluation.harness_model import MegatronMoELM
-    from megatron.tokenizer.build import NullTokenizer
+    from megatron.tokenizer.null_tokenizer import NullTokenizer
 
     rng = random.Random(0)
     reqs = [(("", ""), [rng.randrange(8000) for _ in range(rng.randint(16, 200))],

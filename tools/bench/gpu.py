@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron.config import ModelConfig, MoEConfig  # noqa: E402
+from megatron.config.schema import ModelConfig, MoEConfig  # noqa: E402
 from megatron.model.gpt_model import GPTModel  # noqa: E402
-from megatron.model_stats import count_parameters, device_peak_tflops, flops_per_token  # noqa: E402
+from megatron.planning.model_stats import count_parameters, device_peak_tflops, flops_per_token  # noqa: E402
 
 
 def build(shape: dict, experts: int, device, fused: bool):

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron.config import MoEConfig  # noqa: E402
+from megatron.config.schema import MoEConfig  # noqa: E402
 from megatron.model.moe.layer import MoELayer  # noqa: E402
 from megatron.model.moe.small_batch import MAX_ASSIGNMENTS, small_batch_forward  # noqa: E402
 from megatron.model.transformer import MLP  # noqa: E402
@@ -87,8 +87,8 @@ def main(argv=None):
 
 def whole_model(a):
     """Greedy decoding tokens/s of tools/bench/generation.py's models: dense, MoE-8, MoE-8 without the small-batch path."""
+    from megatron.inference.generate import generate, generate_greedy_batch
     from tools.bench.generation import build
-    from megatron.text_generation import generate, generate_greedy_batch
 
     new = 32 if a.quick else 128
     models = {"dense": build(False), "moe": build(True), "moe-dispatched": set_small_batch(build(True), False)}

@@ -41,10 +41,10 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron.config import MoEConfig  # noqa: E402
+from megatron.config.schema import MoEConfig  # noqa: E402
 from megatron.model.moe.layer import MoELayer  # noqa: E402
 from megatron.model.transformer import MLP  # noqa: E402
-from megatron.precision_probe import bf16_is_fast  # noqa: E402
+from megatron.planning.precision_probe import bf16_is_fast  # noqa: E402
 from tools.bench.common import interleaved_median  # noqa: E402
 
 

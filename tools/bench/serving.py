@@ -40,10 +40,10 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
 
-from megatron.config import ModelConfig, MoEConfig  # noqa: E402
+from megatron.config.schema import ModelConfig, MoEConfig  # noqa: E402
+from megatron.inference.serving.app import Server, build_app  # noqa: E402
+from megatron.inference.serving.engine import Engine  # noqa: E402
 from megatron.model.gpt_model import GPTModel  # noqa: E402
-from megatron.serving.app import Server, build_app  # noqa: E402
-from megatron.serving.engine import Engine  # noqa: E402
 from megatron.tokenizer import build_tokenizer  # noqa: E402
 
 VOCAB, CONTEXT = 8192, 512
@@ -138,7 +138,7 @@ def pct(xs, q):
 
 
 def parameter_table(names) -> None:
-    from megatron.model_stats import count_parameters
+    from megatron.planning.model_stats import count_parameters
 
     print("| model | hidden | experts | parameters | parameters per token | non-embedding per token |\n|---|---|---|---|---|---|")
     for name in names:

@@ -28,10 +28,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from megatron.config import ModelConfig, MoEConfig  # noqa: E402
+from megatron.config.schema import ModelConfig, MoEConfig  # noqa: E402
 from megatron.model.gpt_model import GPTModel  # noqa: E402
-from megatron.model_stats import flops_per_token  # noqa: E402
-from megatron.precision_probe import bf16_is_fast  # noqa: E402
+from megatron.planning.model_stats import flops_per_token  # noqa: E402
+from megatron.planning.precision_probe import bf16_is_fast  # noqa: E402
 from tools.bench.common import interleaved_median  # noqa: E402
 
 

@@ -151,7 +151,7 @@ def prepare(out: str, p: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- runs
 def precision_flags() -> list[str]:
     """bf16 only where this machine runs it faster than fp32 (measured once by the probe)."""
-    from megatron.precision_probe import preferred_precision
+    from megatron.planning.precision_probe import preferred_precision
 
     return ["--bf16"] if preferred_precision() == "bf16" else []
 
@@ -239,7 +239,7 @@ def measure_speed(out: str, p: dict, data: dict, seed: int, iters: int, rounds: 
     """Tokens/s of every arm measured side by side: short runs (no checkpoints) one after another with all cores,
     in alternating order over ``rounds``; the median of each arm's second-half iteration times. An arm need not be
     trained (speed depends on its shape only); a MoS arm needs its teacher's checkpoint, of any iteration."""
-    from megatron.checkpointing import TRACKER
+    from megatron.checkpoint.checkpointing import TRACKER
 
     names = [a for a in all_arms(p) if not a.teacher or os.path.isfile(
         os.path.join(out, "runs", a.teacher, "ckpt", TRACKER))]
@@ -393,7 +393,7 @@ def gap_over_tokens(done: dict, p: dict, tok_per_iter: int) -> list[str]:
 
 
 def report(out: str, p: dict, seed: int) -> str:
-    from megatron.config import pad_vocab_size
+    from megatron.config.schema import pad_vocab_size
 
     vocab = pad_vocab_size(p["vocab"], 128)  # the trainer's padding (--make-vocab-size-divisible-by 128)
     tok_per_iter = p["gbs"] * p["seq"]

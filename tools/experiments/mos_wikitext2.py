@@ -44,7 +44,7 @@ def prepare(out):
 def precision_flags():
     """bf16 only where this machine runs it fast: the rule training's start-up warning uses."""
     sys.path.insert(0, ROOT)
-    from megatron.precision_probe import preferred_precision
+    from megatron.planning.precision_probe import preferred_precision
 
     return ["--bf16"] if preferred_precision() == "bf16" else []
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.model.moe.expert_grads import FusedWgradExperts, FusedWgradGroupedExperts, grouped_mm
-from megatron.parallel.param_tags import mark_expert
+from megatron.model.param_tags import mark_expert
 
 
 def expert_generator(seed: int, layer_number: int, global_expert: int) -> torch.Generator:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from megatron.ds_config import DeepSpeedConfig, read_deepspeed_config
+from megatron.config.compat.ds_config import DeepSpeedConfig, read_deepspeed_config
 from megatron.errors import UserError
 
 

@@ -30,9 +30,12 @@ import shutil
 import numpy as np
 import torch
 
+from megatron.config.schema import ModelConfig
 from megatron.errors import TrainingFault, UserError
-from megatron.parallel.param_tags import is_expert
-from megatron.parallel.tensor_parallel import full_shape, gather_tp, is_tp_sharded, shard_tp
+from megatron.model.moe.layer import MoELayer
+from megatron.model.param_tags import is_expert, is_tp_sharded
+from megatron.parallel.collectives import any_rank
+from megatron.parallel.tensor_parallel import full_shape, gather_tp, shard_tp
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -102,8 +105,6 @@ def _tuplify(x):
 
 def _expert_modules(model):
     """(MoE layer index, StackedExperts module) for every MoE layer."""
-    from megatron.model.moe.layer import MoELayer
-
     return [(m.layer_number, m.experts) for m in model.modules() if isinstance(m, MoELayer)]
 
 
@@ -182,8 +183,6 @@ def recover_and_clean(save_dir: str) -> list[str]:
 
 def check_finite(model, ps, iteration: int) -> None:
     """Every parameter finite on every rank, or a TrainingFault on every rank (before anything is written)."""
-    from megatron.parallel.grad_sync import any_rank
-
     bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
     if any_rank(bad is not None, ps):
         where = f" ({bad} on rank {ps.rank})" if bad else ""
@@ -260,8 +259,6 @@ def read_tracker(load_dir: str, flag: str = "--load"):
 
 
 def check_architecture(stored_model_cfg: dict, model_cfg, what: str = "--load") -> None:
-    from megatron.config import ModelConfig
-
     stored = ModelConfig.from_dict(stored_model_cfg)
     if stored.moe.enabled and model_cfg.moe.enabled and stored.moe.router_type != model_cfg.moe.router_type:
         raise UserError(f"{what}: the checkpoint was trained with --moe-router-type {stored.moe.router_type} but the "

@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megatron.curriculum import CurriculumConfig
+from megatron.config.curriculum import CurriculumConfig
 from megatron.errors import UserError, check
 
 # JSON path -> (argparse dest of our flag, the flag as the user types it)

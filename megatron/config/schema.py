@@ -10,13 +10,15 @@ checks itself in ``validate()`` (per-option checks, then cross-option ones) and 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
+from megatron.config.compat.ds_config import read_deepspeed_config
+from megatron.config.options import check_options, non_negative, none_or_str, option, positive, unit_interval
 from megatron.errors import UserError, check
-from megatron.options import check_options, non_negative, none_or_str, option, positive, unit_interval
 
 
 @dataclass
@@ -104,9 +106,6 @@ class MoEConfig:
             f"--num-experts has {len(self.num_experts)} values but --num-layers {num_layers} with "
             f"--expert-interval {self.expert_interval} gives {n_moe} MoE layers: give one value or {n_moe}",
         )
-        from megatron.model.moe.routers import ROUTERS
-
-        check(self.router_type in ROUTERS, f"--moe-router-type must be one of {', '.join(ROUTERS)} (got {self.router_type!r})")
         moe_counts = [e for i, e in enumerate(self.experts_per_layer(num_layers)) if self.is_moe_layer(i, e)]
         if moe_counts:
             check(
@@ -397,10 +396,6 @@ class DataConfig:
         check_options(self)
         if self.tokenizer_type is None and self.mock_data:
             self.tokenizer_type = "NullTokenizer"
-        from megatron.tokenizer.registry import check_data_config
-
-        check_data_config(self.tokenizer_type, vocab_file=self.vocab_file, merge_file=self.merge_file,
-                          tokenizer_model=self.tokenizer_model)
         separate = bool(self.train_data_path or self.valid_data_path or self.test_data_path)
         check(not (separate and self.data_path), "--data-path and --train-data-path / --valid-data-path / "
               "--test-data-path exclude each other: give one split file per set, or one --data-path with --split")
@@ -525,9 +520,8 @@ class LoggingConfig:
         check_options(self)
         check(self.wandb_project is not None or (self.wandb_exp_name is None and self.wandb_save_dir is None),
               "--wandb-exp-name / --wandb-save-dir need --wandb-project (the Weights & Biases project to log to)")
-        from megatron.wandb_sink import require_wandb
-
-        require_wandb(self.wandb_project)
+        check(not self.wandb_project or importlib.util.find_spec("wandb") is not None,
+              "--wandb-project needs the wandb package: pip install wandb (or drop the --wandb-* flags)")
 
 
 def _world_size_default(v: Optional[int]) -> int:
@@ -554,8 +548,6 @@ class DeepSpeedCompatConfig:
 
     def read(self):
         """The parsed JSON (megatron.ds_config.DeepSpeedConfig), or None without --deepspeed_config."""
-        from megatron.ds_config import read_deepspeed_config
-
         return None if self.deepspeed_config is None else read_deepspeed_config(self.deepspeed_config)
 
 

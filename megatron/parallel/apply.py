@@ -1,9 +1,11 @@
-"""One model provider: the GPT model of this rank, built, placed and parallelised.
+"""The whole parallel plan of a run, in order: build -> tensor parallel -> expert parallel -> data parallel.
 
 ``build_model`` is the single place that constructs a model for a run: this rank's experts
-(``ep_rank``'s share of each MoE layer), tensor-parallel shards and the expert-parallel dispatch.
-With a ``seed`` the weights are initialised (training from scratch); without one the model is
-built on the meta device and given uninitialised storage, for weights that come from a checkpoint.
+(``ep_rank``'s share of each MoE layer), then the tensor-parallel shards, then the expert-parallel
+token dispatcher. With a ``seed`` the weights are initialised (training from scratch); without one
+the model is built on the meta device and given uninitialised storage, for weights that come from a
+checkpoint. ``build_grad_reducer`` is the data-parallel step of the plan (how gradients are summed
+over DP and EDP); the sharded optimizers (ZeRO-1 / ZeRO-2) are chosen in ``megatron.optim.build``.
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron.model.gpt_model import GPTModel
 from megatron.parallel.expert_parallel import apply_expert_parallel
+from megatron.parallel.grad_sync import BlockingGradReducer, GradReducer
+from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
 from megatron.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def gpt_module(model_cfg, ps) -> torch.nn.Module:
-    from megatron.model.gpt_model import GPTModel
-
     return GPTModel(model_cfg, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
 
 
@@ -41,3 +44,10 @@ def build_model(model_cfg, ps, device: Optional[torch.device] = None, seed: Opti
     apply_tensor_parallel(model, ps)
     apply_expert_parallel(model, ps)
     return model
+
+
+def build_grad_reducer(model: torch.nn.Module, ps, overlap: bool) -> GradReducer:
+    """``--overlap-grad-reduce`` (with more than one process) overlaps the reduction with backward."""
+    if overlap and ps.distributed:
+        return OverlappedGradReducer(model, ps)
+    return BlockingGradReducer(model, ps)

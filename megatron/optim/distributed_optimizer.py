@@ -16,8 +16,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron.optimizer import param_groups
-from megatron.parallel.param_tags import is_expert
+from megatron.model.param_tags import is_expert
+from megatron.optim.param_groups import param_groups
 
 
 class _Domain:

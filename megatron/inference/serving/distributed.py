@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron.serving.batch import BatchState
+from megatron.inference.serving.batch import BatchState
 
 STOP, PREFILL, DECODE, KEEP, IDLE, PREFILL_ALL_LOGITS = 0, 1, 2, 3, 4, 5
 

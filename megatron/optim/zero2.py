@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron.parallel.distributed_optimizer import DistributedAdamW, _Domain
-from megatron.parallel.tensor_parallel import is_tp_sharded
+from megatron.model.param_tags import is_tp_sharded
+from megatron.optim.distributed_optimizer import DistributedAdamW, _Domain
 
 
 def _reduce_scatter_shard(domain: _Domain, scale: float) -> torch.Tensor:

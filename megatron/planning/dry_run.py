@@ -24,15 +24,20 @@ checkpointing it includes one layer's recomputation, the peak during backward.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
-from megatron.config import MoEConfig, pad_vocab_size
+from megatron.checkpoint.checkpointing import TRACKER
+from megatron.checkpoint.teacher_config import teacher_model_config
+from megatron.config.schema import MoEConfig, pad_vocab_size
 from megatron.errors import UserError
-from megatron.model_stats import count_parameters, flops_per_token
-from megatron.parallel.param_tags import is_expert
-from megatron.parallel_state import ParallelState
+from megatron.model.param_tags import is_expert
+from megatron.parallel.apply import build_model
+from megatron.parallel.state import ParallelState
+from megatron.planning.model_stats import count_parameters, flops_per_token
+from megatron.tokenizer import build_tokenizer
 
 GPT2_VOCAB = 50257
 GiB = 1024**3
@@ -47,8 +52,6 @@ def resolve_vocab_size(cfg) -> int:
     elif d.tokenizer_type in (None, "GPT2BPETokenizer"):
         raw = GPT2_VOCAB
     elif d.tokenizer_type == "SentencePieceTokenizer" and d.tokenizer_model and os.path.isfile(d.tokenizer_model):
-        from megatron.tokenizer import build_tokenizer
-
         raw = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model).vocab_size
     else:
         raise UserError("--dry-run cannot tell the vocabulary size: give --vocab-size N (or an existing --tokenizer-model)")
@@ -57,8 +60,6 @@ def resolve_vocab_size(cfg) -> int:
 
 def built_counts(model_cfg) -> tuple[int, int]:
     """(total, expert) parameters of the model built on the meta device with every expert local."""
-    from megatron.model.provider import build_model
-
     model = build_model(model_cfg, ParallelState(device=torch.device("meta")))  # every expert local, no storage
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for p in model.parameters() if is_expert(p))
@@ -91,11 +92,6 @@ def activation_bytes(cfg, checkpointing: bool) -> int:
 
 def teacher_config(cfg):
     """The --kd / --mos teacher's ModelConfig: from its checkpoint when it exists, else from the teacher flags."""
-    import dataclasses
-
-    from megatron.checkpointing import TRACKER
-    from megatron.distillation import teacher_model_config
-
     kd = cfg.kd
     if kd.load_teacher and os.path.isfile(os.path.join(kd.load_teacher, TRACKER)):
         return teacher_model_config(kd, cfg.model)

@@ -12,11 +12,12 @@ from typing import Optional
 
 import torch
 
-from megatron.checkpointing import load_checkpoint, locate_checkpoint
-from megatron.config import ModelConfig
-from megatron.tokenizer import registry as tokenizer_registry
+from megatron.checkpoint.checkpointing import load_checkpoint, locate_checkpoint
+from megatron.config.schema import ModelConfig
 from megatron.errors import UserError
-from megatron.parallel_state import ParallelState
+from megatron.parallel.apply import build_model
+from megatron.parallel.state import ParallelState
+from megatron.tokenizer import registry as tokenizer_registry
 
 
 @dataclass
@@ -44,8 +45,6 @@ def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor
     With ``ps`` (expert-parallel size > 1) this rank holds only its 1/N of each layer's experts, and the
     MoE layers are wired for the expert-parallel all-to-all over ``ps.ep_group``; every rank of the group
     must then run the same forwards."""
-    from megatron.model.provider import build_model
-
     path, common = read_checkpoint_config(load_dir, flag)
     cfg = ModelConfig.from_dict(common["config"]["model"])
     cfg.hidden_dropout = cfg.attention_dropout = 0.0

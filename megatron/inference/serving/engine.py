@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron.serving.batch import BatchState
-from megatron.text_generation import sample_token
+from megatron.inference.generate import sample_token
+from megatron.inference.serving.batch import BatchState
 
 
 class QueueFull(Exception):

@@ -1,22 +1,10 @@
-"""Knowledge distillation from a frozen teacher (--kd) and Mixture-of-Students (--mos) (the DeepSpeed-MoE paper's MoS recipe).
-
-The teacher is built from its OWN full config, read from its checkpoint (flags given for it are
-checked against that config), placed with the student's expert-parallel layout, loaded, frozen,
-and run in eval mode under no_grad: no dropout, no random token selection, no gate noise, and no
-token dropping (as in evaluation: every token gets its experts' output, whatever capacity factor
-the teacher was trained with) unless ``--kd-teacher-capacity-factor`` asks for one.
-
-Loss per token: alpha * CE(student, labels) + beta * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
-computed by the model's output step (megatron/model/kd_loss.py) from the teacher logits given here.
-"""
+"""The --kd / --mos teacher's model config, read from its checkpoint and checked against the teacher flags."""
 from __future__ import annotations
 
 import dataclasses
 
-import torch
-
-from megatron.checkpointing import load_checkpoint, locate_checkpoint
-from megatron.config import ModelConfig, MoEConfig
+from megatron.checkpoint.checkpointing import locate_checkpoint
+from megatron.config.schema import ModelConfig, MoEConfig
 from megatron.errors import UserError
 
 TEACHER_FLAGS = {"num_layers": "--num-layers-teacher", "hidden_size": "--hidden-size-teacher",
@@ -64,29 +52,3 @@ def teacher_model_config(kd_cfg, student_cfg: ModelConfig) -> ModelConfig:
 def _fmt(v) -> str:
     return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
-
-def build_teacher(kd_cfg, student_cfg: ModelConfig, ps, model_provider=None) -> torch.nn.Module:
-    """The frozen teacher on ``ps.device`` with the student's expert-parallel layout, weights loaded."""
-    from types import SimpleNamespace
-
-    from megatron.model.provider import build_model
-
-    tcfg = teacher_model_config(kd_cfg, student_cfg)
-    for e in tcfg.moe.experts_per_layer(tcfg.num_layers):
-        if e > 1 and e % ps.ep_size:
-            raise UserError(f"--moe-expert-parallel-size {ps.ep_size} does not divide a teacher layer's {e} experts: "
-                            f"the teacher uses the student's EP layout, so choose an EP size that divides both")
-    tcfg.moe.expert_parallel_size = ps.ep_size
-    teacher = build_model(tcfg, ps)  # meta build, this rank's experts and TP shards; weights from the checkpoint
-    load_checkpoint(kd_cfg.load_teacher, teacher, None, None, None, SimpleNamespace(model=tcfg), ps,
-                    load_optim=False, load_rng=False, flag="--load-teacher")
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return teacher
-
-
-def teacher_logits(teacher: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [B, T] -> teacher logits [B, T, V] (eval mode, no grad)."""
-    with torch.no_grad():
-        logits, _ = teacher(tokens)
-    return logits

@@ -8,12 +8,20 @@ nothing else reads flags.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
-from megatron.config import Config
-from megatron.errors import UserError
-from megatron.options import add_options, build_config
+from megatron.config.compat.upstream_flags import translate_argv
+from megatron.config.options import add_options, build_config
+from megatron.config.schema import Config
+from megatron.errors import UserError, check
+from megatron.model.moe.routers import ROUTERS
+from megatron.tokenizer import registry as tokenizers
+
+# Options whose value names a registry entry: the help lists the keys and the value is checked here,
+# above the config layer, which cannot see the registries.
+REGISTRY_OPTIONS = {"model.moe.router_type": ROUTERS, "data.tokenizer_type": tokenizers.REGISTRY}
 
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" where a default is set (not for switches or unset values)."""
@@ -41,7 +49,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     """The training parser, generated from ``Config``; also {flag or alias: config path}."""
     p = _Parser(description="Megatron-style GPT + DeepSpeed-MoE pretraining", allow_abbrev=False,
                 formatter_class=_HelpFormatter)
-    return p, add_options(p, Config)
+    names = add_options(p, Config)
+    for action in p._actions:
+        if action.dest in REGISTRY_OPTIONS:
+            action.help = f"{action.help} (one of: {', '.join(REGISTRY_OPTIONS[action.dest])})"
+    return p, names
+
+
+def check_registry_options(cfg: Config) -> None:
+    """The values that name registry entries are known (and a tokenizer's file flags are given)."""
+    router = cfg.model.moe.router_type
+    check(router in ROUTERS, f"--moe-router-type must be one of {', '.join(ROUTERS)} (got {router!r})")
+    if not cfg.dry_run:
+        d = cfg.data
+        tokenizers.check_data_config(d.tokenizer_type, vocab_file=d.vocab_file, merge_file=d.merge_file,
+                                     tokenizer_model=d.tokenizer_model)
 
 
 def _flags_given(argv: Sequence[str], names: dict[str, str]) -> tuple[str, ...]:
@@ -60,10 +82,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
     ``extra_args_provider(parser) -> parser`` may add the caller's own flags; their values are in
     ``cfg.extra`` (dest -> value).
     """
-    import os
-
-    from megatron.upstream_flags import translate_argv
-
     upstream = translate_argv(sys.argv[1:] if argv is None else argv)  # upstream flags and the DeepSpeed JSON
     if os.environ.get("RANK", "0") == "0":
         for note in upstream.notes:
@@ -77,4 +95,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
     cfg = build_config(Config, {k: v for k, v in values.items() if k in ours})
     cfg.extra = {k: v for k, v in values.items() if k not in ours}
     cfg.flags_given = _flags_given(argv, names)
-    return cfg.validate()
+    cfg.validate()
+    check_registry_options(cfg)
+    return cfg

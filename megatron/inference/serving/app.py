@@ -14,12 +14,13 @@ import json
 import time
 from typing import Optional
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from megatron.serving.engine import Engine, QueueFull, Request, SamplingParams
-from megatron.serving.schemas import CompletionRequest, MegatronRequest, first_error
+from megatron.inference.serving.engine import Engine, QueueFull, Request, SamplingParams
+from megatron.inference.serving.schemas import CompletionRequest, MegatronRequest, first_error
 
 MAX_BODY_BYTES = 4 << 20
 

@@ -3,22 +3,15 @@
 :class:`WandbSink` is a metrics sink beside TensorBoard's (``scalar``, ``histogram``, ``text``,
 ``close``), so the Trainer writes each scalar, per-layer expert load included, to both. Only rank 0
 writes. wandb is an optional dependency: giving ``--wandb-project`` without it installed is a
-one-line error before any compute (``require_wandb``). ``WANDB_MODE=offline`` writes the run to
+one-line error before any compute (``LoggingConfig.validate``). ``WANDB_MODE=offline`` writes the run to
 ``--wandb-save-dir`` only (sync it later with ``wandb sync``).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
-from megatron.errors import UserError
 from megatron.training.metrics import MetricsSink
-
-
-def require_wandb(project: Optional[str]) -> None:
-    if project and importlib.util.find_spec("wandb") is None:
-        raise UserError("--wandb-project needs the wandb package: pip install wandb (or drop the --wandb-* flags)")
 
 
 class WandbSink(MetricsSink):
@@ -27,8 +20,7 @@ class WandbSink(MetricsSink):
         project = logging_cfg.wandb_project
         if not project or not ps.is_main:
             return
-        require_wandb(project)
-        import wandb
+        import wandb  # optional dependency, imported only when --wandb-project is given
 
         save_dir = logging_cfg.wandb_save_dir or os.path.join(logging_cfg.tensorboard_dir or ".", "wandb")
         os.makedirs(save_dir, exist_ok=True)

@@ -1,0 +1,1 @@
+"""The one owner of the on-disk checkpoint format: layout, atomic publish, save, load."""

@@ -1,0 +1,1 @@
+"""Out of training: load any checkpoint from its stored config, generate text, serve it."""

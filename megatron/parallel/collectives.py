@@ -1,0 +1,129 @@
+"""Every collective the layers above use, in one place.
+
+Plain ones (sums and flags over a group, the identity in one process) and the autograd functions of
+tensor parallelism, each a pair of adjoint operations on a tensor that is replicated or sharded over
+the TP group:
+
+- :func:`copy_to_tp` / :func:`reduce_from_tp`: Megatron's f and g around column- and row-parallel ops;
+- :func:`split_to_tp` / :func:`gather_from_tp`: one dimension cut into equal chunks (zero-padded to a
+  multiple of TP) and put back together, used for the vocab-parallel logits and for the MoE layer's
+  routed tokens under TP (``token_split.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def all_reduce_sum(t: torch.Tensor, ps, group=None) -> torch.Tensor:
+    if ps.distributed:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def any_rank(flag: bool, ps) -> bool:
+    if not ps.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ps.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.world_group)
+    return bool(t.item() > 0)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the input gradient over TP (entry of a column-parallel op)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward; identity backward (exit of a row-parallel op)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Megatron's f: identity forward, all-reduce of the gradient backward (entry of a column-parallel op)."""
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Megatron's g: all-reduce forward, identity backward (exit of a row-parallel op)."""
+    return _ReduceFromTP.apply(x, group)
+
+
+def chunk_length(n: int, size: int) -> int:
+    """Rows per TP rank when ``n`` rows are split over ``size`` ranks (the last chunks may be padding)."""
+    return math.ceil(n / size) if n else 0
+
+
+def _pad_along(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    extra = length - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, extra]  # F.pad lists dims from the last one
+    return F.pad(x, pad)
+
+
+def _all_gather_along(x: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _SplitToTP(torch.autograd.Function):
+    """Keep this rank's chunk forward; all-gather the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, rank, size):
+        n = x.shape[dim]
+        c = chunk_length(n, size)
+        ctx.dim, ctx.group, ctx.size, ctx.n = dim, group, size, n
+        return _pad_along(x, dim, c * size).narrow(dim, rank * c, c).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = _all_gather_along(grad, ctx.dim, ctx.group, ctx.size)
+        return full.narrow(ctx.dim, 0, ctx.n), None, None, None, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather the chunks forward (padding dropped); keep this rank's chunk of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, n, group, rank, size):
+        ctx.dim, ctx.rank, ctx.c, ctx.size = dim, rank, x.shape[dim], size
+        return _all_gather_along(x, dim, group, size).narrow(dim, 0, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = _pad_along(grad, ctx.dim, ctx.c * ctx.size)
+        return full.narrow(ctx.dim, ctx.rank * ctx.c, ctx.c).contiguous(), None, None, None, None, None
+
+
+def split_to_tp(x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch.Tensor:
+    """This TP rank's chunk of ``x`` along ``dim``: ceil(n / size) entries (zero-padded at the end)."""
+    return _SplitToTP.apply(x, dim % x.dim(), group, rank, size)
+
+
+def gather_from_tp(x: torch.Tensor, dim: int, n: int, group, rank: int, size: int) -> torch.Tensor:
+    """The TP ranks' chunks of ``dim`` concatenated and cut to its first ``n`` entries."""
+    return _GatherFromTP.apply(x, dim % x.dim(), n, group, rank, size)
