@@ -14,9 +14,13 @@ import torch
 
 from megatron.data.builder import build_datasets
 from megatron.errors import run_cli
+from megatron.model.gpt_model import DistillOutput, LossOutput
 from megatron.parallel.apply import gpt_module
+from megatron.planning.dry_run import dry_run
 from megatron.training import pretrain
+from megatron.training.arguments import parse_args
 from megatron.training.distillation import build_teacher, teacher_logits
+from megatron.training.step_output import StepOutput
 
 
 def model_provider(cfg, ps):
@@ -36,20 +40,20 @@ def get_batch(data_iterator, device):
     return tokens, labels, loss_mask
 
 
-def loss_func(loss_mask, cfg, output):
+def loss_func(loss_mask, cfg, output: LossOutput | DistillOutput) -> StepOutput:
     """lm loss (token mean) + moe_loss_coeff * sum of aux losses (+ z-loss); logged apart.
 
-    With a teacher (output holds a third item, the per-token KD term T^2 * KL): alpha * lm loss
+    With a teacher (a DistillOutput, with the per-token KD term T^2 * KL): alpha * lm loss
     + beta * kd loss + moe loss; "lm loss" stays the student's plain cross-entropy.
     """
-    per_token, stats, *kd = output
+    per_token, stats = output.loss, output.moe_stats  # [B, T] fp32; MoEStats per MoE layer
     moe_cfg = cfg.model.moe
     denom = loss_mask.sum()
     lm_loss = torch.sum(per_token * loss_mask) / denom
     loss = lm_loss
     logs = {"lm loss": lm_loss.detach()}
-    if kd:
-        kd_term = cfg.kd.beta_ce * torch.sum(kd[0] * loss_mask) / denom
+    if isinstance(output, DistillOutput):
+        kd_term = cfg.kd.beta_ce * torch.sum(output.kd_loss * loss_mask) / denom
         loss = cfg.kd.alpha_ce * lm_loss + kd_term
         logs["kd loss"] = kd_term.detach()
     if stats:
@@ -58,8 +62,7 @@ def loss_func(loss_mask, cfg, output):
             moe_loss = moe_loss + moe_cfg.z_loss_coeff * torch.stack([s.z_loss for s in stats]).sum()
         loss = loss + moe_loss
         logs["moe loss"] = moe_loss.detach()
-        logs["moe stats"] = stats
-    return loss, logs
+    return StepOutput(loss, logs, list(stats))
 
 
 def teacher_provider(cfg, ps):
@@ -71,21 +74,15 @@ def forward_step(cfg, data_iterator, model, teacher=None):
     device = next(model.parameters()).device
     tokens, labels, loss_mask = get_batch(data_iterator, device)
     if teacher is None:
-        output = model(tokens, labels)  # (per-token loss [B, T], moe stats)
-    else:
-        (per_token, kd), stats = model(tokens, labels, teacher_logits=teacher_logits(teacher, tokens),
-                                       kd_temperature=cfg.kd.temperature)  # [B, T] each
-        output = (per_token, stats, kd)
+        output = model(tokens, labels)  # LossOutput: per-token loss [B, T], moe stats
+    else:  # DistillOutput: per-token loss and KD term [B, T] each, moe stats
+        output = model.distill(tokens, labels, teacher_logits(teacher, tokens), cfg.kd.temperature)
     return output, partial(loss_func, loss_mask, cfg)
 
 
 def main(argv=None, cfg=None):
-    from megatron.training.arguments import parse_args
-
     cfg = cfg or parse_args(argv)
     if cfg.dry_run:
-        from megatron.planning.dry_run import dry_run
-
         return dry_run(cfg, cfg.dry_run_world_size)
     return pretrain(train_valid_test_datasets_provider, model_provider, partial(forward_step, cfg), cfg=cfg,
                     teacher_provider=teacher_provider)

@@ -1,10 +1,15 @@
 import os
 import shutil
 
+import pytest
 import torch
 
 import pretrain_gpt_moe
-from megatron.checkpoint.checkpointing import TRACKER
+from megatron.checkpoint.formats import FORMATS, SAVED_FORMAT, format_of
+from megatron.checkpoint.layout import TRACKER
+from megatron.checkpoint.weights_only import write_weights_checkpoint
+from megatron.errors import UserError
+from megatron.inference.load import load_model
 from tests.runs import mock_args
 
 BASE = ["--micro-batch-size", "2", "--global-batch-size", "4", "--num-experts", "4"]
@@ -57,3 +62,34 @@ def test_finetune_and_no_load_optim(tmp_path):
     assert len(out["losses"]) == 2  # iteration reset to 0: trains 2 more
     out = pretrain_gpt_moe.main(mock_args(BASE + ["--train-iters", "3"]) + ["--load", ck, "--no-load-optim"])
     assert len(out["losses"]) == 1
+
+
+def test_unknown_format_is_a_one_line_error_naming_file_and_field(tmp_path):
+    ck = str(tmp_path / "ck")
+    argv = mock_args(BASE + ["--train-iters", "2"])
+    pretrain_gpt_moe.main(argv + ["--save", ck])
+    common_file = os.path.join(ck, "iter_0000002", "common.pt")
+    common = torch.load(common_file, weights_only=True)
+    assert common["format"] == SAVED_FORMAT.VERSION == 1 and FORMATS[1] is SAVED_FORMAT
+    common["format"] = 99
+    torch.save(common, common_file)
+    for load in (lambda: pretrain_gpt_moe.main(argv + ["--load", ck]), lambda: load_model(ck, "cpu")):
+        with pytest.raises(UserError) as e:
+            load()
+        message = str(e.value)
+        assert common_file in message and "'format'" in message and "99" in message and "\n" not in message, message
+    assert format_of({}, "common.pt") is FORMATS[1]  # no field: the only layout ever written
+    with pytest.raises(UserError, match="format '1'"):
+        format_of({"format": "1"}, "common.pt")
+
+
+def test_weights_only_checkpoint_loads_with_the_same_weights(tmp_path):
+    ck, out = str(tmp_path / "ck"), str(tmp_path / "weights")
+    pretrain_gpt_moe.main(mock_args(BASE + ["--train-iters", "2", "--save", ck]))
+    lm = load_model(ck, "cpu")
+    path = write_weights_checkpoint(out, lm.model, lm.config, iteration=2, consumed_samples=8)
+    assert path == os.path.join(out, "iter_0000002") and open(os.path.join(out, TRACKER)).read() == "2"
+    assert sorted(os.listdir(path)) == ["common.pt", "experts", "model_dense.pt"]
+    again = load_model(out, "cpu")
+    for (n, a), (_, b) in zip(lm.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(a, b), n

@@ -37,7 +37,7 @@ def harness_lm(path, mbs=3):
 def direct_loglikelihood(model, ctx, cont):
     tokens = torch.tensor([ctx + cont])
     with torch.no_grad():
-        logits, _ = model(tokens[:, :-1])
+        logits, _ = model.logits(tokens[:, :-1])
     logp = F.log_softmax(logits.float(), -1)[0, len(ctx) - 1:]
     return float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
 
@@ -80,7 +80,7 @@ def test_padding_changes_neither_routing_nor_loglikelihood(checkpoints):
         for i, s in enumerate(seqs):
             tokens[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
         with torch.no_grad():
-            logits, stats = model(tokens, token_mask=mask)
+            logits, stats = model.logits(tokens, token_mask=mask)
         return logits, [s.counts for s in stats]
 
     logits_pair, c_pair = counts([short, long])
@@ -185,7 +185,7 @@ def test_export_hf_gives_the_same_logits(checkpoints, tmp_path):
     ours = load_model(checkpoints["dense"], "cpu").model
     tokens = torch.randint(0, 127, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, ours(tokens)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hf(tokens).logits, ours.logits(tokens)[0], rtol=1e-4, atol=1e-4)
     moe_out = str(tmp_path / "moe")
     checkpoint_util.main(["export-hf", "--load", checkpoints["moe"], "--save", moe_out])
     cfg = json.load(open(os.path.join(moe_out, "config.json")))

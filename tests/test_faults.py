@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pretrain_gpt_moe
-from megatron.checkpoint.checkpointing import TRACKER
+from megatron.checkpoint.layout import TRACKER
 from megatron.data.indexed_dataset import IndexedDatasetBuilder
 from megatron.errors import UserError
 from tests.runs import mock_args

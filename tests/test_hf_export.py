@@ -65,7 +65,7 @@ def test_export_loads_in_transformers_with_our_logits(exports, kind):
     ours = load_model(ck, "cpu").model
     tokens = torch.randint(0, 127, (3, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, ours(tokens)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf(tokens).logits, ours.logits(tokens)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe_top2", "prmoe"])

@@ -41,7 +41,7 @@ def test_import_gives_the_same_logits_and_trains_on(tmp_path, safetensors):
     assert lm.iteration == 0
     tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(lm.model(tokens)[0], hf(tokens).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lm.model.logits(tokens)[0], hf(tokens).logits, rtol=1e-5, atol=1e-5)
     out = pretrain_gpt_moe.main(mock_args(["--num-layers", "2", "--max-position-embeddings", "32",
                                            "--micro-batch-size", "2", "--train-iters", "3", "--load", ck, "--finetune",
                                            "--make-vocab-size-divisible-by", "1", "--save", str(tmp_path / "cont")]))
@@ -56,7 +56,7 @@ def test_padded_vocabulary_keeps_the_real_logits(tmp_path):
     assert lm.cfg.vocab_size == 192
     tokens = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(lm.model(tokens)[0][..., :128], hf(tokens).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lm.model.logits(tokens)[0][..., :128], hf(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_architecture_is_one_line(tmp_path):

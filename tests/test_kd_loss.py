@@ -112,11 +112,11 @@ def test_model_with_teacher_logits_takes_the_fused_step_and_matches_the_logits_p
     m.init_weights(0)
     tok = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
     teacher = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(2))
-    (ce, kl), _ = m(tok[:, :-1], tok[:, 1:], teacher_logits=teacher, kd_temperature=2.0)
+    ce, _, kl = m.distill(tok[:, :-1], tok[:, 1:], teacher, 2.0)
     (ce.mean() + kl.mean()).backward()
     grads = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    logits, _ = m(tok[:, :-1])
+    logits, _ = m.logits(tok[:, :-1])
     ref_ce, ref_kl = cross_entropy_and_kd(logits, tok[:, 1:], teacher, 2.0)
     (ref_ce.mean() + ref_kl.mean()).backward()
     torch.testing.assert_close(ce, ref_ce)

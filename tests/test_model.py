@@ -43,8 +43,8 @@ def test_causal_and_checkpointed_activations_match():
     m.init_weights(0)
     m.eval()
     tok = torch.randint(0, 64, (2, 12))
-    logits, _ = m(tok)
-    logits2, _ = m(torch.cat([tok[:, :6], torch.randint(0, 64, (2, 6))], 1))
+    logits, _ = m.logits(tok)
+    logits2, _ = m.logits(torch.cat([tok[:, :6], torch.randint(0, 64, (2, 6))], 1))
     torch.testing.assert_close(logits[:, :6], logits2[:, :6])  # the future does not leak
     m.train()
     m.cfg.moe.train_capacity_factor = 8.0
@@ -66,12 +66,12 @@ def test_kv_cache_generation_equals_full_forward():
     m = GPTModel(cfg).eval()
     m.init_weights(0)
     tok = torch.randint(0, 64, (1, 10))
-    full, _ = m(tok)
-    caches = [{} for _ in m.layers]
-    out, _ = m(tok[:, :6], kv_caches=caches)
+    full, _ = m.logits(tok)
+    cache = m.new_cache()
+    out, _ = m.decode(tok[:, :6], cache)
     steps = [out[:, -1]]
     for t in range(6, 10):
-        o, _ = m(tok[:, t:t + 1], kv_caches=caches, position_offset=t)
+        o, _ = m.decode(tok[:, t:t + 1], cache)  # positions count on from the cache: t
         steps.append(o[:, -1])
     torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 5:9], rtol=1e-4, atol=1e-5)
 
@@ -112,7 +112,7 @@ def test_model_takes_the_fused_loss_and_matches_logits_path():
     loss.mean().backward()
     grads = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    logits, _ = m(tok[:, :-1])
+    logits, _ = m.logits(tok[:, :-1])
     ref = m.loss_fn(logits, tok[:, 1:])
     ref.mean().backward()
     torch.testing.assert_close(loss, ref)

@@ -83,3 +83,12 @@ def test_stored_config_has_only_plain_values():
     d = parse_args(MINIMAL).to_dict()
     assert "extra" not in d and "flags_given" not in d
     assert dataclasses.is_dataclass(Config) and d["model"]["moe"]["num_experts"] == [1]
+
+
+def test_mock_data_without_a_vocabulary_is_one_line_in_training_and_dry_run():
+    from megatron.errors import UserError
+
+    for extra in ([], ["--dry-run"]):
+        with pytest.raises(UserError, match=r"^--mock-data needs --vocab-size \(or a real tokenizer via --tokenizer-type\)$"):
+            parse_args(["--mock-data", "--lr", "1e-3", "--train-iters", "1", *extra])
+    assert parse_args(MINIMAL).data.tokenizer_type == "NullTokenizer"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pretrain_gpt_moe
-from megatron.checkpoint.checkpointing import TRACKER, locate_checkpoint
+from megatron.checkpoint.layout import TRACKER, locate_checkpoint
 from megatron.config.schema import ModelConfig
 from megatron.errors import TrainingFault, UserError
 from megatron.training.preflight import check_save_dir

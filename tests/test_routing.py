@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron.config.schema import MoEConfig
+from megatron.model.gpt_model import DistillOutput, LossOutput
 from megatron.model.moe.capacity import expert_capacity
 from megatron.model.moe.dispatch import plan_capacity
 from megatron.model.moe.layer import MoELayer
@@ -162,11 +163,13 @@ def test_loss_terms_are_weighted_by_their_own_coefficients():
     per_token, mask = torch.full((1, 4), 2.0), torch.ones(1, 4)
     stats = [_stats(1.5, 7.0), _stats(2.5, 9.0)]
     cfg = _loss_cfg(loss_coeff=0.1, z_loss_coeff=0.01)
-    loss, logs = pretrain_gpt_moe.loss_func(mask, cfg, (per_token, stats))
+    out = pretrain_gpt_moe.loss_func(mask, cfg, LossOutput(per_token, stats))
+    loss, logs = out.loss, out.logs
     assert logs["moe loss"].item() == pytest.approx(0.1 * 4.0 + 0.01 * 16.0)
     assert loss.item() == pytest.approx(2.0 + 0.1 * 4.0 + 0.01 * 16.0)
     kd = torch.full((1, 4), 5.0)
-    loss, logs = pretrain_gpt_moe.loss_func(mask, _loss_cfg(loss_coeff=0.0, z_loss_coeff=0.0), (per_token, stats, kd))
+    out = pretrain_gpt_moe.loss_func(mask, _loss_cfg(loss_coeff=0.0, z_loss_coeff=0.0), DistillOutput(per_token, stats, kd))
+    loss, logs = out.loss, out.logs
     assert logs["kd loss"].item() == pytest.approx(2.0 * 5.0) and logs["lm loss"].item() == pytest.approx(2.0)
     assert loss.item() == pytest.approx(0.3 * 2.0 + 2.0 * 5.0)  # alpha * CE + beta * KD
 
@@ -265,3 +268,15 @@ def test_aux_free_training_run_saves_the_bias_and_counts_each_forward_once(tmp_p
         loss.mean().backward()
         loads.append(model.moe_layers()[0].router.pending_load.clone())
     assert loads[0].sum() == 16 and torch.equal(loads[0], loads[1])
+
+
+@pytest.mark.parametrize("name", ["topk", "aux_free"])
+def test_router_classes_carry_their_facts(name):
+    from megatron.model.moe.routers import ROUTERS, Router
+    from megatron.parallel.router_balance import balancing_routers
+
+    cls = ROUTERS[name]
+    router = cls(H, 4, MoEConfig(num_experts=[4], router_type=name))
+    assert isinstance(router, Router) and cls.num_parameters(H, 4) == sum(p.numel() for p in router.parameters())
+    assert router.plain_eval and cls.hf_router_type == name  # the transformers export's Router reproduces it
+    assert (balancing_routers(router) == [router]) == cls.balances_after_step == (name == "aux_free")

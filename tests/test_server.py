@@ -126,7 +126,7 @@ def greedy(s, prompt, n, **kw):
 @torch.no_grad()
 def forward_logp(model, ids) -> torch.Tensor:
     """Next-token log-probs [T, V] of one sequence, in one plain forward."""
-    return torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), -1)
+    return torch.log_softmax(model.logits(torch.tensor([ids]))[0][0].float(), -1)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])

@@ -48,7 +48,7 @@ def test_engine_tokens_equal_generate_with_and_without_echo(moe):
         assert r.tokens == generate(model, r.prompt, 6)
     r = reqs[3]
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([r.prompt + r.tokens]))[0][0].float(), -1)  # [T, V]
+        logp = torch.log_softmax(model.logits(torch.tensor([r.prompt + r.tokens]))[0][0].float(), -1)  # [T, V]
     assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(r.prompt)
     direct = [float(logp[j, t]) for j, t in enumerate(r.prompt[1:] + r.tokens)]
     assert max(abs(a - b) for a, b in zip(r.prompt_logprobs[1:] + r.token_logprobs, direct)) < 1e-4

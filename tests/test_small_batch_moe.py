@@ -131,12 +131,12 @@ def test_model_decode_logits_equal_with_kv_cache(mlp_type):
     outs = []
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            caches = [dict() for _ in model.layers]
-            logits, _ = model(tokens, kv_caches=caches)
+            cache = model.new_cache()
+            logits, _ = model.decode(tokens, cache, all_logits=True)
             steps = [logits[:, -1]]
             for t in range(4):
                 nxt = steps[-1].argmax(-1)[:, None]
-                logits, stats = model(nxt, kv_caches=caches, position_offset=5 + t)
+                logits, stats = model.decode(nxt, cache)  # positions count on from the cache: 5 + t
                 steps.append(logits[:, -1])
             assert all(isinstance(s, LazyMoEStats) != grad for s in stats)
             outs.append(torch.stack(steps).detach())

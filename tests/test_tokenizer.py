@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from megatron.errors import UserError
@@ -111,3 +113,23 @@ def test_registry_rebuilds_a_stored_config(tmp_path):
                                               "merge_file": str(tmp_path / "m")}, "model": {"vocab_size": 64}})
     with pytest.raises(UserError, match="GPT2BPETokenizer needs --merge-file"):
         registry.check_data_config("GPT2BPETokenizer", vocab_file="v.json")
+
+
+def test_registry_facts_drive_the_trainer_dry_run_and_export(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron.hf.tokenizer_files import write_tokenizer_files
+    from megatron.tokenizer import registry
+
+    data = lambda kind, **files: SimpleNamespace(tokenizer_type=kind, vocab_file=None, merge_file=None,  # noqa: E731
+                                                 tokenizer_model=None, **files)
+    assert registry.build_for_data_config(data("NullTokenizer"), vocab_size=64).eod == 63
+    with pytest.raises(UserError, match="NullTokenizer needs --vocab-size"):
+        registry.build_for_data_config(data("NullTokenizer"), vocab_size=0)
+    assert registry.needs_vocab_size("NullTokenizer") and not registry.needs_vocab_size("GPT2BPETokenizer")
+    assert registry.dry_run_vocab_size(data(None)) == registry.dry_run_vocab_size(data("GPT2BPETokenizer")) == 50257
+    for kind in ("NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "WordPiece"):
+        assert registry.dry_run_vocab_size(data(kind)) is None  # no files to read the size from
+    assert write_tokenizer_files({"tokenizer_type": "NullTokenizer"}, str(tmp_path), 64).startswith("none (")
+    assert os.listdir(tmp_path) == []
+    assert all(s.hf_files or s.hf_note for s in registry.REGISTRY.values())

@@ -27,12 +27,15 @@ from __future__ import annotations
 import os
 import shutil
 
-import torch
-
-from megatron.checkpoint.checkpointing import TRACKER, _atomic_write_text, iter_dir_name
+from megatron.checkpoint.formats import format_of
+from megatron.checkpoint.layout import COMMON_FILE
+from megatron.checkpoint.stored_config import copy_checkpoint, read_checkpoint_config
 from megatron.config.schema import ModelConfig
 from megatron.errors import UserError, run_cli
-from megatron.inference.load import load_model, read_checkpoint_config
+from megatron.hf.export import write_export
+from megatron.hf.import_gpt2 import import_gpt2
+from megatron.hf.upcycle import upcycle_checkpoint
+from megatron.inference.load import load_model
 from megatron.planning.model_stats import count_parameters
 from megatron.training.arguments import argument_parser
 
@@ -101,12 +104,7 @@ def inspect(a) -> dict:
     path, common = read_checkpoint_config(a.load)
     cfg = ModelConfig.from_dict(common["config"]["model"])
     counts = count_parameters(cfg)
-    files = []
-    for root, _, names in os.walk(path):
-        for n in names:
-            files.append((os.path.relpath(os.path.join(root, n), path), os.path.getsize(os.path.join(root, n))))
-    n_expert_files = sum(1 for f, _ in files if f.startswith("experts" + os.sep))
-    has_optim = any(f == "optim_dense.pt" for f, _ in files)
+    files = format_of(common, os.path.join(path, COMMON_FILE)).describe_files(path)
     print(f"checkpoint: {path}\niteration: {common['iteration']}\nconsumed samples: {common.get('consumed_samples')}")
     print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, ffn "
           f"{cfg.ffn_hidden_size}, vocab {cfg.vocab_size}, max positions {cfg.max_position_embeddings}")
@@ -114,10 +112,10 @@ def inspect(a) -> dict:
           f"{cfg.moe.mlp_type if cfg.moe.enabled else 'standard'}, top-{cfg.moe.topk}); saved with EP "
           f"{cfg.moe.expert_parallel_size}, loadable at any EP size dividing every layer's experts")
     print(f"total parameters: {counts.total}\nactive parameters: {counts.active}\nexpert parameters: {counts.expert}")
-    print(f"files: {len(files)} ({n_expert_files} expert files), {sum(s for _, s in files) / 2**20:.1f} MiB; "
-          f"optimizer state: {'yes' if has_optim else 'no'}")
+    print(f"files: {files['files']} ({files['expert_files']} expert files), {files['bytes'] / 2**20:.1f} MiB; "
+          f"optimizer state: {'yes' if files['optimizer_state'] else 'no'}")
     print(f"tokenizer: {common['config']['data'].get('tokenizer_type')}")
-    return {"iteration": common["iteration"], "total": counts.total, "active": counts.active, "files": len(files)}
+    return {"iteration": common["iteration"], "total": counts.total, "active": counts.active, "files": files["files"]}
 
 
 def _refuse_overlap(load: str, save: str) -> None:
@@ -130,11 +128,9 @@ def _refuse_overlap(load: str, save: str) -> None:
 
 def export_hf(a) -> dict:
     try:
-        import safetensors  # noqa: F401
+        import safetensors  # noqa: F401  (optional dependency: only export-hf needs it)
     except ImportError:
         raise UserError("export-hf needs the safetensors package: pip install safetensors") from None
-    from megatron.hf.export import write_export
-
     _refuse_overlap(a.load, a.save)
     lm = load_model(a.load, "cpu")
     summary = _write_and_publish(a.load, a.save, lambda tmp: write_export(lm, tmp), a.force)
@@ -144,8 +140,6 @@ def export_hf(a) -> dict:
 
 
 def import_hf(a) -> dict:
-    from megatron.hf.import_gpt2 import import_gpt2
-
     if a.make_vocab_size_divisible_by < 1:
         raise UserError("--make-vocab-size-divisible-by must be >= 1")
     summary = _write_and_publish(a.load, a.save,
@@ -157,8 +151,6 @@ def import_hf(a) -> dict:
 
 
 def upcycle(a) -> dict:
-    from megatron.hf.upcycle import upcycle_checkpoint
-
     summary = _write_and_publish(a.load, a.save, lambda tmp: upcycle_checkpoint(
         a.load, tmp, a.num_experts, a.expert_interval, a.mlp_type, a.topk))
     print(f"> upcycled {a.load} (iteration {summary['from_iteration']}) -> {a.save}: experts per layer "
@@ -179,13 +171,8 @@ def reshard(a) -> dict:
                         f"checkpoint: choose a divisor of every layer's experts")
     _refuse_overlap(a.load, a.save)
     tmp = _prepare_out(a.save)
-    name = iter_dir_name(int(common["iteration"]))
-    shutil.copytree(path, os.path.join(tmp, name))
     common["config"]["model"]["moe"]["expert_parallel_size"] = n
-    common_path = os.path.join(tmp, name, "common.pt")
-    torch.save(common, common_path + ".tmp")
-    os.replace(common_path + ".tmp", common_path)
-    _atomic_write_text(os.path.join(tmp, TRACKER), str(common["iteration"]))
+    copy_checkpoint(path, common, tmp)
     _publish(tmp, a.save)
     print(f"> {a.load} (iteration {common['iteration']}, EP {cfg.moe.expert_parallel_size}) -> {a.save} (EP {n})")
     return {"path": a.save, "ep": n}

@@ -26,8 +26,10 @@ import os
 import tempfile
 import time
 
+from megatron.checkpoint.stored_config import read_checkpoint_config
 from megatron.errors import UserError, run_cli
 from megatron.evaluation.local_tasks import REGISTRY, TASKS, write_tasks
+from megatron.tokenizer import registry as tokenizers
 from megatron.training.arguments import argument_parser
 
 DEFAULT_DATA = os.environ.get("MEGATRON_MOE_EVAL_DATA", os.path.join(
@@ -173,10 +175,8 @@ def main(argv=None) -> dict:
     a = parse(argv)
     _split(a)
     for load in a.load:
-        from megatron.inference.load import read_checkpoint_config
-
         _, common = read_checkpoint_config(load)  # fail early, before any evaluation runs
-        if common["config"]["data"].get("tokenizer_type") == "NullTokenizer":
+        if not tokenizers.spec(common["config"]["data"].get("tokenizer_type")).reads_text:
             raise UserError(f"--load {load}: this checkpoint was trained on --mock-data with no text tokenizer, so it "
                             f"cannot read the task texts; evaluate a checkpoint trained with a real tokenizer")
     all_results, rows = {}, {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron.checkpoint.checkpointing import locate_checkpoint
+from megatron.checkpoint.layout import locate_checkpoint
 from megatron.config.schema import ModelConfig, MoEConfig
 from megatron.errors import UserError
 

@@ -39,6 +39,12 @@ class MoEConfig:
     expert_parallel_size: int = option("--moe-expert-parallel-size", 1, "expert-parallel group size: each rank holds "
                                        "1/EP of every MoE layer's experts", check=(positive, "must be >= 1"),
                                        aliases=("--expert-model-parallel-size",))
+    token_dispatcher_type: str = option(
+        "--moe-token-dispatcher-type", "alltoall", "how expert parallelism moves routed tokens to the experts "
+        "and back, a name in TOKEN_DISPATCHERS (megatron/parallel/expert_parallel.py): alltoall (each rank sends "
+        "each expert rank only the tokens routed there) or allgather (Megatron-LM's: all-gather the tokens and their "
+        "routing over the EP group, reduce-scatter the outputs); without expert parallelism the layer's local "
+        "dispatcher runs")
     train_capacity_factor: float = option("--moe-train-capacity-factor", 1.0, "expert capacity in training: "
                                           "ceil(tokens / experts * k * factor) slots per expert", check=(positive, "must be > 0"))
     eval_capacity_factor: float = option("--moe-eval-capacity-factor", 1.0, "expert capacity factor in evaluation",
@@ -56,9 +62,7 @@ class MoEConfig:
                                               type=none_or_str, check=(lambda v: v in ("Jitter", "RSample"), "must be None, Jitter or RSample"))
     z_loss_coeff: float = option("--moe-z-loss-coeff", 0.0, "weight of the router z-loss (mean squared logsumexp of "
                                  "the gate logits)", check=(non_negative, "must be >= 0"))
-    router_type: str = option("--moe-router-type", "topk", "router, a name in megatron/model/moe/routers: topk "
-                              "(DeepSpeed's top-k gate) or aux_free (DeepSeek-V3's auxiliary-loss-free balancing: a "
-                              "per-expert bias on the scores, for the choice only, updated after each step)")
+    router_type: str = option("--moe-router-type", "topk", "router, a name in megatron/model/moe/routers")
     router_bias_update_rate: float = option("--moe-router-bias-update-rate", 1e-3, "aux_free router: bias step per "
                                             "optimizer step (bias += rate * sign(mean load - load))",
                                             check=(non_negative, "must be >= 0"))
@@ -369,8 +373,8 @@ class DataConfig:
                                    "whole", type=str, nargs="*", convert=parse_data_path)
     test_data_path: list = option("--test-data-path", [], "test dataset prefix (or weight-prefix pairs), read whole",
                                   type=str, nargs="*", convert=parse_data_path)
-    tokenizer_type: Optional[str] = option("--tokenizer-type", None, "GPT2BPETokenizer, SentencePieceTokenizer, "
-                                           "HuggingFaceTokenizer (--tokenizer-model DIR) or NullTokenizer (default with --mock-data)", type=str)
+    tokenizer_type: Optional[str] = option("--tokenizer-type", None, "tokenizer, a name in megatron/tokenizer/registry.py "
+                                           "(default with --mock-data: NullTokenizer)", type=str)
     vocab_file: Optional[str] = option("--vocab-file", None, "GPT-2 BPE vocabulary (vocab.json)", type=str)
     merge_file: Optional[str] = option("--merge-file", None, "GPT-2 BPE merges (merges.txt)", type=str)
     tokenizer_model: Optional[str] = option("--tokenizer-model", None, "SentencePiece .model file, or a Hugging Face tokenizer directory", type=str)
@@ -583,8 +587,6 @@ class Config:
         self.train.validate()
         if not self.dry_run:
             self.data.validate()
-        if self.data.mock_data and not self.model.vocab_size and self.data.tokenizer_type in (None, "NullTokenizer"):
-            raise UserError("--mock-data needs --vocab-size (or a real tokenizer via --tokenizer-type)")
         self.checkpoint.validate()
         self.logging.validate()
         self.kd.validate()

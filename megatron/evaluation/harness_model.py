@@ -56,7 +56,7 @@ class MegatronMoELM(TemplateLM):
         for i, s in enumerate(seqs):
             tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = True
-        logits, _ = self.model(tokens, token_mask=mask)  # [B, T, V]
+        logits = self.model.logits(tokens, token_mask=mask).logits  # [B, T, V]
         return F.log_softmax(logits.float(), dim=-1)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

@@ -24,7 +24,9 @@ class MegatronMoEConfig(PretrainedConfig):
         self.experts_per_layer = list(experts_per_layer or [1] * num_layers)
         self.mlp_type = mlp_type  # "standard" or "residual" (Residual-MoE: a dense MLP mixed with the experts)
         self.topk = topk
-        self.router_type = router_type  # "topk", or "aux_free" (the router holds a selection-only expert bias)
+        # the routing of modeling_megatron_moe.Router: "topk", or "aux_free" (a selection-only expert bias); the
+        # exporter writes the trained router class's hf_router_type
+        self.router_type = router_type
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

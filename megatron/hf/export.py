@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 
+from megatron.errors import UserError
 from megatron.hf.tokenizer_files import write_tokenizer_files
+from megatron.model.moe.routers import router_class
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REMOTE_CODE = ("configuration_megatron_moe.py", "modeling_megatron_moe.py")
@@ -49,6 +51,10 @@ def hf_gpt2_config(cfg, eod: int) -> dict:
 
 def moe_config(cfg, eod: int) -> dict:
     """config.json of a ``megatron_moe`` export (read by configuration_megatron_moe.MegatronMoEConfig)."""
+    router_type = router_class(cfg.moe.router_type).hf_router_type  # the routing modeling_megatron_moe.py reproduces
+    if router_type is None:
+        raise UserError(f"--moe-router-type {cfg.moe.router_type}: the transformers export has no router that "
+                        f"reproduces it")
     return {
         "architectures": ["MegatronMoEForCausalLM"], "model_type": "megatron_moe", "format": "megatron-moe",
         "auto_map": {"AutoConfig": "configuration_megatron_moe.MegatronMoEConfig",
@@ -57,7 +63,7 @@ def moe_config(cfg, eod: int) -> dict:
         "num_attention_heads": cfg.num_attention_heads, "ffn_hidden_size": cfg.ffn_hidden_size,
         "max_position_embeddings": cfg.max_position_embeddings, "layernorm_epsilon": cfg.layernorm_epsilon,
         "experts_per_layer": cfg.moe.experts_per_layer(cfg.num_layers), "mlp_type": cfg.moe.mlp_type,
-        "topk": cfg.moe.topk, "router_type": cfg.moe.router_type, "initializer_range": cfg.init_method_std, "tie_word_embeddings": True,
+        "topk": cfg.moe.topk, "router_type": router_type, "initializer_range": cfg.init_method_std, "tie_word_embeddings": True,
         "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": "float32",
     }
 

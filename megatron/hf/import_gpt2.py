@@ -8,9 +8,9 @@ import shutil
 
 import torch
 
+from megatron.checkpoint.weights_only import write_weights_checkpoint
 from megatron.config.schema import Config, ModelConfig, pad_vocab_size
 from megatron.errors import UserError
-from megatron.hf.weights_checkpoint import write_weights_checkpoint
 from megatron.model.gpt_model import GPTModel
 
 SUPPORTED = "GPT-2 family (model_type gpt2: GPT2LMHeadModel / GPT2Model, e.g. gpt2, distilgpt2, DialoGPT)"
@@ -41,7 +41,7 @@ def read_hf_config(src: str) -> dict:
 def read_hf_state(src: str) -> dict:
     st, pt = os.path.join(src, "model.safetensors"), os.path.join(src, "pytorch_model.bin")
     if os.path.isfile(st):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional dependency: only a model.safetensors needs it
 
         return load_file(st)
     if os.path.isfile(pt):

@@ -20,10 +20,11 @@ import copy
 
 import torch
 
+from megatron.checkpoint.stored_config import read_checkpoint_config
+from megatron.checkpoint.weights_only import write_weights_checkpoint
 from megatron.config.schema import ModelConfig
 from megatron.errors import UserError
-from megatron.hf.weights_checkpoint import write_weights_checkpoint
-from megatron.inference.load import load_model, read_checkpoint_config
+from megatron.inference.load import load_model
 from megatron.model.gpt_model import GPTModel
 from megatron.model.moe.layer import MoELayer
 

@@ -8,6 +8,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron.model.kv_cache import left_padded_positions
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """logits [V] with everything outside the top-k / nucleus set to -inf."""
@@ -43,18 +45,16 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
     max_length = max_length or model.cfg.max_position_embeddings
     prompt = list(prompt)[-max_length:]
     out: list[int] = []
-    caches = [dict() for _ in model.layers] if use_cache else None
+    cache = model.new_cache() if use_cache else None  # positions count on from what it holds
     tokens = torch.tensor([prompt], device=device)  # [1, T]
-    offset = 0
     while len(out) < max_new_tokens and len(prompt) + len(out) < max_length:
-        logits, _ = model(tokens, kv_caches=caches, position_offset=offset, last_logits_only=True)  # [1, 1, V]
+        logits = model.decode(tokens, cache).logits  # [1, 1, V]
         token = sample_token(logits[0, -1].float(), temperature, top_k, top_p, generator)
         out.append(token)
         if token == eod or (stop is not None and stop(out)):
             break
         if use_cache:
-            offset += tokens.shape[1]
-            tokens = torch.tensor([[token]], device=device)
+            tokens = torch.tensor([[token]], device=device)  # [1, 1]
         else:
             tokens = torch.tensor([prompt + out], device=device)
     return out
@@ -75,10 +75,9 @@ def generate_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, 
     for i, p in enumerate(prompts):
         tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
         valid[i, L - len(p):] = True
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, L]: 0 at each row's first real token
-    caches = [dict() for _ in model.layers]
-    logits, _ = model(tokens, position_ids=positions, token_mask=valid, kv_caches=caches,
-                      last_logits_only=True)  # [B, 1, V] (left-padded: the last position is real)
+    positions = left_padded_positions(valid)  # [B, L]
+    cache = model.new_cache()
+    logits = model.decode(tokens, cache, positions, token_mask=valid).logits  # [B, 1, V] (left-padded: last is real)
     outs: list[list[int]] = [[] for _ in range(B)]
     done = [len(p) >= max_length for p in prompts]
     next_pos = positions[:, -1:] + 1  # [B, 1]
@@ -93,6 +92,6 @@ def generate_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, 
                 done[i] = True
         if all(done):
             break
-        logits, _ = model(nxt[:, None], position_ids=next_pos.clamp(max=max_length - 1), kv_caches=caches)
+        logits = model.decode(nxt[:, None], cache, next_pos.clamp(max=max_length - 1)).logits  # [B, 1, V]
         next_pos = next_pos + 1
     return outs

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from megatron.checkpoint.checkpointing import load_checkpoint, locate_checkpoint
+from megatron.checkpoint.load import load_checkpoint
+from megatron.checkpoint.stored_config import read_checkpoint_config
 from megatron.config.schema import ModelConfig
 from megatron.errors import UserError
 from megatron.parallel.apply import build_model
@@ -28,13 +29,6 @@ class LoadedModel:
     iteration: int
     config: dict  # the checkpoint's full stored config
     path: str
-
-
-def read_checkpoint_config(load_dir: str, flag: str = "--load") -> tuple[str, dict]:
-    found = locate_checkpoint(load_dir, flag)
-    if found is None:
-        raise UserError(f"{flag} {load_dir}: no checkpoint there (latest_checkpointed_iteration.txt is missing)")
-    return found
 
 
 def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor: Optional[float] = None,

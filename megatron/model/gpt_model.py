@@ -1,10 +1,14 @@
 """GPT model: learned positions, pre-LN transformer, tied input/output embeddings, MoE per layer.
 
+Entry points (one shared trunk): ``model(tokens, labels)`` = :meth:`GPTModel.forward`, the training
+loss; :meth:`GPTModel.distill` (loss against labels and a teacher's logits); :meth:`GPTModel.logits`
+(scoring); :meth:`GPTModel.decode` (generation with a :class:`~megatron.model.kv_cache.KVCache`).
+
 Shapes: B batch, T sequence, H hidden, V padded vocabulary.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -14,10 +18,34 @@ from torch.utils.checkpoint import checkpoint
 from megatron.model.cross_entropy import linear_cross_entropy
 from megatron.model.fused import layer_norm
 from megatron.model.kd_loss import cross_entropy_and_kd, linear_cross_entropy_kd
+from megatron.model.kv_cache import KVCache, padding_attention_mask
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
+from megatron.model.moe.metrics import MoEStats
 from megatron.model.param_tags import is_output_layer
-from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer, padding_attention_mask
+from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer
+
+
+class LossOutput(NamedTuple):
+    """:meth:`GPTModel.forward` (training)."""
+
+    loss: torch.Tensor  # [B, T] fp32 per-token cross-entropy
+    moe_stats: list[MoEStats]  # one per MoE layer, in layer order
+
+
+class DistillOutput(NamedTuple):
+    """:meth:`GPTModel.distill`: the student's loss terms against labels and a teacher."""
+
+    loss: torch.Tensor  # [B, T] fp32 per-token cross-entropy
+    moe_stats: list[MoEStats]
+    kd_loss: torch.Tensor  # [B, T] fp32 per-token T^2 * KL(teacher || student)
+
+
+class LogitsOutput(NamedTuple):
+    """:meth:`GPTModel.logits` (scoring) and :meth:`GPTModel.decode` (generation)."""
+
+    logits: torch.Tensor  # [B, T, V] (decode: [B, 1, V] unless all_logits)
+    moe_stats: list[MoEStats]
 
 
 class TiedOutputLayer(nn.Module):
@@ -89,46 +117,79 @@ class GPTModel(nn.Module):
         for layer in self.moe_layers():
             layer.experts.init_weights(seed, layer.layer_number, std, out_std)
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None, position_ids=None,
-                token_mask: Optional[torch.Tensor] = None, kv_caches: Optional[list] = None, position_offset: int = 0,
-                last_logits_only: bool = False, teacher_logits: Optional[torch.Tensor] = None,
-                kd_temperature: float = 1.0):
-        """tokens [B, T] -> (logits [B, T, V] or, with labels, per-token loss [B, T] fp32; moe stats list).
-        ``last_logits_only``: logits [B, 1, V] of the last position only (generation's prefill).
-        ``teacher_logits`` [B, T, V] (with labels; distillation): the loss is the pair (cross-entropy, T^2 * KL to
-        the teacher at ``kd_temperature``), [B, T] fp32 each.
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for :meth:`decode` (one :class:`~megatron.model.kv_cache.LayerKV` per layer)."""
+        return KVCache(len(self.layers))
 
-        ``token_mask`` [B, T] bool marks real tokens: padding is kept out of MoE routing and capacity, and
-        out of attention where it precedes real tokens (left-padded batches; the KV cache remembers it).
+    # ---- entry points; all run the same trunk (embeddings, layers) and tied output projection
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """Training: tokens, labels [B, T] -> per-token cross-entropy [B, T] fp32 and the MoE layers' stats."""
+        h, stats = self._trunk(tokens)
+        h = self.final_layernorm(h)  # [B, T, H]
+        if self._fused_output_loss():
+            return LossOutput(linear_cross_entropy(h, self.word_embeddings.weight, labels), stats)  # no [B, T, V] kept
+        logits = self.output_layer(h, self.word_embeddings.weight, gather=False)  # [B, T, V] (this rank's slice)
+        return LossOutput(self.loss_fn(logits, labels), stats)
+
+    def distill(self, tokens: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                temperature: float) -> DistillOutput:
+        """Distillation: tokens, labels [B, T], teacher_logits [B, T, V] -> per-token cross-entropy and
+        T^2 * KL(teacher || student) at ``temperature``, [B, T] fp32 each, and the MoE layers' stats."""
+        h, stats = self._trunk(tokens)
+        h = self.final_layernorm(h)  # [B, T, H]
+        if self._fused_output_loss():
+            ce, kd = linear_cross_entropy_kd(h, self.word_embeddings.weight, labels, teacher_logits, temperature)
+        else:
+            logits = self.output_layer(h, self.word_embeddings.weight, gather=True)  # [B, T, V]
+            ce, kd = cross_entropy_and_kd(logits, labels, teacher_logits, temperature)
+        return DistillOutput(ce, stats, kd)
+
+    def logits(self, tokens: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> LogitsOutput:
+        """Scoring: tokens [B, T] -> logits [B, T, V]. ``token_mask`` [B, T] bool marks real tokens: padding
+        is kept out of MoE routing and capacity, and out of attention where it precedes real tokens."""
+        h, stats = self._trunk(tokens, token_mask=token_mask)
+        return LogitsOutput(self._project(h), stats)
+
+    def decode(self, tokens: torch.Tensor, cache: Optional[KVCache], position_ids: Optional[torch.Tensor] = None,
+               token_mask: Optional[torch.Tensor] = None, all_logits: bool = False) -> LogitsOutput:
+        """Generation: tokens [B, T] after what ``cache`` holds (appended to it; None: no cache) -> logits
+        [B, 1, V] of the last position, or [B, T, V] with ``all_logits``.
+
+        ``position_ids`` [B, T] (per-row positions of left-padded rows, see
+        :func:`~megatron.model.kv_cache.left_padded_positions`); default: counting on from ``cache.length``.
+        ``token_mask`` [B, T] bool marks real tokens (left padding); the cache remembers it.
         """
+        h, stats = self._trunk(tokens, position_ids, token_mask, cache)
+        if not all_logits:
+            h = h[:, -1:]  # [B, 1, H]
+        return LogitsOutput(self._project(h), stats)
+
+    # ---- shared parts
+
+    def _trunk(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+               token_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
+        """tokens [B, T] -> (hidden states [B, T, H] before the final layer norm, MoE stats per MoE layer)."""
         B, T = tokens.shape
         if position_ids is None:
-            position_ids = torch.arange(position_offset, position_offset + T, device=tokens.device)[None, :]
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=tokens.device)[None, :]  # [1, T]
         h = self.word_embeddings(tokens) + self.position_embeddings(position_ids)  # [B, T, H]
         h = self.embedding_dropout(h)
-        attn_mask = None
-        if token_mask is not None or kv_caches is not None:
-            attn_mask = padding_attention_mask(token_mask, kv_caches, B, T, tokens.device)
+        attn_mask = None  # [B, 1, T, L + T] bool or None (causal attention alone is exact)
+        if token_mask is not None or cache is not None:
+            attn_mask = padding_attention_mask(token_mask, cache, B, T, tokens.device)
         stats = []
         for i, layer in enumerate(self.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
+            layer_cache = cache[i] if cache is not None else None
             if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
-                h, s = checkpoint(layer, h, token_mask, cache, attn_mask, use_reentrant=False)
+                h, s = checkpoint(layer, h, token_mask, layer_cache, attn_mask, use_reentrant=False)
             else:
-                h, s = layer(h, token_mask, cache, attn_mask)
+                h, s = layer(h, token_mask, layer_cache, attn_mask)
             if s is not None:
                 stats.append(s)
-        if last_logits_only and labels is None:
-            h = h[:, -1:]  # [B, 1, H]
-        h = self.final_layernorm(h)
-        if labels is not None and teacher_logits is not None:
-            if self._fused_output_loss():
-                return linear_cross_entropy_kd(h, self.word_embeddings.weight, labels, teacher_logits, kd_temperature), stats
-            logits = self.output_layer(h, self.word_embeddings.weight, gather=True)  # [B, T, V]
-            return cross_entropy_and_kd(logits, labels, teacher_logits, kd_temperature), stats
-        if labels is not None and self._fused_output_loss():
-            return linear_cross_entropy(h, self.word_embeddings.weight, labels), stats  # no [B, T, V] logits kept
-        logits = self.output_layer(h, self.word_embeddings.weight, gather=labels is None)  # [B, T, V] (tied)
-        if labels is None:
-            return logits, stats
-        return self.loss_fn(logits, labels), stats
+        return h, stats
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, H] -> full-vocabulary logits [B, T, V] (final layer norm, tied projection)."""
+        return self.output_layer(self.final_layernorm(h), self.word_embeddings.weight, gather=True)

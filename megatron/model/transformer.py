@@ -4,11 +4,14 @@ Shapes: B batch, T sequence, H hidden, nh heads, hd head dim.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.model.fused import layer_norm
+from megatron.model.kv_cache import LayerKV
 from megatron.model.param_tags import mark_output_layer
 
 
@@ -21,16 +24,14 @@ class SelfAttention(nn.Module):
         mark_output_layer(self.proj)
         self.attention_dropout = attention_dropout
 
-    def forward(self, x: torch.Tensor, kv_cache=None, attn_mask=None) -> torch.Tensor:
-        # x: [B, T, H]; kv_cache: optional dict holding "k", "v" [B, nh, T_past, hd] (updated in place);
+    def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: [B, T, H]; kv_cache: this layer's keys / values so far, [B, nh, T_past, hd] each (appended to);
         # attn_mask: [B, 1, T, T_past + T] bool from padding_attention_mask, or None for plain causal attention.
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, T, hd]
         if kv_cache is not None:
-            if "k" in kv_cache:
-                k = torch.cat([kv_cache["k"], k], dim=2)  # [B, nh, T_past + T, hd]
-                v = torch.cat([kv_cache["v"], v], dim=2)
-            kv_cache["k"], kv_cache["v"] = k, v
+            k, v = kv_cache.append(k, v)  # [B, nh, T_past + T, hd] each
         dropout = self.attention_dropout if self.training else 0.0
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
@@ -41,32 +42,6 @@ class SelfAttention(nn.Module):
             # no cache / first chunk: causal; one new token after the cache: it attends to everything
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T_k == T)  # [B, nh, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, nh*hd] -> [B, T, H]
-
-
-def padding_attention_mask(token_mask, kv_caches, B: int, T: int, device):
-    """[B, 1, T, T_past + T] bool mask keeping padded keys out of attention, or None when causal attention
-    alone is exact (no padding, or padding only at row ends with no cache). Computed once per forward for
-    every layer; with a KV cache the key validity so far is kept (one shared tensor) under "valid"."""
-    first = kv_caches[0] if kv_caches else None
-    if token_mask is None and (first is None or "valid" not in first):
-        return None  # nothing padded, now or before (the decoding fast path)
-    past = first["k"].shape[2] if first is not None and "k" in first else 0
-    new = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-    if first is not None and ("valid" in first or not bool(new.all())):
-        valid = torch.cat([first.get("valid", torch.ones(B, past, dtype=torch.bool, device=device)), new], dim=1)
-        for cache in kv_caches:
-            cache["valid"] = valid
-    elif first is None and token_mask is not None:
-        valid = token_mask
-    else:
-        return None  # nothing padded
-    T_k = past + T
-    if past == 0 and bool((valid.long().cumprod(dim=1).bool() == valid).all()):
-        return None  # padding only after each row's real tokens: causal attention never reaches it
-    qpos = torch.arange(past, T_k, device=device)[:, None]  # absolute query positions [T, 1]
-    kpos = torch.arange(T_k, device=device)[None, :]  # [1, T_k]
-    # causal, padded keys masked; a query always sees itself (a padded query would otherwise see nothing)
-    return (kpos <= qpos)[None, None] & (valid[:, None, None, :] | (kpos == qpos)[None, None])
 
 
 class MLP(nn.Module):
@@ -103,8 +78,9 @@ class TransformerLayer(nn.Module):
         self.mlp = mlp  # DenseMLPBlock or MoELayer: forward(x, token_mask) -> (y, stats | None)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, token_mask=None, kv_cache=None, attn_mask=None):
-        # x: [B, T, H] -> ([B, T, H], moe stats or None)
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, kv_cache: Optional[LayerKV] = None,
+                attn_mask: Optional[torch.Tensor] = None):
+        # x: [B, T, H]; token_mask [B, T] bool or None -> ([B, T, H], moe stats or None)
         x = x + self.hidden_dropout(self.attention(self.input_layernorm(x), kv_cache, attn_mask))
         y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
         return x + self.hidden_dropout(y), stats

@@ -10,7 +10,7 @@ from megatron.optim.zero2 import ShardedGradients
 
 def build_optimizer(model: torch.nn.Module, opt_cfg, device: torch.device, ps=None):
     """torch AdamW, the ZeRO-1 sharded AdamW with ``--use-distributed-optimizer``, or with ``--zero-stage 2``
-    the ZeRO-2 AdamW that also shards the gradients (the training step then calls its ``reduce_gradients``)."""
+    the ZeRO-2 AdamW that also shards the gradients (see :func:`shards_gradients`)."""
     if opt_cfg.zero_stage == 2 and ps is not None:
         return ShardedGradients(model, opt_cfg, ps)
     if opt_cfg.use_distributed_optimizer and ps is not None:
@@ -21,3 +21,18 @@ def build_optimizer(model: torch.nn.Module, opt_cfg, device: torch.device, ps=No
     else:
         kwargs["foreach"] = True
     return torch.optim.AdamW(param_groups(model, opt_cfg.weight_decay), **kwargs)
+
+
+def shards_gradients(optimizer) -> bool:
+    """Whether ``optimizer`` keeps only this rank's shard of the gradients (ZeRO-2, :class:`ShardedGradients`).
+
+    Then the training step calls its ``reduce_gradients`` instead of the all-reduce and unscales, measures and
+    clips through its ``scale_gradients`` / ``grad_norm`` / ``clip_gradients``. torch AdamW and the ZeRO-1
+    :class:`DistributedAdamW` (``shards_gradients = False``) leave full gradients on every rank.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return False
+    if isinstance(optimizer, DistributedAdamW):
+        return optimizer.shards_gradients
+    raise TypeError(f"unknown optimizer {type(optimizer).__name__}: neither a torch.optim.Optimizer nor a "
+                    f"DistributedAdamW (whose shards_gradients says whether it shards the gradients)")

@@ -101,7 +101,13 @@ class _Domain:
 
 
 class DistributedAdamW:
-    """The optimizer interface the training loop uses: ``param_groups`` (lr), ``step()``, and state I/O."""
+    """The optimizer interface the training loop uses: ``param_groups`` (lr), ``step()``, and state I/O.
+
+    ``shards_gradients`` is False: every rank keeps full gradients (all-reduced by the grad reducer), so the
+    trainer unscales, measures and clips them on the model as for torch AdamW.
+    """
+
+    shards_gradients = False
 
     def __init__(self, model: torch.nn.Module, opt_cfg, ps):
         self.param_groups = param_groups(model, opt_cfg.weight_decay)

@@ -9,7 +9,8 @@ norm is a sum of shard norms over the group, clipping scales the shards, and the
 reads the shard — element for element torch.optim.AdamW on the all-reduced gradients. Checkpoints
 hold full per-parameter Adam state (as ZeRO-1's), so they load at any DP size or optimizer kind.
 
-The training step drives it through :class:`ShardedGradients`' four calls, in this order::
+It says so with ``shards_gradients = True`` (:func:`megatron.optim.build.shards_gradients`); the
+training step then drives it through :class:`ShardedGradients`' four calls, in this order::
 
     opt.reduce_gradients()        # instead of the all-reduce; frees p.grad
     opt.scale_gradients(1 / loss_scale)
@@ -45,6 +46,8 @@ def _reduce_scatter_shard(domain: _Domain, scale: float) -> torch.Tensor:
 
 class ShardedGradients(DistributedAdamW):
     """AdamW with Adam state and gradients sharded over each domain's data-parallel group."""
+
+    shards_gradients = True  # the trainer calls reduce_gradients / scale_gradients / grad_norm / clip_gradients
 
     def __init__(self, model: torch.nn.Module, opt_cfg, ps):
         super().__init__(model, opt_cfg, ps)

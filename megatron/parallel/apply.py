@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron.model.gpt_model import GPTModel
+from megatron.model.families import build_family_model
 from megatron.parallel.expert_parallel import apply_expert_parallel
 from megatron.parallel.grad_sync import BlockingGradReducer, GradReducer
 from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
@@ -21,7 +21,8 @@ from megatron.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def gpt_module(model_cfg, ps) -> torch.nn.Module:
-    return GPTModel(model_cfg, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
+    """The bare GPT model (family "gpt" of megatron.model.families) holding ``ps.ep_rank``'s experts."""
+    return build_family_model("gpt", model_cfg, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
 
 
 def build_model(model_cfg, ps, device: Optional[torch.device] = None, seed: Optional[int] = None,

@@ -8,10 +8,20 @@ the TP group:
 - :func:`split_to_tp` / :func:`gather_from_tp`: one dimension cut into equal chunks (zero-padded to a
   multiple of TP) and put back together, used for the vocab-parallel logits and for the MoE layer's
   routed tokens under TP (``token_split.py``).
+
+And those of expert parallelism's token dispatchers (``expert_parallel.py``, ``allgather_dispatcher.py``),
+along dim 0 over the EP group, each run (forward and backward) inside an optional timer:
+
+- :func:`all_to_all`: rows to each rank in blocks of given sizes (its backward swaps the sizes);
+- :func:`all_gather_rows` / :func:`reduce_scatter_rows`: every rank's rows concatenated, and its adjoint,
+  the sum over ranks of each rank's block (gloo has no reduce-scatter: there an all-to-all of the blocks,
+  then their sum).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -59,6 +69,7 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Megatron's f: identity forward, all-reduce of the gradient backward (entry of a column-parallel op)."""
@@ -127,3 +138,92 @@ def split_to_tp(x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch
 def gather_from_tp(x: torch.Tensor, dim: int, n: int, group, rank: int, size: int) -> torch.Tensor:
     """The TP ranks' chunks of ``dim`` concatenated and cut to its first ``n`` entries."""
     return _GatherFromTP.apply(x, dim % x.dim(), n, group, rank, size)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Autograd-aware all_to_all_single along dim 0 with split sizes (its backward swaps them)."""
+
+    @staticmethod
+    def forward(ctx, group, x, out_splits, in_splits, timer):
+        ctx.group, ctx.out_splits, ctx.in_splits, ctx.timer = group, out_splits, in_splits, timer
+        rows = x.shape[0] if out_splits is None else sum(out_splits)
+        out = x.new_empty((rows,) + tuple(x.shape[1:]))
+        with timer or contextlib.nullcontext():
+            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = grad.shape[0] if ctx.in_splits is None else sum(ctx.in_splits)
+        out = grad.new_empty((rows,) + tuple(grad.shape[1:]))
+        with ctx.timer or contextlib.nullcontext():
+            dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return None, out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, out_splits=None, in_splits=None,
+               timer: Optional[ContextManager] = None) -> torch.Tensor:
+    """Rows of x go to the ranks of ``group`` in blocks of ``in_splits`` (equal blocks when None);
+    the exchange (and its backward) runs inside ``timer`` when one is given."""
+    return _AllToAll.apply(group, x, out_splits, in_splits, timer)
+
+
+def _reduce_scatter_along0(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """[size * n, ...] on every rank -> [n, ...]: this rank's block summed over the ranks."""
+    if dist.get_backend(group) == "gloo":  # no reduce_scatter in gloo: all-to-all of the blocks, then their sum
+        recv = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(recv, x.contiguous(), group=group)
+        return recv.view((size, -1) + tuple(x.shape[1:])).sum(0)
+    out = x.new_empty((x.shape[0] // size,) + tuple(x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """All-gather along dim 0 forward; reduce-scatter (sum) of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group, size, timer):
+        ctx.group, ctx.size, ctx.timer = group, size, timer
+        with timer or contextlib.nullcontext():
+            return _all_gather_along(x, 0, group, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with ctx.timer or contextlib.nullcontext():
+            return _reduce_scatter_along0(grad, ctx.group, ctx.size), None, None, None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """Reduce-scatter (sum) along dim 0 forward; all-gather of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group, size, timer):
+        ctx.group, ctx.size, ctx.timer = group, size, timer
+        with timer or contextlib.nullcontext():
+            return _reduce_scatter_along0(x, group, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with ctx.timer or contextlib.nullcontext():
+            return _all_gather_along(grad, 0, ctx.group, ctx.size), None, None, None
+
+
+def all_gather_rows(x: torch.Tensor, group, size: int, timer: Optional[ContextManager] = None) -> torch.Tensor:
+    """[n, ...] on each of the ``size`` ranks of ``group`` -> [size * n, ...], rank order; the gradient of
+    each rank's rows is the sum of the ranks' gradients for them. Runs inside ``timer`` when given."""
+    return _AllGatherRows.apply(x, group, size, timer)
+
+
+def reduce_scatter_rows(x: torch.Tensor, group, size: int, timer: Optional[ContextManager] = None) -> torch.Tensor:
+    """[size * n, ...] on each rank -> [n, ...]: this rank's block summed over the ranks (the adjoint of
+    :func:`all_gather_rows`). Runs inside ``timer`` when given."""
+    return _ReduceScatterRows.apply(x, group, size, timer)
+
+
+def all_gather_values(x: torch.Tensor, group, size: int, timer: Optional[ContextManager] = None) -> torch.Tensor:
+    """[n, ...] on each rank -> [size, n, ...] (no gradient: counts, indices)."""
+    with timer or contextlib.nullcontext():
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.stack(parts)

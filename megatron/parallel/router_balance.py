@@ -1,4 +1,7 @@
-"""After each optimizer step: update the aux-loss-free routers' biases from loads summed over replicas.
+"""After each optimizer step: update the balancing routers' biases from loads summed over replicas.
+
+A balancing router is one whose class sets ``balances_after_step`` (the aux-loss-free router): it
+keeps a ``pending_load`` [E] buffer and applies ``update_bias(load)``.
 
 Every data-parallel replica of a router must apply the same update, so the per-expert loads each
 rank saw since the last step are summed over ``ps.dp_group`` (the ranks that hold a replica of the
@@ -10,13 +13,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron.model.moe.routers import Router
+
 
 def balancing_routers(model: torch.nn.Module) -> list:
-    return [m for m in model.modules() if hasattr(m, "update_bias") and hasattr(m, "pending_load")]
+    return [m for m in model.modules() if isinstance(m, Router) and m.balances_after_step]
 
 
 def update_router_biases(model: torch.nn.Module, ps) -> None:
-    """Sum every aux-loss-free router's pending load over DP (one all-reduce) and update its bias."""
+    """Sum every balancing router's pending load over DP (one all-reduce) and update its bias."""
     routers = balancing_routers(model)
     if not routers:
         return

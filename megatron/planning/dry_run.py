@@ -2,7 +2,7 @@
 
 No data, no process group, no GPU: a launch script is checked on a laptop in seconds. The
 parameter counts come from the built (meta) model and are cross-checked against the analytical
-counts of :mod:`megatron.model_stats`.
+counts of :mod:`megatron.planning.model_stats`.
 
 Memory plan (per GPU, bytes): weights are fp32 master parameters (4 B; autocast casts per op),
 gradients fp32 (4 B), Adam moments fp32 (8 B, divided by the data-parallel size for dense
@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from megatron.checkpoint.checkpointing import TRACKER
+from megatron.checkpoint.layout import TRACKER
 from megatron.checkpoint.teacher_config import teacher_model_config
 from megatron.config.schema import MoEConfig, pad_vocab_size
 from megatron.errors import UserError
@@ -37,23 +37,18 @@ from megatron.model.param_tags import is_expert
 from megatron.parallel.apply import build_model
 from megatron.parallel.state import ParallelState
 from megatron.planning.model_stats import count_parameters, flops_per_token
-from megatron.tokenizer import build_tokenizer
+from megatron.tokenizer import registry as tokenizers
 
-GPT2_VOCAB = 50257
 GiB = 1024**3
 
 
 def resolve_vocab_size(cfg) -> int:
-    """Padded vocabulary for a dry run: --vocab-size, else the tokenizer files if present, else GPT-2's 50257."""
+    """Padded vocabulary for a dry run: --vocab-size, else what the tokenizer's registry record tells (GPT-2's
+    50257, with no --tokenizer-type too; a SentencePiece model's size when the file exists)."""
     d = cfg.data
     tp = cfg.parallel.tensor_model_parallel_size
-    if cfg.model.vocab_size:
-        raw = cfg.model.vocab_size
-    elif d.tokenizer_type in (None, "GPT2BPETokenizer"):
-        raw = GPT2_VOCAB
-    elif d.tokenizer_type == "SentencePieceTokenizer" and d.tokenizer_model and os.path.isfile(d.tokenizer_model):
-        raw = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model).vocab_size
-    else:
+    raw = cfg.model.vocab_size or tokenizers.dry_run_vocab_size(d)
+    if not raw:
         raise UserError("--dry-run cannot tell the vocabulary size: give --vocab-size N (or an existing --tokenizer-model)")
     return pad_vocab_size(raw, d.make_vocab_size_divisible_by, tp)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron.model.moe.routers import router_class
+
 
 @dataclass
 class ParamCounts:
@@ -35,7 +37,7 @@ def count_parameters(cfg) -> ParamCounts:
             total += base + mlp
             active += base + mlp
             continue
-        router = H * e + (e if cfg.moe.router_type == "aux_free" else 0)  # + the balancing bias
+        router = router_class(cfg.moe.router_type).num_parameters(H, e)  # wg, + aux_free's balancing bias
         layer_expert = e * mlp
         residual = (mlp + 2 * H + 2) if cfg.moe.mlp_type == "residual" else 0
         total += base + router + layer_expert + residual

@@ -47,8 +47,8 @@ def cpu_has_bf16_units(flags: Optional[set] = None) -> Optional[bool]:
 
 
 def bf16_matmul_slowdown(n: int = 128, budget_s: float = 0.5) -> float:
-    """bf16 matmul time / fp32 matmul time for an n x n matmul: the fastest of the calls made in about
-    ``budget_s`` for each."""
+    """bf16 matmul time / fp32 matmul time for an n x n matmul on one thread: the fastest of the calls made
+    in about ``budget_s`` for each."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g)
     b = torch.randn(n, n, generator=g)
@@ -63,7 +63,14 @@ def bf16_matmul_slowdown(n: int = 128, budget_s: float = 0.5) -> float:
             reps += 1
         return best
 
-    return rate(a.bfloat16(), b.bfloat16()) / rate(a, b)
+    # one thread: a multi-threaded fp32 matmul on a loaded machine waits for its other threads (measured 20x
+    # slower than single-threaded bf16 here), which says nothing about the arithmetic units
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return rate(a.bfloat16(), b.bfloat16()) / rate(a, b)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def bf16_is_fast(device: torch.device | str = "cpu", probe: bool = False) -> tuple[bool, str]:

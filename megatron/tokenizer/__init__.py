@@ -1,2 +1,2 @@
-"""Tokenizers with Megatron's names: GPT2BPETokenizer, SentencePieceTokenizer (and NullTokenizer)."""
+"""Tokenizers with Megatron's names, built by ``--tokenizer-type`` through the registry (``registry.py``)."""
 from megatron.tokenizer.build import build_tokenizer  # noqa: F401

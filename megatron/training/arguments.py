@@ -17,11 +17,13 @@ from megatron.config.options import add_options, build_config
 from megatron.config.schema import Config
 from megatron.errors import UserError, check
 from megatron.model.moe.routers import ROUTERS
+from megatron.parallel.expert_parallel import TOKEN_DISPATCHERS
 from megatron.tokenizer import registry as tokenizers
 
 # Options whose value names a registry entry: the help lists the keys and the value is checked here,
 # above the config layer, which cannot see the registries.
-REGISTRY_OPTIONS = {"model.moe.router_type": ROUTERS, "data.tokenizer_type": tokenizers.REGISTRY}
+REGISTRY_OPTIONS = {"model.moe.router_type": ROUTERS, "data.tokenizer_type": tokenizers.REGISTRY,
+                    "model.moe.token_dispatcher_type": TOKEN_DISPATCHERS}
 
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" where a default is set (not for switches or unset values)."""
@@ -60,8 +62,13 @@ def check_registry_options(cfg: Config) -> None:
     """The values that name registry entries are known (and a tokenizer's file flags are given)."""
     router = cfg.model.moe.router_type
     check(router in ROUTERS, f"--moe-router-type must be one of {', '.join(ROUTERS)} (got {router!r})")
+    dispatcher = cfg.model.moe.token_dispatcher_type
+    check(dispatcher in TOKEN_DISPATCHERS,
+          f"--moe-token-dispatcher-type must be one of {', '.join(TOKEN_DISPATCHERS)} (got {dispatcher!r})")
+    d = cfg.data
+    if d.mock_data and not cfg.model.vocab_size and (d.tokenizer_type is None or tokenizers.needs_vocab_size(d.tokenizer_type)):
+        raise UserError("--mock-data needs --vocab-size (or a real tokenizer via --tokenizer-type)")
     if not cfg.dry_run:
-        d = cfg.data
         tokenizers.check_data_config(d.tokenizer_type, vocab_file=d.vocab_file, merge_file=d.merge_file,
                                      tokenizer_model=d.tokenizer_model)
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from megatron.checkpoint.checkpointing import load_checkpoint
+from megatron.checkpoint.load import load_checkpoint
 from megatron.checkpoint.teacher_config import teacher_model_config
 from megatron.config.schema import ModelConfig
 from megatron.errors import UserError
@@ -41,5 +41,4 @@ def build_teacher(kd_cfg, student_cfg: ModelConfig, ps, model_provider=None) -> 
 def teacher_logits(teacher: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """tokens [B, T] -> teacher logits [B, T, V] (eval mode, no grad)."""
     with torch.no_grad():
-        logits, _ = teacher(tokens)
-    return logits
+        return teacher.logits(tokens).logits  # [B, T, V]

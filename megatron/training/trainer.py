@@ -22,11 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron.checkpoint.checkpointing import TRACKER, load_checkpoint, recover_and_clean, save_checkpoint
+from megatron.checkpoint.atomic import recover_and_clean
+from megatron.checkpoint.layout import TRACKER
+from megatron.checkpoint.load import load_checkpoint
+from megatron.checkpoint.save import save_checkpoint
 from megatron.config.schema import pad_vocab_size
 from megatron.errors import UserError
 from megatron.model.param_tags import is_expert
-from megatron.optim.build import build_optimizer
+from megatron.optim.build import build_optimizer, shards_gradients
 from megatron.optim.loss_scaler import build_loss_scaler
 from megatron.optim.lr_scheduler import build_scheduler
 from megatron.parallel.apply import build_grad_reducer, build_model
@@ -36,7 +39,7 @@ from megatron.parallel.grad_sync import clip_gradients, global_grad_norm, scale_
 from megatron.parallel.router_balance import update_router_biases
 from megatron.parallel.state import ParallelState, destroy, initialize
 from megatron.planning.model_stats import count_parameters, device_peak_tflops, flops_per_token
-from megatron.tokenizer import build_tokenizer
+from megatron.tokenizer import registry as tokenizers
 from megatron.training.agreement import agree_on_error, agree_on_settings, check_replicas
 from megatron.training.arguments import parse_args
 from megatron.training.curriculum import TruncatingIterator, build_curriculum, iterations_for_tokens, tokens_trained
@@ -47,6 +50,7 @@ from megatron.training.optimizer_stats import optimizer_state_stats
 from megatron.training.preflight import check_batch_arithmetic, check_save_dir, check_train_split
 from megatron.training.schedule import BatchSchedule, MicroBatchIterator, train_schedule
 from megatron.training.signals import SignalFlag
+from megatron.training.step_output import as_step_output
 from megatron.training.timers import Timers
 from megatron.training.wandb_sink import WandbSink
 
@@ -143,11 +147,7 @@ class Trainer:
 
     def setup_tokenizer(self) -> None:
         cfg, ps = self.cfg, self.ps
-        if cfg.data.tokenizer_type == "NullTokenizer":
-            tokenizer = build_tokenizer("NullTokenizer", vocab_size=cfg.model.vocab_size)
-        else:
-            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file,
-                                        cfg.data.tokenizer_model)
+        tokenizer = tokenizers.build_for_data_config(cfg.data, cfg.model.vocab_size)
         cfg.model.vocab_size = pad_vocab_size(tokenizer.vocab_size, cfg.data.make_vocab_size_divisible_by,
                                               cfg.parallel.tensor_model_parallel_size)
         self.tokenizer = tokenizer
@@ -265,7 +265,9 @@ class Trainer:
     def forward_backward(self, data_iterator, num_micro: int):
         """Forward and backward of the step's micro-batches (gradient accumulation).
 
-        Returns (per-key loss sums averaged over micro-batches, accumulated MoE stats).
+        Each micro-batch's ``loss_fn(output)`` gives a :class:`~megatron.training.step_output.StepOutput`
+        (or a plain ``(loss, logs)`` tuple). Returns (per-key log sums averaged over micro-batches,
+        accumulated MoE stats).
         """
         sums: dict = defaultdict(float)
         moe_acc: list = []
@@ -279,21 +281,20 @@ class Trainer:
                 self.grad_reducer.arm()
             with timers("forward-compute"), self.autocast():
                 output, loss_fn = self.forward_step_fn(data_iterator, self.model, **teacher_kwarg)
-                loss, logs = loss_fn(output)
+                out = as_step_output(loss_fn(output))
             with timers("backward-compute"):
-                (loss * (self.scaler.scale / num_micro)).backward()
-            for k, v in logs.items():
-                if k == "moe stats":
-                    moe_acc = accumulate_moe(moe_acc, v)
-                else:
-                    sums[k] += float(v) / num_micro
+                (out.loss * (self.scaler.scale / num_micro)).backward()
+            if out.moe_stats:
+                moe_acc = accumulate_moe(moe_acc, out.moe_stats)
+            for k, v in out.logs.items():
+                sums[k] += float(v) / num_micro
         timers("forward-backward").stop()
         return sums, moe_acc
 
     def step(self, sums: dict, moe_acc: list) -> StepResult:
         """Reduce gradients, unscale, clip and step the optimizer unless the gradient norm is non-finite."""
         ps, opt = self.ps, self.optimizer
-        sharded = hasattr(opt, "reduce_gradients")  # ZeRO-2: each rank keeps only its shard of the gradients
+        sharded = shards_gradients(opt)  # ZeRO-2: each rank keeps only its shard of the gradients
         if sharded:
             with self.timers("grads-reduce-scatter"):
                 opt.reduce_gradients()
@@ -341,10 +342,9 @@ class Trainer:
         for _ in range(cfg.train.eval_iters * self.eval_micro):
             with self.autocast():
                 output, loss_fn = self.forward_step_fn(it, self.model)
-                _, logs = loss_fn(output)
+                logs = as_step_output(loss_fn(output)).logs
             for k, v in logs.items():
-                if k != "moe stats":
-                    sums[k] += float(v)
+                sums[k] += float(v)
             n += 1
         self.model.train()
         self.time_all_to_all(True)
@@ -487,6 +487,8 @@ def pretrain(train_valid_test_datasets_provider, model_provider, forward_step_fn
              extra_args_provider=None, teacher_provider=None, sinks=None):
     """Parse flags, build everything, train, evaluate, save. Returns a dict of final figures.
 
+    ``forward_step_fn(data_iterator, model)`` returns ``(output, loss_fn)``; ``loss_fn(output)`` returns a
+    :class:`~megatron.training.step_output.StepOutput` (loss, logs, MoE stats) or a plain ``(loss, logs)``.
     ``teacher_provider(cfg, ps)`` builds the frozen teacher for --kd / --mos; ``forward_step_fn`` is then
     called with ``teacher=`` while distillation lasts (until --kd-stop-iters). ``sinks`` are extra
     :class:`MetricsSink` backends. Every rank first checks that all ranks hold the same settings.

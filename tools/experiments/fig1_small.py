@@ -239,7 +239,7 @@ def measure_speed(out: str, p: dict, data: dict, seed: int, iters: int, rounds: 
     """Tokens/s of every arm measured side by side: short runs (no checkpoints) one after another with all cores,
     in alternating order over ``rounds``; the median of each arm's second-half iteration times. An arm need not be
     trained (speed depends on its shape only); a MoS arm needs its teacher's checkpoint, of any iteration."""
-    from megatron.checkpoint.checkpointing import TRACKER
+    from megatron.checkpoint.layout import TRACKER
 
     names = [a for a in all_arms(p) if not a.teacher or os.path.isfile(
         os.path.join(out, "runs", a.teacher, "ckpt", TRACKER))]

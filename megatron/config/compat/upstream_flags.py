@@ -70,9 +70,6 @@ UPSTREAM_FLAGS = {f.name: f for f in [
     UpstreamFlag("--moe-router-load-balancing-type", "accepted", True, why="'aux_loss' is DeepSpeed-MoE's loss, ours",
                  check=_only("aux_loss", what="only the auxiliary load-balancing loss (aux_loss) is implemented: "
                                               "use --moe-router-load-balancing-type aux_loss (or drop the flag)")),
-    UpstreamFlag("--moe-token-dispatcher-type", "accepted", True, why="expert parallelism always dispatches with "
-                 "all-to-all", check=_only("alltoall", what="only the all-to-all dispatcher exists here: use "
-                                                             "--moe-token-dispatcher-type alltoall (or drop it)")),
 ]}
 
 

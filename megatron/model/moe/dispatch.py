@@ -1,5 +1,9 @@
 """Dispatch plans: which slot of which expert each kept (token, choice) assignment takes.
 
+A router's :class:`~megatron.model.moe.routing.Routing` becomes a :class:`DispatchPlan` here (through a
+token dispatcher's ``plan``); the dispatcher's ``dispatch`` turns the plan into an ``ExpertBatch`` and the
+metadata its ``combine`` needs (``dispatchers.py``). A plan is immutable: nothing is stashed on it.
+
 Shapes: S tokens, H hidden, E experts, k choices per token, C capacity (slots per expert),
 N kept assignments (<= S * k).
 """
@@ -11,7 +15,7 @@ from typing import Optional
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class DispatchPlan:
     token: torch.Tensor  # [N] token index of each kept assignment
     slot: torch.Tensor  # [N] e * C + position within expert e (capacity mode) or sorted position (grouped)
@@ -19,7 +23,6 @@ class DispatchPlan:
     counts: torch.Tensor  # [E] kept assignments per expert
     capacity: int  # C (capacity mode) or 0 (grouped)
     dropped: torch.Tensor  # [] assignments dropped for lack of capacity
-    exchange: Optional[object] = None  # what a communicating dispatcher needs to route results back
 
 
 def _sorted_assignments(indices: torch.Tensor, weights: torch.Tensor, priority: Optional[torch.Tensor]):

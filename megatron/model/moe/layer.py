@@ -3,8 +3,11 @@
 route (a router from the registry) -> plan + dispatch (a token dispatcher) -> experts -> combine.
 Inference calls with a few tokens (decoding) take the small-batch path instead (``small_batch.py``:
 only the chosen experts run, on views of their weights); it gives the same outputs and applies only
-where the regular path would drop nothing and every expert is local. The layer holds no communication: expert parallelism installs an all-to-all dispatcher with
-:meth:`MoELayer.set_dispatcher`.
+where the regular path would drop nothing and every expert is local. The layer holds no communication:
+it picks a local dispatcher (capacity or grouped, by ``--disable-moe-token-dropping``), and expert
+parallelism installs the one ``--moe-token-dispatcher-type`` names (``megatron/parallel``) with
+:meth:`MoELayer.set_dispatcher`. ``dispatch`` returns the metadata ``combine`` takes; nothing is kept
+between the two on the layer, the plan or the dispatcher.
 
 Shapes: B batch, T sequence, S = B*T tokens, H hidden, E experts (global), E_l local experts.
 """
@@ -42,7 +45,7 @@ class MoELayer(nn.Module):
             self.coefficient = nn.Linear(hidden_size, 2)
 
     def set_dispatcher(self, dispatcher: TokenDispatcher) -> None:
-        """Replace the local dispatcher (expert parallelism installs its all-to-all one here)."""
+        """Replace the local dispatcher (expert parallelism installs its communicating one here)."""
         self.dispatcher = dispatcher
 
     def capacity(self, num_tokens: int) -> Optional[int]:
@@ -74,11 +77,12 @@ class MoELayer(nn.Module):
     def _dispatched(self, x: torch.Tensor, capacity: Optional[int]):
         """The regular path: x [S, H] -> (y [S, H] in x's dtype, MoEStats)."""
         S = x.shape[0]
-        routing = self.router(x)
+        routing = self.router(x)  # Routing: indices, weights [S, k]
         priority = self.router.drop_priority(routing) if capacity is not None else None  # [S, k] or None
         plan = self.dispatcher.plan(routing, self.num_experts, capacity, priority, renormalize=self.topk > 1)
-        expert_out = self.experts.run(self.dispatcher.dispatch(x, plan))  # [E_l, C', H] or [N_l, H]
-        y = self.dispatcher.combine(expert_out, plan, S).to(x.dtype)  # [S, H]
+        batch, meta = self.dispatcher.dispatch(x, plan)  # ExpertBatch [E_l, C', H] or [N_l, H]; combine's metadata
+        expert_out = self.experts.run(batch)  # batch's layout
+        y = self.dispatcher.combine(expert_out, meta).to(x.dtype)  # [S, H]
         stats = MoEStats(layer=self.layer_number, aux_loss=routing.aux_loss, z_loss=routing.z_loss,
                          counts=routing.counts.detach().float(), dropped=plan.dropped.detach().float(),
                          assignments=torch.tensor(float(S * self.topk), device=x.device))

@@ -16,19 +16,19 @@ the results equal the regular path's:
 - every expert is on this rank and no peer routes other tokens through the dispatcher (under expert
   parallelism the all-to-all must run on every rank, so the path is off there; tensor-parallel peers
   route the same tokens, so they all take the same path);
-- the router is one whose evaluation routing is plain (``topk``, ``aux_free``);
+- the router's evaluation routing is plain (its class's ``plain_eval``: softmax, select, gather), so
+  :meth:`~megatron.model.moe.routers.base.Router.route_plain` reproduces it;
 - with a capacity (``--moe-eval-capacity-factor``), only when no expert receives more assignments
   than its capacity: then the regular path drops nothing either, and its weights (renormalised over
   the kept choices) equal the no-drop ones. Otherwise :func:`small_batch_forward` returns None and the
   caller runs the regular path.
 The layer's statistics (aux and z loss, per-expert counts) are computed when first read, from the
-same routing, with the routers' own formulas; nothing is dropped on this path.
+same routing, with the router's own formulas; nothing is dropped on this path.
 
 Shapes: S tokens, H hidden, F expert hidden, E experts, k choices per token, n rows of one expert.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -36,14 +36,10 @@ import torch.nn.functional as F
 
 from megatron.model.moe.experts import compute_dtype
 from megatron.model.moe.metrics import MoEStats
-from megatron.model.moe.routers import AuxLossFreeRouter, TopKRouter
-from megatron.model.moe.routing import load_balancing_loss, topk_balancing_loss
 
 # Assignments (tokens x k) up to which the path is used: one decode step of a batch of up to 64 rows
 # at top-1 (32 at top-2). Measured with tools/bench/moe_decode.py (docs/PERFORMANCE.md).
 MAX_ASSIGNMENTS = 64
-
-_PLAIN_EVAL_ROUTERS = (TopKRouter, AuxLossFreeRouter)  # eval routing = softmax, select, gather
 
 
 def small_batch_applies(layer, num_tokens: int) -> bool:
@@ -52,14 +48,15 @@ def small_batch_applies(layer, num_tokens: int) -> bool:
             and 0 < num_tokens * layer.topk <= MAX_ASSIGNMENTS
             and layer.experts.num_local == layer.num_experts
             and not layer.dispatcher.peers_route_other_tokens
-            and type(layer.router) in _PLAIN_EVAL_ROUTERS)
+            and layer.router.plain_eval)
 
 
 class LazyMoEStats(MoEStats):
     """MoEStats whose losses and counts are computed from the routing only when read (decoding never reads them)."""
 
-    def __init__(self, layer: int, logits: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor, num_experts: int):
-        self.layer = layer
+    def __init__(self, layer: int, router, logits: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor,
+                 num_experts: int):
+        self.layer, self._router = layer, router
         self._logits, self._probs, self._indices, self._num_experts = logits, probs, indices, num_experts
 
     @property
@@ -72,13 +69,11 @@ class LazyMoEStats(MoEStats):
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        if self._indices.shape[1] <= 2:
-            return load_balancing_loss(self._probs, self._indices[:, 0])
-        return topk_balancing_loss(self._probs, self._indices)
+        return self._router.balancing_loss(self._probs, self._indices)
 
     @property
     def z_loss(self) -> torch.Tensor:
-        return torch.logsumexp(self._logits, dim=-1).square().mean()
+        return self._router.z_loss(self._logits)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -88,13 +83,7 @@ class LazyMoEStats(MoEStats):
 def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):
     """x [S, H] -> (y [S, H] in x's dtype, LazyMoEStats), or None when ``capacity`` would drop a choice."""
     S = x.shape[0]
-    router = layer.router
-    autocast = torch.is_autocast_enabled(x.device.type)
-    with torch.autocast(device_type=x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        logits = F.linear(x.float(), router.wg.weight.float())  # [S, E] fp32, as in TopKRouter
-        probs = torch.softmax(logits, dim=-1)  # [S, E]
-        indices = router.select(logits, probs)  # [S, k]
-        weights = probs.gather(1, indices)  # [S, k] fp32
+    logits, probs, indices, weights = layer.router.route_plain(x)  # [S, E], [S, E], [S, k], [S, k] fp32
     k = indices.shape[1]
     groups: dict[int, list[tuple[int, int]]] = {}  # expert -> its (token, choice) assignments, token order
     for s, row in enumerate(indices.tolist()):  # the one host copy: S x k ints
@@ -123,5 +112,5 @@ def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):
             first += n
         out = torch.cat(outs) * weights.reshape(-1).index_select(0, picks[1]).to(dt)[:, None]  # [N, H]
         y = out.new_zeros(S, x.shape[1]).index_add_(0, picks[0], out)  # [S, H]
-    stats = LazyMoEStats(layer.layer_number, logits, probs, indices, layer.num_experts)
+    stats = LazyMoEStats(layer.layer_number, layer.router, logits, probs, indices, layer.num_experts)
     return y.to(x.dtype), stats

@@ -16,6 +16,15 @@ from megatron.model.moe.routing import Routing
 
 
 class AuxLossFreeRouter(TopKRouter):
+    description = "DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias on the scores, for the choice only"
+    plain_eval = True  # select() adds the bias; the rest is TopKRouter's
+    balances_after_step = True  # pending_load, update_bias
+    hf_router_type = "aux_free"  # the transformers Router holds expert_bias
+
+    @classmethod
+    def num_parameters(cls, hidden_size: int, num_experts: int) -> int:
+        return super().num_parameters(hidden_size, num_experts) + num_experts  # + expert_bias
+
     def __init__(self, hidden_size: int, num_experts: int, moe_cfg):
         super().__init__(hidden_size, num_experts, moe_cfg)
         self.rate = moe_cfg.router_bias_update_rate

@@ -13,14 +13,25 @@ highest gate probability first, or the earliest token first (all of a token's ch
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.model.moe.routers.base import Router
 from megatron.model.moe.routing import Routing, gumbel_like, load_balancing_loss, topk_balancing_loss
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
+    description = "DeepSpeed's top-k gate"
+    plain_eval = True  # evaluation: softmax, select, gather (noise, RTS and 2nd-expert sampling are training-only)
+    hf_router_type = "topk"
+
+    @classmethod
+    def num_parameters(cls, hidden_size: int, num_experts: int) -> int:
+        return hidden_size * num_experts  # wg
+
     def __init__(self, hidden_size: int, num_experts: int, moe_cfg):
         super().__init__()
         self.num_experts, self.topk = num_experts, moe_cfg.topk
@@ -67,10 +78,28 @@ class TopKRouter(nn.Module):
             probs = torch.softmax(logits, dim=-1)  # [S, E]
             indices = self.select(logits, probs)  # [S, k]
             weights = probs.gather(1, indices)  # [S, k]
-            if self.topk <= 2:
-                aux = load_balancing_loss(probs, indices[:, 0])
-            else:
-                aux = topk_balancing_loss(probs, indices)
-            z = torch.logsumexp(logits, dim=-1).square().mean()
+            aux = self.balancing_loss(probs, indices)
+            z = self.z_loss(logits)
             counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)  # [E]
         return Routing(indices=indices, weights=weights, probs=probs, aux_loss=aux, z_loss=z, counts=counts)
+
+    def route_plain(self, x: torch.Tensor):
+        """x [S, H] -> (logits, probs [S, E], indices, weights [S, k]) in fp32: forward's evaluation routing."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(device_type=x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            logits = F.linear(x.float(), self.wg.weight.float())  # [S, E] fp32
+            probs = torch.softmax(logits, dim=-1)  # [S, E]
+            indices = self.select(logits, probs)  # [S, k]
+            weights = probs.gather(1, indices)  # [S, k] fp32
+        return logits, probs, indices, weights
+
+    @staticmethod
+    def balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed's l_aux: over the first choices for k <= 2, over all k choices beyond."""
+        if indices.shape[1] <= 2:
+            return load_balancing_loss(probs, indices[:, 0])
+        return topk_balancing_loss(probs, indices)
+
+    @staticmethod
+    def z_loss(logits: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(logits, dim=-1).square().mean()
