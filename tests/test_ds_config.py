@@ -128,3 +128,26 @@ def test_bad_json_is_one_line_naming_the_file(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match=r"no such file \(the launch script writes it from its TEMPLATE.json"):
         read_deepspeed_config(str(tmp_path / "absent.json"))
+
+
+def test_the_json_is_read_once_and_every_reader_gets_the_same_object(tmp_path, monkeypatch):
+    from megatron.config import schema
+    from megatron.config.compat import ds_config, upstream_flags
+    from megatron.training.arguments import parse_args
+    from tests.runs import mock_args
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2}))
+    reads = []
+
+    def counting_read(p):
+        reads.append(p)
+        return ds_config.read_deepspeed_config(p)
+
+    monkeypatch.setattr(upstream_flags, "read_deepspeed_config", counting_read)
+    monkeypatch.setattr(schema, "read_deepspeed_config", counting_read)
+    cfg = parse_args(mock_args(["--train-iters", "1", "--deepspeed_config", str(path)]))
+    cfg.validate_world(2)
+    assert cfg.deepspeed.read() is cfg.deepspeed.read()
+    assert reads == [str(path)]
+    assert "_parsed" not in cfg.to_dict()["deepspeed"]

@@ -92,3 +92,16 @@ def test_mock_data_without_a_vocabulary_is_one_line_in_training_and_dry_run():
         with pytest.raises(UserError, match=r"^--mock-data needs --vocab-size \(or a real tokenizer via --tokenizer-type\)$"):
             parse_args(["--mock-data", "--lr", "1e-3", "--train-iters", "1", *extra])
     assert parse_args(MINIMAL).data.tokenizer_type == "NullTokenizer"
+
+
+def test_model_family_is_a_registry_option_stored_with_the_architecture():
+    parser, _ = build_parser()
+    action = next(a for a in parser._actions if "--model-family" in a.option_strings)
+    assert action.default == "gpt" and action.help.endswith("(one of: gpt)")
+    with pytest.raises(UserError, match=r"^--model-family must be one of gpt \(got 'mamba'\)$"):
+        parse_args(MINIMAL + ["--model-family", "mamba"])
+    cfg = parse_args(MINIMAL)
+    assert cfg.model.architecture()["model_family"] == "gpt"
+    # a checkpoint stored before the field existed reads as the GPT family
+    stored = {k: v for k, v in cfg.to_dict()["model"].items() if k != "model_family"}
+    assert ModelConfig.from_dict(stored).model_family == "gpt"

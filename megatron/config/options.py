@@ -2,8 +2,8 @@
 
     num_layers: int = option("--num-layers", 2, "transformer layers", check=(positive, "must be >= 1"))
 
-is all it takes to add a flag: ``megatron/arguments.py`` generates the argparse parser from the
-fields of :class:`~megatron.config.Config` (one argument group per dataclass) and builds the
+is all it takes to add a flag: ``megatron/training/arguments.py`` generates the argparse parser from the
+fields of :class:`~megatron.config.schema.Config` (one argument group per dataclass) and builds the
 typed config back from the parsed values; ``validate()`` of each dataclass runs the per-option
 checks first (:func:`check_options`), then its own cross-option checks. Fields without a flag
 (derived or internal values) are not on the command line.

@@ -1,8 +1,8 @@
 """Typed, self-validating configuration.
 
 Every command-line option is declared once, here, as a dataclass field made by
-:func:`megatron.options.option` (flag, type, default, help, per-option check). To add a flag, add a
-field to the dataclass it belongs to; ``megatron/arguments.py`` generates the parser from these
+:func:`megatron.config.options.option` (flag, type, default, help, per-option check). To add a flag, add a
+field to the dataclass it belongs to; ``megatron/training/arguments.py`` generates the parser from these
 fields and builds the :class:`Config` back, and nothing else reads argparse output. Each dataclass
 checks itself in ``validate()`` (per-option checks, then cross-option ones) and raises
 :class:`~megatron.errors.UserError` naming the flag and the fix.
@@ -132,6 +132,7 @@ class MoEConfig:
 class ModelConfig:
     OPTION_GROUP: ClassVar[str] = "model"
 
+    model_family: str = option("--model-family", "gpt", "the network's class, a name in megatron/model/families.py")
     num_layers: int = option("--num-layers", 2, "transformer layers", check=(positive, "must be >= 1"))
     hidden_size: int = option("--hidden-size", 64, "model width H (embedding and residual stream)", check=(positive, "must be >= 1"))
     num_attention_heads: int = option("--num-attention-heads", 4, "attention heads (must divide --hidden-size)",
@@ -192,7 +193,7 @@ class ModelConfig:
 
     def architecture(self) -> dict:
         """Fields that must match for a checkpoint to load into this model."""
-        keys = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings", "vocab_size")
+        keys = ("model_family", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings", "vocab_size")
         arch = {k: getattr(self, k) for k in keys}
         arch["experts_per_layer"] = self.moe.experts_per_layer(self.num_layers)
         arch["mlp_type"] = self.moe.mlp_type if self.moe.enabled else "standard"
@@ -535,8 +536,8 @@ def _world_size_default(v: Optional[int]) -> int:
 @dataclass
 class DeepSpeedCompatConfig:
     """Megatron-DeepSpeed's launch flags. The JSON's values are applied to the other options while the
-    command line is read (megatron/upstream_flags.py); what needs the run — the data-parallel size
-    for the batch identity, the curriculum — is read from it again here (megatron/ds_config.py)."""
+    command line is read (megatron/config/compat/upstream_flags.py); what needs the run — the data-parallel size
+    for the batch identity, the curriculum — is read from it again here (megatron/config/compat/ds_config.py)."""
 
     OPTION_GROUP: ClassVar[str] = "DeepSpeed compatibility"
 
@@ -551,8 +552,23 @@ class DeepSpeedCompatConfig:
         check_options(self)
 
     def read(self):
-        """The parsed JSON (megatron.ds_config.DeepSpeedConfig), or None without --deepspeed_config."""
-        return None if self.deepspeed_config is None else read_deepspeed_config(self.deepspeed_config)
+        """The parsed JSON (megatron.config.compat.ds_config.DeepSpeedConfig), or None without --deepspeed_config.
+
+        The file is read once: the flag translation hands over what it parsed (:meth:`adopt`), or the first
+        call reads it; every later reader (the batch identity, the curriculum, the trainer) gets the same object.
+        """
+        if self.deepspeed_config is None:
+            return None
+        parsed = self.__dict__.get("_parsed")  # not a dataclass field: never stored in checkpoints
+        if parsed is None or parsed.path != self.deepspeed_config:
+            parsed = read_deepspeed_config(self.deepspeed_config)
+            self.__dict__["_parsed"] = parsed
+        return parsed
+
+    def adopt(self, parsed) -> None:
+        """Keep the JSON the flag translation already parsed (None: nothing parsed)."""
+        if parsed is not None:
+            self.__dict__["_parsed"] = parsed
 
 
 @dataclass

@@ -69,7 +69,7 @@ def moe_config(cfg, eod: int) -> dict:
 
 
 def write_export(lm, out_dir: str) -> dict:
-    """Write ``lm`` (megatron.inference.LoadedModel) into the empty directory ``out_dir``; returns a summary."""
+    """Write ``lm`` (megatron.inference.load.LoadedModel) into the empty directory ``out_dir``; returns a summary."""
     from safetensors.torch import save_file
 
     cfg = lm.cfg

@@ -21,8 +21,9 @@ from megatron.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def gpt_module(model_cfg, ps) -> torch.nn.Module:
-    """The bare GPT model (family "gpt" of megatron.model.families) holding ``ps.ep_rank``'s experts."""
-    return build_family_model("gpt", model_cfg, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
+    """The bare model of ``--model-family`` (default "gpt", see megatron.model.families) holding ``ps.ep_rank``'s
+    experts."""
+    return build_family_model(model_cfg.model_family, model_cfg, ep_rank=ps.ep_rank, ep_size=ps.ep_size)
 
 
 def build_model(model_cfg, ps, device: Optional[torch.device] = None, seed: Optional[int] = None,

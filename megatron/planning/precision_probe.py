@@ -9,7 +9,7 @@ The rule (:func:`bf16_is_fast`): on CUDA, ``torch.cuda.is_bf16_supported()``; on
 flags are readable (Linux /proc/cpuinfo), the flags (``avx512_bf16`` / ``amx_bf16`` on x86, ``bf16`` on
 Arm); otherwise a matmul probe of about a second comparing bf16 with fp32.
 
-    python -m megatron.precision_probe      # prints "bf16" or "fp32" (the reason on stderr)
+    python -m megatron.planning.precision_probe      # prints "bf16" or "fp32" (the reason on stderr)
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The only place that uses argparse: Megatron-named flags -> a validated :class:`Config`.
 
-The training parser is generated from the option fields of ``megatron.config`` (each option is
-declared once there, see ``megatron/options.py``). Flag names and defaults follow Megatron-LM /
+The training parser is generated from the option fields of ``megatron.config.schema`` (each option is
+declared once there, see ``megatron/config/options.py``). Flag names and defaults follow Megatron-LM /
 Megatron-DeepSpeed so existing launch scripts work. ``parse_args(argv)`` returns a ``Config``;
 nothing else reads flags.
 """
@@ -16,14 +16,15 @@ from megatron.config.compat.upstream_flags import translate_argv
 from megatron.config.options import add_options, build_config
 from megatron.config.schema import Config
 from megatron.errors import UserError, check
+from megatron.model.families import MODEL_FAMILIES
 from megatron.model.moe.routers import ROUTERS
 from megatron.parallel.expert_parallel import TOKEN_DISPATCHERS
 from megatron.tokenizer import registry as tokenizers
 
 # Options whose value names a registry entry: the help lists the keys and the value is checked here,
 # above the config layer, which cannot see the registries.
-REGISTRY_OPTIONS = {"model.moe.router_type": ROUTERS, "data.tokenizer_type": tokenizers.REGISTRY,
-                    "model.moe.token_dispatcher_type": TOKEN_DISPATCHERS}
+REGISTRY_OPTIONS = {"model.model_family": MODEL_FAMILIES, "model.moe.router_type": ROUTERS,
+                    "model.moe.token_dispatcher_type": TOKEN_DISPATCHERS, "data.tokenizer_type": tokenizers.REGISTRY}
 
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" where a default is set (not for switches or unset values)."""
@@ -60,6 +61,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
 
 def check_registry_options(cfg: Config) -> None:
     """The values that name registry entries are known (and a tokenizer's file flags are given)."""
+    family = cfg.model.model_family
+    check(family in MODEL_FAMILIES, f"--model-family must be one of {', '.join(MODEL_FAMILIES)} (got {family!r})")
     router = cfg.model.moe.router_type
     check(router in ROUTERS, f"--moe-router-type must be one of {', '.join(ROUTERS)} (got {router!r})")
     dispatcher = cfg.model.moe.token_dispatcher_type
@@ -102,6 +105,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -
     cfg = build_config(Config, {k: v for k, v in values.items() if k in ours})
     cfg.extra = {k: v for k, v in values.items() if k not in ours}
     cfg.flags_given = _flags_given(argv, names)
+    cfg.deepspeed.adopt(upstream.deepspeed)  # the JSON is read once, here, and handed to every reader
     cfg.validate()
     check_registry_options(cfg)
     return cfg

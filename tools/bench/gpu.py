@@ -9,7 +9,7 @@ The 350M shape is GPT-3 Medium's (H=1024, 16 heads, seq 2048, vocab 50304). A "s
 of its 24 layers (default 8) so that 32 experts (plus their fp32 Adam state) fit in one GPU's memory;
 per-token FLOPs and MFU are those of the slice. Training steps are fwd + bwd + AdamW (fused), bf16
 autocast, top-1 gating with capacity factor 1.0; times are medians of interleaved steps after warm-up,
-MFU is against the GPU's dense bf16 peak (megatron.model_stats.KNOWN_PEAK_TFLOPS).
+MFU is against the GPU's dense bf16 peak (megatron.planning.model_stats.KNOWN_PEAK_TFLOPS).
 
 Prints a markdown table naming the device; exits with one line (status 0) where CUDA is absent.
 """

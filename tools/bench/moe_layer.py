@@ -24,7 +24,7 @@ their gradients (accumulated across repeats), 4 x W bytes with W = E x 2 x H x F
 copy bandwidth (measured in the same run) that takes ``traffic`` seconds. No implementation can beat
 max(dense FFN time, traffic); the table gives ours as a multiple of that.
 
-Precision: fp32, plus bf16 autocast where bf16 is fast on this machine (megatron.precision_probe);
+Precision: fp32, plus bf16 autocast where bf16 is fast on this machine (megatron.planning.precision_probe);
 ``--dtypes`` overrides.
 """
 from __future__ import annotations

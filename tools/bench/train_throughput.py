@@ -9,7 +9,7 @@
     python tools/bench/train_throughput.py            # transformers is a bench-only dependency
     python tools/bench/train_throughput.py --quick --profile   # 2 repeats, and the top of the profile
 
-fp32, plus bf16 autocast where this machine runs bf16 fast (megatron.precision_probe); --dtypes overrides.
+fp32, plus bf16 autocast where this machine runs bf16 fast (megatron.planning.precision_probe); --dtypes overrides.
 "ours dense, unfused loss" is our model with the logits materialised and F.cross_entropy on them: the
 fused output cross-entropy's gain, measured side by side. "unfused expert grads" is the MoE model with the
 experts' gradient-accumulation fusion off (autograd allocates and adds each expert weight gradient).
@@ -102,7 +102,7 @@ def main(argv=None):
                    "many micro-batches per optimizer step")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
-                   help="default: fp32, and bf16 where this machine runs it fast (megatron.precision_probe)")
+                   help="default: fp32, and bf16 where this machine runs it fast (megatron.planning.precision_probe)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="2 repeats, no preprocessing step")
     p.add_argument("--compile", action="store_true", help="add our dense model under torch.compile as a contender")

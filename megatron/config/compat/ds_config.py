@@ -22,7 +22,7 @@ zero_optimization.stage           --zero-stage (0 off, 1 sharded Adam, 2 + shard
 prescale_gradients                accepted: gradients are averaged in fp32, before or after is equal
 steps_per_print                   --log-interval when that flag is not given
 wall_clock_breakdown              per-phase timers on the log line
-curriculum_learning               sequence-length curriculum (megatron.curriculum)
+curriculum_learning               sequence-length curriculum (megatron.config.curriculum, megatron.training.curriculum)
 ================================  =================================================
 
 A JSON value that contradicts a flag given on the command line is a one-line error naming both

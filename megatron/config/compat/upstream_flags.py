@@ -2,10 +2,10 @@
 
 One table, :data:`UPSTREAM_FLAGS`, says for each upstream flag this framework does not declare
 itself what it becomes here (flags that are plain aliases of one option are declared with it in
-megatron/config.py): an *alias* (the same meaning under two of our flags), *accepted* (nothing to
+megatron/config/schema.py): an *alias* (the same meaning under two of our flags), *accepted* (nothing to
 do here, with the reason), or *refused* (the meaning differs or cannot apply: one line naming our
 equivalent). :func:`translate_argv` applies the table to a command line before it is parsed, and
-reads ``--deepspeed_config FILE`` (megatron.ds_config) into flags: a JSON value fills a flag that
+reads ``--deepspeed_config FILE`` (megatron.config.compat.ds_config) into flags: a JSON value fills a flag that
 was not typed, contradicts one that was (one-line error), and precision follows the JSON.
 docs/MIGRATING.md lists the same table for people.
 """
