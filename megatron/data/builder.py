@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -64,8 +65,13 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: list[int],
         elif len(parts) == 1:
             out.append(parts[0])
         else:
-            out.append(BlendedDataset(parts, weights, n))
+            out.append(BlendedDataset(parts, weights, n, _blend_cache_dir(data_cfg, per_prefix)))
     return out
+
+
+def _blend_cache_dir(data_cfg, per_prefix) -> str:
+    """Where the blend's indices are cached: --data-cache-path, else beside the first dataset."""
+    return data_cfg.data_cache_path or os.path.dirname(os.path.abspath(per_prefix[0][1].prefix))
 
 
 def _open_all(pairs, flag: str, vocab_size: int, data_cfg) -> list[tuple[float, IndexedDataset]]:
