@@ -44,8 +44,11 @@ def expert_stacks(model):
 
 
 def _full(t: torch.Tensor, p, ps) -> torch.Tensor:
-    """The full (TP-gathered) CPU tensor of parameter p's local tensor t (collective over TP if sharded)."""
-    return (gather_tp(t, p, ps) if is_tp_sharded(p) else t).detach().cpu()
+    """The full (TP-gathered) CPU tensor of parameter p's local tensor t (collective over TP if sharded), in a
+    storage of its own: a parameter that is a view into the ZeRO optimizers' flat buffer is copied, so that
+    torch.save writes that tensor alone and not the whole buffer."""
+    out = (gather_tp(t, p, ps) if is_tp_sharded(p) else t).detach().cpu()
+    return out.clone() if out.untyped_storage().nbytes() > out.numel() * out.element_size() else out
 
 
 def write(folder: str, model, opt_state: dict, ps, save_optim: bool) -> None:

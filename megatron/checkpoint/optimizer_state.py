@@ -10,7 +10,8 @@ import torch
 
 
 def state_by_param(optimizer) -> dict:
-    """Per-parameter Adam state; the ZeRO-1 optimizer all-gathers its shards (collective)."""
+    """Per-parameter Adam state. The ZeRO-1 / ZeRO-2 optimizers gather their shards chunk by chunk to the rank
+    that writes them (dense: ``dp_rank`` 0, experts: ``edp_rank`` 0); other ranks get no entry (collective)."""
     if hasattr(optimizer, "state_by_param"):
         return optimizer.state_by_param()
     return {p: optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"]}

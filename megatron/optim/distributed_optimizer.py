@@ -1,16 +1,23 @@
 """ZeRO stage 1 (``--use-distributed-optimizer``): AdamW whose state is sharded over data-parallel ranks.
 
-The parameters of each domain (dense: over the DP group; experts: over the expert-DP group, the
-ranks holding the same experts) are laid end to end in a fixed order and cut into equal
-contiguous shards. Each rank keeps Adam moments (fp32) only for its shard, updates only those
-elements after the gradient all-reduce, and the updated shards are all-gathered back into every
-replica's parameters. The update is torch.optim.AdamW's, element for element.
+The layout is Megatron's distributed optimizer: the parameters of each domain (dense: over the DP
+group; experts: over the expert-DP group, the ranks holding the same experts) live end to end in
+one contiguous **parameter buffer** (padded to a multiple of the group size), each parameter's
+``.data`` a view into it. The buffer is cut into equal contiguous shards, one per rank; each rank
+keeps Adam moments (fp32) only for its shard and updates the shard's elements in place, through
+views, piece by piece (at most :data:`CHUNK` elements of temporaries). The updated shards are then
+all-gathered straight into the buffer: ``all_gather_into_tensor`` in one in-place call where the
+backend is NCCL; elsewhere (gloo) ``all_gather`` chunk by chunk into views of the buffer. No step
+builds a tensor of the whole flat model. The update is torch.optim.AdamW's, element for element.
 
-Checkpoints see per-parameter full tensors (``state_by_param`` all-gathers them), so a checkpoint
-written with the sharded optimizer loads into a plain one at any DP size, and the other way round.
+Checkpoints see per-parameter full tensors: :meth:`DistributedAdamW.state_by_param` gathers the
+shards of Adam m and v chunk by chunk to the group's first rank (the rank that writes them in the
+checkpoint), so a checkpoint written with the sharded optimizer loads into a plain one at any DP
+size, and the other way round; the other ranks hold no gathered copy.
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -19,74 +26,152 @@ import torch.distributed as dist
 from megatron.model.param_tags import is_expert
 from megatron.optim.param_groups import param_groups
 
+CHUNK = 4 * 1024 * 1024  # elements: the largest transient of an update, an all-gather or a gather (16 MiB fp32)
+
+
+def native_tensor_collectives(group) -> bool:
+    """Whether the group's backend runs the flat collectives in place on views of one buffer
+    (``all_gather_single`` / ``reduce_scatter_single``, formerly ``*_into_tensor`` / ``*_tensor``): NCCL.
+    gloo takes the chunked list forms (its flat collectives copy, and its reduce-scatter is slower than an
+    all-reduce)."""
+    return dist.is_initialized() and dist.get_backend(group) == "nccl"
+
+
+# torch >= 2.13 names the flat collectives *_single (the *_tensor names are deprecated aliases)
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class _Domain:
-    """Parameters sharing one process group (dense / experts) and this rank's shard of them."""
+    """Parameters sharing one process group (dense / experts): their contiguous buffer and this rank's shard."""
 
-    def __init__(self, params_wd: list, group, size: int, rank: int):
+    def __init__(self, params_wd: list, group, size: int, rank: int, chunk: int | None = None):
         self.params = [p for p, _ in params_wd]
-        self.group, self.size, self.rank = group, size, rank
+        self.group, self.size, self.rank, self.chunk = group, size, rank, chunk or CHUNK
         self.numels = [p.numel() for p in self.params]
         self.offsets = [0]
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
         total = self.offsets[-1]
+        self.total = total
         self.shard = math.ceil(total / size) if total else 0
-        lo, hi = min(rank * self.shard, total), min((rank + 1) * self.shard, total)
-        self.pieces = []  # (param, first element, last element + 1, position in the shard)
-        for p, off, n in zip(self.params, self.offsets, self.numels):
-            a, b = max(off, lo), min(off + n, hi)
-            if a < b:
-                self.pieces.append((p, a - off, b - off, a - lo))
-        dev = self.params[0].device if self.params else torch.device("cpu")
-        self.exp_avg = torch.zeros(hi - lo, dtype=torch.float32, device=dev)
-        self.exp_avg_sq = torch.zeros(hi - lo, dtype=torch.float32, device=dev)
+        self.lo, self.hi = min(rank * self.shard, total), min((rank + 1) * self.shard, total)
         wd_of = {id(p): wd for p, wd in params_wd}
-        self.weight_decay = torch.zeros(hi - lo, dtype=torch.float32, device=dev)
-        for p, a, b, s in self.pieces:
-            self.weight_decay[s: s + b - a] = wd_of[id(p)]
+        self.pieces = []  # (param, first element, last element + 1, position in the shard)
+        self.piece_wd = []
+        for p, off, n in zip(self.params, self.offsets, self.numels):
+            a, b = max(off, self.lo), min(off + n, self.hi)
+            if a < b:
+                self.pieces.append((p, a - off, b - off, a - self.lo))
+                self.piece_wd.append(wd_of[id(p)])
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) > 1:
+            raise TypeError(f"the distributed optimizer needs one parameter dtype per domain, got {sorted(map(str, dtypes))}")
+        dtype = dtypes.pop() if dtypes else torch.float32
+        # the parameter buffer: every parameter's .data becomes a view into it (padding at the end)
+        self.buffer = torch.zeros(self.shard * size, dtype=dtype, device=dev)
+        with torch.no_grad():
+            for p, off, n in zip(self.params, self.offsets, self.numels):
+                view = self.buffer[off: off + n].view_as(p)
+                view.copy_(p.data)
+                p.data = view
+        self.local = self.buffer[rank * self.shard: (rank + 1) * self.shard]  # this rank's shard (padded), a view
+        self.exp_avg = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=dev)
+        self.exp_avg_sq = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=dev)
+        # ZeRO-2: how far into a shard each parameter reaches (its gradient is freed once the
+        # chunked reduce-scatter has passed that position in every rank's shard)
+        self.reach = []
+        for off, n in zip(self.offsets, self.numels):
+            if n == 0:
+                self.reach.append(-1)
+            elif off // self.shard != (off + n - 1) // self.shard:
+                self.reach.append(self.shard - 1)
+            else:
+                self.reach.append((off + n - 1) % self.shard)
         self.step = 0
 
-    def _flat(self, tensors_of) -> torch.Tensor:
-        return torch.cat([tensors_of(p).reshape(-1)[a:b] for p, a, b, _ in self.pieces]) if self.pieces \
-            else self.exp_avg.new_zeros(0)
+    def params_in(self, start: int, end: int):
+        """(index, first element, last element + 1, position from ``start``) of each parameter overlapping
+        the flat range [start, end)."""
+        i = max(bisect.bisect_right(self.offsets, start) - 1, 0)
+        while i < len(self.params) and self.offsets[i] < end:
+            off, n = self.offsets[i], self.numels[i]
+            a, b = max(off, start), min(off + n, end)
+            if a < b:
+                yield i, a - off, b - off, a - start
+            i += 1
+
+    def chunks(self):
+        """(start, end) ranges of at most ``chunk`` elements covering one shard."""
+        return [(k, min(k + self.chunk, self.shard)) for k in range(0, self.shard, self.chunk)]
 
     def update(self, lr: float, beta1: float, beta2: float, eps: float, grad_shard=None) -> None:
-        """One AdamW step of this rank's shard; ``grad_shard`` (ZeRO-2) replaces the shard of p.grad."""
+        """One AdamW step of this rank's shard, in place in the parameter buffer, then the all-gather;
+        ``grad_shard`` (ZeRO-2) replaces the shard of p.grad."""
         self.step += 1
-        if self.pieces:
-            x = self._flat(lambda p: p.data).float()
-            g = self._flat(lambda p: p.grad).float() if grad_shard is None else grad_shard
-            x.mul_(1.0 - lr * self.weight_decay)
-            self.exp_avg.lerp_(g, 1.0 - beta1)
-            self.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            bc1, bc2 = 1.0 - beta1 ** self.step, 1.0 - beta2 ** self.step
-            denom = (self.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
-            x.addcdiv_(self.exp_avg, denom, value=-lr / bc1)
-        else:
-            x = self.exp_avg.new_zeros(0)
-        self._scatter_into(self._all_gather(x), lambda p: p.data)
+        bc1, bc2 = 1.0 - beta1 ** self.step, 1.0 - beta2 ** self.step
+        sqrt_bc2 = math.sqrt(bc2)
+        for (p, a, b, s), wd in zip(self.pieces, self.piece_wd):
+            grad = p.grad.reshape(-1) if grad_shard is None else None
+            for c0 in range(0, b - a, self.chunk):
+                c1 = min(c0 + self.chunk, b - a)
+                x = self.buffer[self.lo + s + c0: self.lo + s + c1]
+                g = (grad[a + c0: a + c1] if grad is not None else grad_shard[s + c0: s + c1]).float()
+                m, v = self.exp_avg[s + c0: s + c1], self.exp_avg_sq[s + c0: s + c1]
+                xf = x if x.dtype == torch.float32 else x.float()
+                xf.mul_(1.0 - lr * wd)
+                m.lerp_(g, 1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                denom = (v.sqrt() / sqrt_bc2).add_(eps)
+                xf.addcdiv_(m, denom, value=-lr / bc1)
+                if xf is not x:
+                    x.copy_(xf)
+        self.all_gather_params()
 
-    def _all_gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Every rank's shard, end to end: [size * shard] (padding at the end)."""
-        padded = local.new_zeros(self.shard)
-        padded[: local.numel()] = local
-        if self.size == 1:
-            return padded
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat(parts)
-
-    def _scatter_into(self, flat: torch.Tensor, target_of) -> None:
-        for p, off, n in zip(self.params, self.offsets, self.numels):
-            t = target_of(p)
-            t.view(-1).copy_(flat[off: off + n].to(t.dtype))
+    def all_gather_params(self) -> None:
+        """Every rank's updated shard into every replica's parameter buffer, in place."""
+        if self.size == 1 or self.shard == 0:
+            return
+        if native_tensor_collectives(self.group):
+            _all_gather_flat(self.buffer, self.local, group=self.group)
+            return
+        for k0, k1 in self.chunks():  # gloo: list form, chunk by chunk, into views of the buffer
+            views = [self.buffer[j * self.shard + k0: j * self.shard + k1] for j in range(self.size)]
+            dist.all_gather(views, views[self.rank], group=self.group)
 
     def full_state(self) -> dict:
-        m, v = self._all_gather(self.exp_avg), self._all_gather(self.exp_avg_sq)
-        return {p: {"exp_avg": m[off: off + n].view_as(p).clone(), "exp_avg_sq": v[off: off + n].view_as(p).clone(),
-                    "step": float(self.step)}
-                for p, off, n in zip(self.params, self.offsets, self.numels)}
+        """Per-parameter full Adam state on the group's first rank (the checkpoint writer), gathered chunk by
+        chunk (transient: one chunk per rank); the other ranks send their shard and get {}. Collective."""
+        writer = self.rank == 0
+        out = {}
+        if writer:
+            for p in self.params:
+                out[p] = {"exp_avg": torch.zeros(p.shape, dtype=torch.float32, device=self.exp_avg.device),
+                          "exp_avg_sq": torch.zeros(p.shape, dtype=torch.float32, device=self.exp_avg.device),
+                          "step": float(self.step)}
+        if self.shard == 0:
+            return out
+        if self.size == 1:
+            for key, src in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                for i, a, b, s in self.params_in(0, self.total):
+                    out[self.params[i]][key].view(-1)[a:b] = src[s: s + b - a]
+            return out
+        dst = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        for k0, k1 in self.chunks():
+            c = k1 - k0
+            for key, src in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                send = src.new_zeros(c)
+                mine = src[k0: k1]
+                send[: mine.numel()] = mine
+                parts = [torch.empty_like(send) for _ in range(self.size)] if writer else None
+                dist.gather(send, parts, dst=dst, group=self.group)
+                if writer:
+                    for j, part in enumerate(parts):
+                        start = j * self.shard + k0
+                        for i, a, b, s in self.params_in(start, min(start + c, self.total)):
+                            out[self.params[i]][key].view(-1)[a:b] = part[s: s + b - a]
+        return out
 
     def load_full_state(self, state: dict) -> None:
         for p, a, b, s in self.pieces:
@@ -105,6 +190,8 @@ class DistributedAdamW:
 
     ``shards_gradients`` is False: every rank keeps full gradients (all-reduced by the grad reducer), so the
     trainer unscales, measures and clips them on the model as for torch AdamW.
+
+    Building it moves every parameter's ``.data`` into its domain's contiguous buffer (values unchanged).
     """
 
     shards_gradients = False
@@ -125,8 +212,11 @@ class DistributedAdamW:
         for d in self.domains:
             d.update(lr, self.betas[0], self.betas[1], self.eps)
 
+    @torch.no_grad()
     def state_by_param(self) -> dict:
-        """Full per-parameter Adam state (collective over each domain's group)."""
+        """Full per-parameter Adam state of each domain on the domain group's first rank (dense: ``dp_rank``
+        0, experts: ``edp_rank`` 0 — the ranks that write them into a checkpoint); other ranks get no entry
+        for that domain. Collective over each domain's group; gathered chunk by chunk."""
         out = {}
         for d in self.domains:
             out.update(d.full_state())

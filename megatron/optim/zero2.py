@@ -3,8 +3,10 @@ AND sharded gradients.
 
 Built on the ZeRO-1 optimizer's layout (each domain's parameters end to end, cut into equal
 contiguous shards over its group: dense over DP, experts over expert-DP). Instead of all-reducing
-every gradient, the flat gradient of a domain is reduce-scattered, so each rank receives only the
-averaged gradient of its own shard; the full per-parameter gradients are then freed. The gradient
+every gradient, the flat gradient of a domain is reduce-scattered chunk by chunk (one bucket of
+transient; NCCL's reduce-scatter, or on gloo an all-reduce of the bucket, faster there than its
+reduce-scatter), so each rank receives only the averaged gradient of its own shard, and each full
+per-parameter gradient is freed as soon as the chunks that read it are done. The gradient
 norm is a sum of shard norms over the group, clipping scales the shards, and the Adam update
 reads the shard — element for element torch.optim.AdamW on the all-reduced gradients. Checkpoints
 hold full per-parameter Adam state (as ZeRO-1's), so they load at any DP size or optimizer kind.
@@ -23,23 +25,53 @@ import torch
 import torch.distributed as dist
 
 from megatron.model.param_tags import is_tp_sharded
-from megatron.optim.distributed_optimizer import DistributedAdamW, _Domain
+from megatron.optim.distributed_optimizer import (
+    DistributedAdamW,
+    _Domain,
+    native_tensor_collectives,
+    reduce_scatter_flat,
+)
+from megatron.parallel.grad_sync import sum_of_squares
 
 
 def _reduce_scatter_shard(domain: _Domain, scale: float) -> torch.Tensor:
-    """This rank's shard of the domain's averaged flat gradient: [hi - lo] (fp32)."""
+    """This rank's shard of the domain's averaged flat gradient: [hi - lo] (fp32), freeing p.grad on the way.
+
+    Chunk k of the reduce-scatter takes elements [k, k + chunk) of every rank's shard: a bucket of
+    ``size * chunk`` elements filled from the gradients, then NCCL's reduce-scatter or, on gloo,
+    an all-reduce of the bucket of which this rank keeps its part. A gradient is freed as soon as every
+    chunk that reads it is done, so full gradients, one bucket and the shard are all that coexist.
+    """
     dev = domain.exp_avg.device
     if domain.shard == 0:  # no parameters in this domain (a dense model's experts)
         return torch.zeros(0, dtype=torch.float32, device=dev)
-    flat = torch.zeros(domain.shard * domain.size, dtype=torch.float32, device=dev)
-    for p, off, n in zip(domain.params, domain.offsets, domain.numels):
-        if p.grad is not None:
-            flat[off: off + n] = p.grad.detach().reshape(-1).float()
-    if domain.size > 1:
-        out = torch.empty(domain.shard, dtype=torch.float32, device=dev)
-        dist.reduce_scatter_single(out, flat, group=domain.group)
-    else:
-        out = flat
+    out = torch.empty(domain.shard, dtype=torch.float32, device=dev)
+    native = domain.size > 1 and native_tensor_collectives(domain.group)
+    chunks = domain.chunks()
+    bucket = torch.empty(domain.size * (chunks[0][1] - chunks[0][0]), dtype=torch.float32, device=dev)
+    order = sorted(range(len(domain.params)), key=lambda i: domain.reach[i])
+    freed = 0
+    for k0, k1 in chunks:
+        c = k1 - k0
+        flat = bucket[: domain.size * c]
+        flat.zero_()
+        for j in range(domain.size):
+            start = j * domain.shard + k0
+            for i, a, b, s in domain.params_in(start, min(start + c, domain.total)):
+                g = domain.params[i].grad
+                if g is not None:
+                    flat[j * c + s: j * c + s + b - a] = g.detach().reshape(-1)[a:b]
+        mine = out[k0: k1]
+        if domain.size == 1:
+            mine.copy_(flat)
+        elif native:
+            reduce_scatter_flat(mine, flat, group=domain.group)
+        else:
+            dist.all_reduce(flat, group=domain.group)
+            mine.copy_(flat[domain.rank * c: (domain.rank + 1) * c])
+        while freed < len(order) and domain.reach[order[freed]] < k1:
+            domain.params[order[freed]].grad = None
+            freed += 1
     out.mul_(scale)
     return out[: domain.exp_avg.numel()]  # the last rank's shard may be shorter (padding at the end)
 
@@ -53,13 +85,6 @@ class ShardedGradients(DistributedAdamW):
         super().__init__(model, opt_cfg, ps)
         self.ps = ps
         self.grad_shards = [None, None]  # per domain, after reduce_gradients()
-        # per domain: which shard elements belong to TP-sharded parameters (counted over the TP group)
-        self._tp_mask = []
-        for d in self.domains:
-            mask = torch.zeros(d.exp_avg.numel(), dtype=torch.bool, device=d.exp_avg.device)
-            for p, a, b, s in d.pieces:
-                mask[s: s + b - a] = is_tp_sharded(p)
-            self._tp_mask.append(mask)
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
@@ -81,10 +106,10 @@ class ShardedGradients(DistributedAdamW):
         ps = self.ps
         dev = self.domains[0].exp_avg.device
         sq = []
-        for d, g, mask in zip(self.domains, self.grad_shards, self._tp_mask):
-            g64 = g.double().square()
-            part = torch.stack([g64[~mask].sum() if g64.numel() else g64.new_zeros(()),
-                                g64[mask].sum() if g64.numel() else g64.new_zeros(())]).to(dev)
+        for d, g in zip(self.domains, self.grad_shards):
+            part = torch.zeros(2, dtype=torch.float64, device=dev)  # [replicated over TP, TP-sharded]
+            for p, a, b, s in d.pieces:  # piece by piece, in chunks: no float64 copy of the shard
+                part[int(is_tp_sharded(p))] += sum_of_squares(g[s: s + b - a])
             if d.size > 1:
                 dist.all_reduce(part, group=d.group)
             sq.append(part)

@@ -13,6 +13,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megatron.model.param_tags import is_expert, is_tp_sharded
 
 BUCKET_BYTES = 32 * 1024 * 1024
+NORM_CHUNK = 4 * 1024 * 1024  # elements: the float64 temporaries of a squared norm, chunk by chunk (32 MiB)
 
 
 def split_params(model: torch.nn.Module):
@@ -36,6 +37,11 @@ def _allreduce_bucketed(grads, group, scale: float) -> None:
             bucket.append(g)
             size += g.numel() * g.element_size()
         if bucket and (g is None or size >= BUCKET_BYTES):
+            if len(bucket) == 1 and bucket[0].is_contiguous():  # one large gradient: in place, no flat copy
+                dist.all_reduce(bucket[0], group=group)
+                bucket[0].mul_(scale)
+                bucket, size = [], 0
+                continue
             flat = _flatten_dense_tensors(bucket)
             dist.all_reduce(flat, group=group)
             flat.mul_(scale)
@@ -82,6 +88,18 @@ class BlockingGradReducer(GradReducer):
         allreduce_gradients(self.model, self.ps)
 
 
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """sum(t ** 2) in float64 (a 0-d tensor), over chunks of :data:`NORM_CHUNK` elements: no float64 copy
+    of a whole large gradient (a 50M-element embedding's would be 400 MB, and its square as much again)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() <= NORM_CHUNK:
+        return flat.double().square().sum()
+    acc = torch.zeros((), dtype=torch.float64, device=t.device)
+    for i in range(0, flat.numel(), NORM_CHUNK):
+        acc += flat[i: i + NORM_CHUNK].double().square().sum()
+    return acc
+
+
 def global_grad_norm(model: torch.nn.Module, ps) -> float:
     """sqrt(sum over dense params once + every expert once across the EP group).
 
@@ -95,16 +113,16 @@ def global_grad_norm(model: torch.nn.Module, ps) -> float:
     for p in dense:
         if p.grad is not None:
             if is_tp_sharded(p):
-                sharded_sq += p.grad.detach().double().square().sum()
+                sharded_sq += sum_of_squares(p.grad)
             else:
-                dense_sq += p.grad.detach().double().square().sum()
+                dense_sq += sum_of_squares(p.grad)
     if ps.tp_size > 1:
         dist.all_reduce(sharded_sq, group=ps.tp_group)
     dense_sq += sharded_sq
     expert_sq = torch.zeros((), dtype=torch.float64, device=dev)
     for p in expert:
         if p.grad is not None:
-            expert_sq += p.grad.detach().double().square().sum()
+            expert_sq += sum_of_squares(p.grad)
     if ps.distributed and ps.ep_size > 1:
         dist.all_reduce(expert_sq, group=ps.ep_group)
     return float((dense_sq + expert_sq).sqrt())
