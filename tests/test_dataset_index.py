@@ -13,10 +13,11 @@ from megatron.data import index_cache
 from megatron.data.blended_dataset import BlendedDataset, blend_indices
 from megatron.data.builder import build_datasets
 from megatron.data.gpt_dataset import GPTDataset, build_indices
-from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.data.indexed_dataset import IndexedDataset
 from megatron.errors import UserError
 from tests.conftest import ROOT
 from tests.dist_utils import run_distributed
+from tests.test_data import make_dataset
 
 
 def old_build_indices(sizes, documents, num_samples, seq_length, seed):
@@ -36,14 +37,6 @@ def old_build_indices(sizes, documents, num_samples, seq_length, seed):
     sample_idx = np.stack([pos, offset], axis=1).astype(np.int64)  # [samples, 2]
     shuffle_idx = rng.permutation(total_samples).astype(np.int64)
     return doc_idx, sample_idx, shuffle_idx
-
-
-def make_dataset(prefix, docs, dtype=np.uint16):
-    b = IndexedDatasetBuilder(prefix, dtype)
-    for d in docs:
-        b.add_document(d)
-    b.finalize()
-    return IndexedDataset(prefix)
 
 
 def test_same_indices_as_the_original_algorithm():

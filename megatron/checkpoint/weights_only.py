@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 
-import torch
-
 from megatron.checkpoint.atomic import write_tracker
+from megatron.checkpoint.file_io import save_file
 from megatron.checkpoint.formats import SAVED_FORMAT
 from megatron.checkpoint.layout import COMMON_FILE, iter_dir_name, staging_dir
 
@@ -25,8 +24,8 @@ def write_weights_checkpoint(save_dir: str, model, config: dict, iteration: int 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     SAVED_FORMAT.write_weights(tmp, model)
-    torch.save({"format": SAVED_FORMAT.VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
-                "config": config}, os.path.join(tmp, COMMON_FILE))
+    save_file({"format": SAVED_FORMAT.VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+               "config": config}, os.path.join(tmp, COMMON_FILE))
     final = os.path.join(save_dir, iter_dir_name(iteration))
     os.replace(tmp, final)
     write_tracker(save_dir, iteration)
