@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from megatron.checkpoint.dcp_reader import SafeReader
 from tests.dist_utils import run_distributed
 from tests.runs import close, mock_args, train
 
@@ -61,8 +62,10 @@ def test_reshard_resume_ep2_to_ep1(tmp_path):
     first = run_distributed(train, 2, str(tmp_path / "r"), mock_args(base + [
         "--moe-expert-parallel-size", "2", "--save", ck, "--save-interval", "3", "--exit-interval", "3"]))
     close(first[0]["losses"], full[:3])
-    files = sorted(os.listdir(os.path.join(ck, "iter_0000003", "experts")))
-    assert files == [f"layer_{l:03d}_expert_{e:04d}.pt" for l in (1, 3) for e in range(4)]
+    index = SafeReader(os.path.join(ck, "iter_0000003", "shards")).read_metadata().state_dict_metadata
+    assert [tuple(index[f"model.layers.{layer}.mlp.experts.w1"].size)[0] for layer in (1, 3)] == [4, 4]  # by global id
+    assert sorted(f for f in os.listdir(os.path.join(ck, "iter_0000003", "shards")) if f.endswith(".distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]  # each EP rank wrote its own experts
     resumed = train(0, mock_args(base + ["--load", ck, "--no-load-rng"]))["losses"]
     close(resumed, full[3:])
 

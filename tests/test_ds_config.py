@@ -110,7 +110,7 @@ def test_curriculum_block_is_read(tmp_path):
     ('{\n "steps_per_print": 10,\n}', r"line 3 column 1: not valid JSON"),
     ('[1, 2]', r"the top level must be a JSON object"),
     ('{"train_batch_size": "256"}', r"train_batch_size must be an integer \(got \"256\"\)"),
-    ('{"zero_optimization": {"stage": 3}}', r"zero_optimization.stage 3 is not supported"),
+    ('{"zero_optimization": {"stage": 4}}', r"zero_optimization.stage 4 is not supported"),
     ('{"fp16": {"enabled": true}, "bf16": {"enabled": true}}', r"fp16.enabled and bf16.enabled are both true"),
     ('{"curriculum_learning": {"enabled": true, "curriculum_type": "vocabularyrarity", "min_difficulty": 1, '
      '"max_difficulty": 2}}', r"curriculum_type 'vocabularyrarity' is not supported"),

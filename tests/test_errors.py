@@ -42,7 +42,7 @@ CATALOGUE = [
     ("fp16+bf16", lambda t: mock_args(BASE + ["--fp16", "--bf16"]), "--fp16 and --bf16"),
     ("no lr", lambda t: [a for a in mock_args(BASE) if a not in ("--lr", "3e-3")], "--lr"),
     ("pipeline parallel", lambda t: mock_args(BASE + ["--pipeline-model-parallel-size", "2"]), "pipeline parallelism"),
-    ("zero-stage 3", lambda t: mock_args(BASE + ["--zero-stage", "3"]), "use --zero-stage 2"),
+    ("zero-stage 4", lambda t: mock_args(BASE + ["--zero-stage", "4"]), "--zero-stage"),
     ("overlap with zero-stage 2", lambda t: mock_args(BASE + ["--zero-stage", "2", "--overlap-grad-reduce"]),
      "--overlap-grad-reduce does not combine with --zero-stage 2"),
     ("num-experts list", lambda t: mock_args(BASE + ["--num-experts", "4", "8", "8"]), "--num-experts"),

@@ -8,6 +8,7 @@ real process) and compares the checkpoint directory's bytes before and after.
 """
 import hashlib
 import os
+import pickle
 import shutil
 import struct
 
@@ -35,8 +36,10 @@ class Exploit:
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
+    """A checkpoint in the full-tensor format (1), whose files the catalogue damages one by one; the sharded
+    format's faults start from :func:`sharded`."""
     ck = str(tmp_path_factory.mktemp("golden") / "ck")
-    pretrain_gpt_moe.main(mock_args(BASE + ["--train-iters", "1", "--save", ck]))
+    pretrain_gpt_moe.main(mock_args(BASE + ["--train-iters", "1", "--save", ck, "--ckpt-format", "torch"]))
     return ck
 
 
@@ -185,6 +188,25 @@ def foreign_common(ck):
 
 
 EXPERT = os.path.join("experts", "layer_001_expert_0002.pt")
+SHARD, INDEX = os.path.join("shards", "__0_0.distcp"), os.path.join("shards", ".metadata")
+
+
+def sharded(ck, damage):
+    """The golden run saved in the sharded format (2) instead, then ``damage(iteration folder)``."""
+    shutil.rmtree(ck)
+    pretrain_gpt_moe.main(mock_args(BASE + ["--train-iters", "1", "--save", ck]))
+    damage(os.path.join(ck, IT1))
+    return load_args(ck)
+
+
+def truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def write_bytes(path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
 
 CATALOGUE = [
     # batch arithmetic and run length
@@ -255,6 +277,16 @@ CATALOGUE = [
         "word_embeddings.weight", b["word_embeddings.weight"][:, :16])), "has shape"),
     ("dense tensor missing", lambda t, ck: edit_blob(ck, "model_dense.pt", lambda b: b.pop(sorted(b)[0])),
      "is missing from"),
+    ("sharded: truncated shard", lambda t, ck: sharded(ck, lambda d: truncate(os.path.join(d, SHARD), 1000)),
+     "the checkpoint is damaged"),
+    ("sharded: missing shard", lambda t, ck: sharded(ck, lambda d: os.remove(os.path.join(d, SHARD))),
+     "the checkpoint is damaged"),
+    ("sharded: missing index", lambda t, ck: sharded(ck, lambda d: os.remove(os.path.join(d, INDEX))),
+     "the checkpoint is incomplete"),
+    ("sharded: garbage index", lambda t, ck: sharded(ck, lambda d: write_bytes(os.path.join(d, INDEX), b"\x80\x04junk")),
+     "refused as unsafe or unreadable"),
+    ("sharded: malicious index", lambda t, ck: sharded(ck, lambda d: write_bytes(
+        os.path.join(d, INDEX), pickle.dumps(Exploit()))), "refused as unsafe"),
     ("architecture differs", lambda t, ck: load_args(ck, ["--hidden-size", "64"]), "architecture differs"),
     ("experts differ", lambda t, ck: load_args(ck, ["--num-experts", "8"]), "experts_per_layer"),
     ("router topk loaded as aux_free", lambda t, ck: load_args(ck, ["--moe-router-type", "aux_free"]),

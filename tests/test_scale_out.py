@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from megatron.checkpoint.dcp_reader import SafeReader
 from megatron.parallel.tensor_parallel import VocabParallelCrossEntropy
 from tests.dist_utils import run_distributed
 from tests.runs import close, mock_args, train
@@ -83,8 +84,11 @@ def test_tp2_x_ep2_x_dp2_with_zero_matches_one_process_and_resumes_at_tp1(tmp_pa
     close(first[0]["losses"], full[:3])
     resumed = train(0, argv + ["--load", ck])  # TP 1, EP 1, plain Adam, one process
     close(resumed["losses"], full[3:])
-    blob = torch.load(os.path.join(ck, "iter_0000003", "model_dense.pt"), weights_only=True)
-    assert blob["word_embeddings.weight"].shape == (128, 32)  # full tensors on disk
+    index = SafeReader(os.path.join(ck, "iter_0000003", "shards")).read_metadata().state_dict_metadata
+    assert tuple(index["model.word_embeddings.weight"].size) == (128, 32)  # stored at full (TP 1) shape
+    assert tuple(index["model.layers.1.mlp.experts.w1"].size)[0] == 4  # every expert (EP 1)
+    files = sorted(f for f in os.listdir(os.path.join(ck, "iter_0000003", "shards")) if f.endswith(".distcp"))
+    assert files == [f"__{r}_0.distcp" for r in range(4)]  # every rank wrote its shard
 
 
 def test_overlapped_grad_reduce_equals_the_blocking_one(tmp_path):

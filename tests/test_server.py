@@ -93,7 +93,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def servers(checkpoints):
-    started = {kind: Server(path) for kind, path in checkpoints.items()}
+    # the dense server drops clients that take more than 2 s to send their headers or body (test_slow_clients...)
+    started = {kind: Server(path, *(["--request-timeout", "2"] if kind == "dense" else [])) for kind, path in
+               checkpoints.items()}
     try:
         yield {kind: s.wait_ready() for kind, s in started.items()}
     finally:
@@ -170,7 +172,9 @@ def test_health_models_and_tokenizer_endpoints(servers):
     assert s.get("/v1/models").json()["data"][0]["id"] == "moe"
     info = s.get("/tokenizer_info").json()
     assert info["eos_token"] == "127" and info["model_max_length"] == CONTEXT  # NullTokenizer: ids are the text
-    assert s.post("/tokenize", {"prompt": "4 5 127 1127"}).json()["tokens"] == [4, 5, 127, 1127]
+    assert s.post("/tokenize", {"prompt": "4 5 127"}).json()["tokens"] == [4, 5, 127]
+    r = s.post("/tokenize", {"prompt": "4 5 1127"})  # an id past the vocabulary (128) is refused, naming it
+    assert r.status_code == 400 and "1127" in r.text, r.text
     assert s.post("/detokenize", {"tokens": [4, 5]}).json()["prompt"] == "4 5"
 
 
@@ -276,6 +280,21 @@ CATALOGUE = [  # (method, path, body: dict or raw bytes, status, words in the me
     ("put", "/api", {"prompts": ["1"], "top_p": 2.0}, 400, "'top_p'"),
     ("put", "/api", {"prompts": ["1"], "top_k": -1}, 400, "'top_k'"),
     ("put", "/api", {"prompts": ["1"], "add_BOS": "yes"}, 400, "'add_BOS'"),
+    # issue 28: these were 500s with the raw exception's text
+    ("put", "/api", {"prompts": ["1"], "stop": [""]}, 400, "'stop'"),
+    ("post", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ("post", "/v1/completions", b'{"prompt": "1", "max_tokens": ' + b"7" * 5000 + b"}", 400, "too many digits"),
+    ("post", "/v1/completions", {"prompt": "1", "seed": 2**70}, 400, "'seed'"),
+    ("post", "/v1/completions", {"prompt": "1", "seed": -(2**70)}, 400, "'seed'"),
+    ("put", "/api", {"prompts": ["1"], "random_seed": 2**70}, 400, "'random_seed'"),
+    ("post", "/v1/completions", b'{"prompt": "1", "temperature": NaN}', 400, "'temperature'"),
+    ("post", "/v1/completions", b'{"prompt": "1", "temperature": Infinity}', 400, "'temperature'"),
+    ("post", "/v1/completions", b'{"prompt": "1", "top_p": NaN}', 400, "'top_p'"),
+    ("post", "/v1/completions", {"prompt": "1", "temperature": 1e300}, 400, "'temperature'"),
+    ("post", "/v1/completions", {"prompt": "1", "max_tokens": 10**30}, 400, "'max_tokens'"),
+    ("post", "/v1/completions", {"prompt": "1", "top_k": 10**30}, 400, "'top_k'"),
+    ("put", "/api", {"prompts": ["1"], "stop_token": -1}, 400, "'stop_token'"),
+    ("put", "/api", {"prompts": ["1"], "stop_token": [3, 2**70]}, 400, "'stop_token'"),
     ("post", "/tokenize", {"prompt": 3}, 400, "'prompt'"),
     ("post", "/detokenize", {"tokens": [-1]}, 400, "'tokens'"),
     ("get", "/no/such/endpoint", None, 404, ""),
@@ -294,6 +313,58 @@ def test_bad_requests_are_answered_and_the_next_request_is_served(servers):
             assert words in message and "\n" not in message, (body, message)
         assert greedy(s, "2 4 6", 5)["text"] == reference  # and the server still serves
     assert s.proc.poll() is None
+
+
+def test_a_poisonous_request_does_not_fail_a_concurrent_greedy_one(servers, checkpoints):
+    """Issue 28: temperature 1e-40 / 1e-300 and top_p 1e-300 made sampling raise, and the engine failed the
+    whole batch (a greedy request from another client got a 500). Now they sample greedily / keep the top token,
+    and the greedy request sharing their batch gets exactly its answer."""
+    s, lm = servers["dense"], load_model(checkpoints["dense"], "cpu")
+    prompt, n = [3, 1, 4, 1, 5], 300  # long enough (1 s or more) that the poisons join its batch
+    expected = " ".join(map(str, generate(lm.model, prompt, n, eod=lm.tokenizer.eod)))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=s.post("/v1/completions", {
+        "prompt": prompt, "max_tokens": n, "temperature": 0})))
+    t.start()
+    deadline = time.time() + 60
+    while s.get("/health").json()["running"] < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    poisons = [{"temperature": 1e-40}, {"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300},
+               {"temperature": 5e-324, "top_p": 5e-324, "top_k": 3}]
+    answers = send_together(s, [dict(prompt=[9, 2, 6], max_tokens=6, seed=i, **p) for i, p in enumerate(poisons)])
+    t.join(120)
+    assert result["r"].status_code == 200, result["r"].text
+    assert result["r"].json()["choices"][0]["text"] == expected
+    greedy_poison = " ".join(map(str, generate(lm.model, [9, 2, 6], 6, eod=lm.tokenizer.eod)))
+    assert all(a["text"] == greedy_poison for a in answers)  # each is greedy (top_p that small keeps one token)
+
+
+def test_slow_clients_are_dropped_after_the_request_timeout(servers):
+    """Issue 28: connections that never sent their headers were kept open forever (72 for 42 s). With
+    --request-timeout 2: silent connections, half-sent headers and a stalled body are closed after ~2 s
+    (the body with a 408), while a normal request is served."""
+    import socket
+
+    s = servers["dense"]
+    socks = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(20)]
+    half = socket.create_connection(("127.0.0.1", s.port))
+    half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    body = socket.create_connection(("127.0.0.1", s.port))
+    body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    start = time.time()
+    assert greedy(s, "2 4 6", 3)["finish_reason"] in ("length", "stop")  # served meanwhile
+    for sock in socks + [half, body]:
+        sock.settimeout(15)
+        data = b""
+        while chunk := sock.recv(4096):  # until the server closes the connection
+            data += chunk
+        sock.close()
+        if sock is body:
+            assert data.startswith(b"HTTP/1.1 408") and b"within 2 s" in data, data
+        else:
+            assert data == b""
+    assert time.time() - start < 8
+    assert s.get("/health").status_code == 200
 
 
 @pytest.mark.slow
@@ -359,6 +430,9 @@ def test_server_tool_user_errors(checkpoints, tmp_path):
         tool.main(["--load", checkpoints["moe"], "--moe-expert-parallel-size", "2"])
     with pytest.raises(UserError, match="--max-batch-size"):
         tool.main(["--load", checkpoints["moe"], "--max-batch-size", "0"])
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(UserError, match="--request-timeout"):
+            tool.main(["--load", checkpoints["moe"], "--request-timeout", bad])
     import socket
 
     with socket.socket() as taken:

@@ -114,15 +114,16 @@ EQUAL = ["--hidden-dropout", "0", "--attention-dropout", "0", "--num-experts", "
          "--log-optimizer-states-to-tensorboard", "--log-timers-to-tensorboard", "--eval-iters", "0"]
 
 
-def test_optimizer_states_equal_unsharded_under_zero1_dp2_expert_and_tensor_parallel(tmp_path):
+def test_optimizer_states_equal_unsharded_under_zero1_fsdp2_dp2_expert_and_tensor_parallel(tmp_path):
     one = recorded_run(0, mock_args(EQUAL))  # DP=1, torch AdamW
     zero1 = run_distributed(recorded_run, 2, str(tmp_path / "z1"), mock_args(EQUAL + ["--zero-stage", "1"]))
     ep = run_distributed(recorded_run, 2, str(tmp_path / "ep"), mock_args(EQUAL + ["--zero-stage", "1",
                                                                                  "--moe-expert-parallel-size", "2"]))
     tp = run_distributed(recorded_run, 2, str(tmp_path / "tp"), mock_args(EQUAL + ["--zero-stage", "1",
                                                                                  "--tensor-model-parallel-size", "2"]))
+    fsdp = run_distributed(recorded_run, 2, str(tmp_path / "fsdp"), mock_args(EQUAL + ["--use-torch-fsdp2"]))
     keys = [(tag, step) for tag in STAT_TAGS for step in (1, 2, 3)]
-    for run in (*zero1, *ep, *tp):
+    for run in (*zero1, *ep, *tp, *fsdp):
         for k in keys:
             assert run[k] == pytest.approx(one[k], rel=1e-6), (k, run[k], one[k])
     # the expert-parallel exchange is timed: a part of the forward and backward, never more

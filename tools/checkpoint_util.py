@@ -74,10 +74,14 @@ def _prepare_out(path: str, force: bool = False) -> str:
     if os.path.exists(path) and os.listdir(path) and not force:
         raise UserError(f"--save {path} exists and is not empty: choose a new directory (or --force)")
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, "." + os.path.basename(os.path.abspath(path)) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    except OSError as e:  # a file in the path, a read-only or full file system
+        raise UserError(f"--save {path}: cannot create the directory ({e.strerror or e}); choose another "
+                        f"--save") from None
     return tmp
 
 
@@ -112,7 +116,7 @@ def inspect(a) -> dict:
           f"{cfg.moe.mlp_type if cfg.moe.enabled else 'standard'}, top-{cfg.moe.topk}); saved with EP "
           f"{cfg.moe.expert_parallel_size}, loadable at any EP size dividing every layer's experts")
     print(f"total parameters: {counts.total}\nactive parameters: {counts.active}\nexpert parameters: {counts.expert}")
-    print(f"files: {files['files']} ({files['expert_files']} expert files), {files['bytes'] / 2**20:.1f} MiB; "
+    print(f"files: {files['files']} ({files['detail']}), {files['bytes'] / 2**20:.1f} MiB; "
           f"optimizer state: {'yes' if files['optimizer_state'] else 'no'}")
     print(f"tokenizer: {common['config']['data'].get('tokenizer_type')}")
     return {"iteration": common["iteration"], "total": counts.total, "active": counts.active, "files": files["files"]}
@@ -180,6 +184,9 @@ def reshard(a) -> dict:
 
 def main(argv=None):
     a = parse(argv)
+    save = getattr(a, "save", None)
+    if save is not None and os.path.exists(save) and not os.path.isdir(save):
+        raise UserError(f"--save {save} is a file, not a directory; choose a new directory (the file is kept)")
     return {"inspect": inspect, "export-hf": export_hf, "import-hf": import_hf, "upcycle": upcycle,
             "reshard": reshard}[a.command](a)
 

@@ -21,7 +21,10 @@ the whole model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import math
 import os
 import tempfile
 import time
@@ -84,6 +87,10 @@ def parse(argv=None):
         raise UserError("--limit must be >= 1")
     if a.num_fewshot < 0:
         raise UserError("--num-fewshot must be >= 0")
+    if a.moe_eval_capacity_factor is not None and not (math.isfinite(a.moe_eval_capacity_factor)
+                                                       and a.moe_eval_capacity_factor > 0):
+        raise UserError(f"--moe-eval-capacity-factor must be > 0 (got {a.moe_eval_capacity_factor}); leave it out "
+                        f"to drop no token")
     return a
 
 
@@ -114,11 +121,27 @@ def check_task_names(tm, foreign: list) -> None:
                         f"(local files) or a task lm-eval lists with `lm-eval --tasks list`")
 
 
+@contextlib.contextmanager
+def _quiet_downloads():
+    """Without the network, huggingface_hub logs every retry of a download on stderr (six lines before our one
+    line); only errors are logged while a task's data is looked up."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "fsspec", "urllib3", "filelock")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def check_task_data(tm, names: list) -> None:
     """Load each lm-eval task once, before any model is built: absent data is one line naming the dataset."""
     for name in names:
         try:
-            tm.load([name])
+            with _quiet_downloads():
+                tm.load([name])
         except Exception as e:  # noqa: BLE001 - any failure to fetch a task's data is reported in one line
             entry = tm.task_index.get(name)
             cfg = getattr(entry, "cfg", None) or {}
@@ -176,7 +199,10 @@ def main(argv=None) -> dict:
     _split(a)
     for load in a.load:
         _, common = read_checkpoint_config(load)  # fail early, before any evaluation runs
-        if not tokenizers.spec(common["config"]["data"].get("tokenizer_type")).reads_text:
+        kind = common["config"]["data"].get("tokenizer_type")
+        tokenizers.check_overrides(kind, vocab_file=a.vocab_file, merge_file=a.merge_file,
+                                   tokenizer_model=a.tokenizer_model)
+        if not tokenizers.spec(kind).reads_text:
             raise UserError(f"--load {load}: this checkpoint was trained on --mock-data with no text tokenizer, so it "
                             f"cannot read the task texts; evaluate a checkpoint trained with a real tokenizer")
     all_results, rows = {}, {}

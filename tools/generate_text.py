@@ -10,14 +10,17 @@ one left-padded KV cache. Prints each continuation and the tokens per second.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
 import torch
 
+from megatron.checkpoint.stored_config import read_checkpoint_config
 from megatron.errors import UserError, run_cli
 from megatron.inference.generate import generate, generate_greedy_batch
 from megatron.inference.load import load_model
+from megatron.tokenizer import registry as tokenizers
 from megatron.training.arguments import argument_parser
 
 
@@ -45,18 +48,69 @@ def parse(argv=None):
         raise UserError("--max-new-tokens must be >= 1")
     if a.temperature < 0 or not (0.0 <= a.top_p <= 1.0) or a.top_k < 0:
         raise UserError("--temperature must be >= 0, --top-k >= 0 and --top-p in [0, 1]")
+    if not math.isfinite(a.temperature) or 0 < a.temperature < MIN_TEMPERATURE:
+        raise UserError(f"--temperature {a.temperature}: use 0 for greedy decoding or a finite value >= "
+                        f"{MIN_TEMPERATURE} for sampling (the logits divided by a smaller one overflow)")
+    if not 0 <= a.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2^63) (got {a.seed})")
+    cf = a.moe_eval_capacity_factor
+    if cf is not None and not (math.isfinite(cf) and cf > 0):
+        raise UserError(f"--moe-eval-capacity-factor must be > 0 (got {cf}); leave it out to drop no token")
+    a.device = check_device(a.device)
     return a
+
+
+MIN_TEMPERATURE = 1e-5  # as the server, where a smaller one samples greedily
+
+
+def check_device(device):
+    """``--device``: a torch device name whose accelerator is present (else one line, not a CUDA traceback)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device name; use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or leave it out)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
+    return device
+
+
+def read_prompt_file(path: str) -> list:
+    """Non-empty lines of a UTF-8 file; anything else is one line naming the file and line."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompt-file {path}: file not found")
+    prompts = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"--prompt-file {path} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x}); give "
+                                f"one UTF-8 prompt per line") from None
+            if "\0" in line:
+                raise UserError(f"--prompt-file {path} line {n}: holds a NUL byte (a binary file?); give one UTF-8 "
+                                f"prompt per line")
+            if line.strip():
+                prompts.append(line.rstrip("\r\n"))
+    return prompts
 
 
 def main(argv=None) -> dict:
     a = parse(argv)
     prompts = list(a.prompt)
     if a.prompt_file:
-        if not os.path.isfile(a.prompt_file):
-            raise UserError(f"--prompt-file {a.prompt_file}: file not found")
-        prompts += [line.rstrip("\n") for line in open(a.prompt_file, encoding="utf-8") if line.strip()]
+        prompts += read_prompt_file(a.prompt_file)
     if not prompts:
         raise UserError("give at least one --prompt or a --prompt-file")
+    _, common = read_checkpoint_config(a.load)
+    tokenizers.check_overrides(common["config"]["data"].get("tokenizer_type"), vocab_file=a.vocab_file,
+                               merge_file=a.merge_file, tokenizer_model=a.tokenizer_model)
     lm = load_model(a.load, a.device, a.moe_eval_capacity_factor, torch.bfloat16 if a.bf16 else None,
                     a.vocab_file, a.merge_file, a.tokenizer_model)
     tok = lm.tokenizer

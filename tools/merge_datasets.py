@@ -14,6 +14,7 @@ import glob
 import os
 
 from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.data.output_checks import check_output_prefix, remove_temp_files, write_failed
 from megatron.errors import UserError, run_cli
 
 
@@ -45,15 +46,25 @@ def main(argv=None) -> int:
         raise UserError(f"--output-prefix {args.output_prefix} is one of the inputs; choose a new prefix")
     if not os.path.isdir(os.path.dirname(out)):
         raise UserError(f"--output-prefix {args.output_prefix}: directory {os.path.dirname(out)} does not exist")
+    check_output_prefix(args.output_prefix, "NAME.bin/.idx")
     first = IndexedDataset(prefixes[0])  # validates and gives the dtype
-    builder = IndexedDatasetBuilder(args.output_prefix, first.dtype)
+    try:
+        builder = IndexedDatasetBuilder(args.output_prefix, first.dtype)
+    except OSError as e:
+        raise write_failed(args.output_prefix, e) from None
     try:
         for p in prefixes:
             builder.add_index(p)
-    except BaseException:
-        builder.abort()
+        builder.finalize()
+    except BaseException as e:
+        try:
+            builder.abort()
+        except OSError:  # closing a file on a full disk: its data is dropped anyway
+            pass
+        remove_temp_files([args.output_prefix])
+        if isinstance(e, OSError):
+            raise write_failed(args.output_prefix, e) from None
         raise
-    builder.finalize()
     merged = IndexedDataset(args.output_prefix)
     print(f"merged {len(prefixes)} datasets -> {args.output_prefix}.bin/.idx: {merged.num_documents} documents, "
           f"{int(merged.sizes.sum())} tokens")

@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megatron.data.output_checks import check_output_prefix, remove_temp_files, write_failed
 from megatron.errors import UserError, run_cli
 from megatron.tokenizer import build_tokenizer
 
@@ -48,20 +49,33 @@ def _init_worker(args):
 
 
 def _encode_batch(items):
-    """[(doc dict key -> text, nbytes)] -> [(key -> token array, nbytes)]; arrays (not lists) travel back from
-    the workers cheaply, and a tokenizer with ``tokenize_batch`` gets the whole batch at once."""
+    """[(doc dict key -> text, nbytes, where)] -> [(key -> token array, nbytes)]; arrays (not lists) travel back
+    from the workers cheaply, and a tokenizer with ``tokenize_batch`` gets the whole batch at once. A text the
+    tokenizer refuses (the NullTokenizer: a word, an id past --vocab-size) is one error naming its file and line."""
     keys = list(items[0][0]) if items else []
     by_key = {}
     for key in keys:
-        texts = [texts[key] or "" for texts, _ in items]
-        if hasattr(_TOKENIZER, "tokenize_batch"):
-            ids = _TOKENIZER.tokenize_batch(texts)
-        else:
-            ids = [_TOKENIZER.tokenize(t) if t else [] for t in texts]
+        texts = [texts[key] or "" for texts, _, _ in items]
+        try:
+            if hasattr(_TOKENIZER, "tokenize_batch"):
+                ids = _TOKENIZER.tokenize_batch(texts)
+            else:
+                ids = [_TOKENIZER.tokenize(t) if t else [] for t in texts]
+        except UserError as e:
+            where = next((w for (_, _, w), t in zip(items, texts) if t and not _tokenizes(t)), None)
+            raise UserError(f"--input {where or 'a document'} (key {key!r}): {e}") from None
         if _ARGS.append_eod:
             ids = [list(x) + [_TOKENIZER.eod] if len(x) else x for x in ids]
         by_key[key] = [np.asarray(x, dtype=_DTYPE) for x in ids]
-    return [({k: by_key[k][i] for k in keys}, nbytes) for i, (_, nbytes) in enumerate(items)]
+    return [({k: by_key[k][i] for k in keys}, nbytes) for i, (_, nbytes, _) in enumerate(items)]
+
+
+def _tokenizes(text) -> bool:
+    try:
+        _TOKENIZER.tokenize(text)
+        return True
+    except UserError:
+        return False
 
 
 def _json_documents(path, f, json_keys):
@@ -83,38 +97,47 @@ def _json_documents(path, f, json_keys):
             kind = "null" if obj[bad[0]] is None else type(obj[bad[0]]).__name__
             raise UserError(f"--input {path}:{lineno}: key {bad[0]!r} holds a {kind}, not a string; fix the line or "
                             f"choose another --json-keys field")
-        yield {k: obj[k] for k in json_keys}, len(line.encode("utf-8"))
+        for k in json_keys:
+            try:
+                obj[k].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800": no character of any text
+                raise UserError(f"--input {path}:{lineno}: key {k!r} holds a lone surrogate {ascii(e.object[e.start])} "
+                                f"at character {e.start}, which is not Unicode text; fix or remove the line") from None
+        yield {k: obj[k] for k in json_keys}, len(line.encode("utf-8")), f"{path}:{lineno}"
 
 
-def _text_documents(f, key, text_document):
-    """Plain text, read line by line (bounded memory except for --text-document file)."""
+def _text_documents(path, f, key, text_document):
+    """Plain text, read line by line (bounded memory except for --text-document file); each document with the
+    file and line where it starts."""
     if text_document == "file":
         text = f.read()
-        yield {key: text}, len(text.encode("utf-8"))
+        yield {key: text}, len(text.encode("utf-8")), path
     elif text_document == "line":
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if line.strip():
-                yield {key: line}, len(line.encode("utf-8")) + 1
+                yield {key: line}, len(line.encode("utf-8")) + 1, f"{path}:{lineno}"
     else:
-        block = []
-        for line in f:
+        block, start = [], 0
+        for lineno, line in enumerate(f, 1):
             if line.strip():
+                if not block:
+                    start = lineno
                 block.append(line)
             elif block:
                 doc = "".join(block)
                 block = []
-                yield {key: doc}, len(doc.encode("utf-8"))
+                yield {key: doc}, len(doc.encode("utf-8")), f"{path}:{start}"
         if block:
             doc = "".join(block)
-            yield {key: doc}, len(doc.encode("utf-8"))
+            yield {key: doc}, len(doc.encode("utf-8")), f"{path}:{start}"
 
 
 def iter_documents(paths, json_keys, text_document):
     for path in paths:
         with open(path, encoding="utf-8", newline=None) as f:
             docs = (_json_documents(path, f, json_keys) if path.endswith((".jsonl", ".json"))
-                    else _text_documents(f, json_keys[0], text_document))
+                    else _text_documents(path, f, json_keys[0], text_document))
             try:
                 yield from docs
             except UnicodeDecodeError as e:
@@ -152,6 +175,8 @@ def _check_args(args) -> None:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
     if args.max_shard_size is not None and not args.max_shard_size > 0:
         raise UserError(f"--max-shard-size must be > 0 MB (got {args.max_shard_size})")
+    check_output_prefix(args.output_prefix)
+
 
 
 class ShardedWriter:
@@ -183,7 +208,11 @@ class ShardedWriter:
     def abort(self):
         for builders in self.done + [self.builders]:
             for b in builders.values():
-                b.abort()
+                try:
+                    b.abort()
+                except OSError:  # closing a file on a full disk: its data is dropped anyway
+                    pass
+        remove_temp_files(b.prefix for builders in self.done + [self.builders] for b in builders.values())
 
     def finalize(self):
         for builders in self.done + [self.builders]:
@@ -228,13 +257,21 @@ def main(argv=None) -> int:
         found = sorted(glob.glob(pattern))
         if not found:
             raise UserError(f"--input {pattern}: no such file")
+        for path in found:
+            if os.path.isdir(path):
+                raise UserError(f"--input {path} is a directory; give its files (e.g. {os.path.join(path, '*.jsonl')})")
         paths.extend(found)
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model, args.vocab_size)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     if not os.path.isdir(out_dir):
         raise UserError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist; create it first")
     max_bytes = None if args.max_shard_size is None else int(args.max_shard_size * 1e6)
-    writer = ShardedWriter(args.output_prefix, args.json_keys, best_dtype(tokenizer.vocab_size), max_bytes)
+    try:
+        writer = ShardedWriter(args.output_prefix, args.json_keys, best_dtype(tokenizer.vocab_size), max_bytes)
+    except OSError as e:
+        remove_temp_files(f"{args.output_prefix}_{shard}{k}_document" for k in args.json_keys
+                          for shard in ("", "shard0000_"))
+        raise write_failed(args.output_prefix, e) from None
     docs = iter_documents(paths, args.json_keys, args.text_document)
     t0 = time.time()
     total_bytes = total_tokens = n_docs = 0
@@ -256,16 +293,19 @@ def main(argv=None) -> int:
         if total_tokens == 0:
             raise UserError(f"--input {' '.join(args.input)}: no text found ({n_docs} documents, 0 tokens); nothing "
                             f"written - check the files and --json-keys / --text-document")
-    except BaseException:
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        shards = writer.finalize()
+    except BaseException as e:
         if pool is not None:
             pool.terminate()
             pool.join()
         writer.abort()
+        if isinstance(e, OSError):
+            raise write_failed(args.output_prefix, e) from None
         raise
-    if pool is not None:
-        pool.close()
-        pool.join()
-    shards = writer.finalize()
     dt = max(time.time() - t0, 1e-9)
     if not args.quiet:
         print(file=sys.stderr)

@@ -2,7 +2,7 @@
 """Serve a checkpoint (dense, MoE, PR-MoE, MoS; saved at any layout) over HTTP with continuous batching.
 
     python tools/run_text_generation_server.py --load CKPT [--host 127.0.0.1 --port 5000] \\
-        [--max-batch-size 16] [--max-waiting-requests 64] [--moe-eval-capacity-factor CF]
+        [--max-batch-size 16] [--max-waiting-requests 64] [--moe-eval-capacity-factor CF] [--request-timeout 10]
     torchrun --nproc_per_node 2 tools/run_text_generation_server.py --load CKPT --moe-expert-parallel-size 2
 
 Endpoints: PUT /api (Megatron), POST /v1/completions (OpenAI, with "stream": true for server-sent
@@ -38,6 +38,9 @@ def parse(argv=None):
                    help="spread each layer's experts over this many ranks (launch with torchrun)")
     p.add_argument("--moe-eval-capacity-factor", type=float, default=None,
                    help="drop tokens at this capacity factor (default: no token is dropped)")
+    p.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request headers (after connecting or after its previous "
+                        "response) and again its body; a slower connection is closed (408 for a late body)")
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the checkpoint folder's name)")
     p.add_argument("--device", default=None)
     p.add_argument("--bf16", action="store_true")
@@ -46,6 +49,8 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.max_batch_size < 1 or a.max_waiting_requests < 1:
         raise UserError("--max-batch-size and --max-waiting-requests must be >= 1")
+    if not 0 < a.request_timeout < float("inf"):
+        raise UserError(f"--request-timeout {a.request_timeout}: must be a number of seconds > 0")
     if not 0 <= a.port < 65536:
         raise UserError(f"--port {a.port}: not a port number")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,13 +106,14 @@ def serve(a, lm, state=None) -> int:
 
     from megatron.inference.serving.app import Server, build_app, text_of
     from megatron.inference.serving.engine import Engine
+    from megatron.inference.serving.timeouts import header_timeout_protocol
 
     tok = lm.tokenizer
     max_length = lm.cfg.max_position_embeddings
     engine = Engine(lm.model, tok.eod, max_length, functools.partial(text_of, tok), a.max_batch_size, a.max_waiting_requests,
                     state=state).start()
     name = a.model_name or os.path.basename(os.path.normpath(a.load))
-    server = Server(engine, tok, max_length, lm.cfg.vocab_size, name)
+    server = Server(engine, tok, max_length, lm.cfg.vocab_size, name, read_timeout=a.request_timeout)
     app = build_app(server)
     held = [(m.experts.num_local, m.num_experts) for m in lm.model.moe_layers()]
     print(f"> serving {lm.path} (iteration {lm.iteration}) as '{name}' on http://{a.host}:{a.port} "
@@ -115,7 +121,7 @@ def serve(a, lm, state=None) -> int:
           + (f"; each rank holds {held[0][0]} of {held[0][1]} experts per MoE layer" if held else "") + ")", flush=True)
     ignore_stop_signals()
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=a.log_requests,
-                timeout_graceful_shutdown=60)
+                timeout_graceful_shutdown=60, http=header_timeout_protocol(a.request_timeout))
     engine.shutdown()  # uvicorn has drained the open requests; the engine finishes anything left, then stops
     print("> server stopped", flush=True)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 import shutil
 
 from megatron.checkpoint.layout import TRACKER, iter_dir_name, previous_dir, read_tracker, staging_dir
@@ -80,7 +81,8 @@ def recover_and_clean(save_dir: str) -> list[str]:
             os.replace(old, final)
             lines.append(f"> restored {final} from {old} (a re-save was interrupted between its two renames)")
     orphans = (glob.glob(os.path.join(save_dir, ".iter_*.tmp")) + glob.glob(os.path.join(save_dir, ".iter_*.old"))
-               + glob.glob(os.path.join(save_dir, TRACKER + ".tmp*")))
+               + [p for p in glob.glob(os.path.join(save_dir, TRACKER + ".tmp*"))  # only the names written here
+                  if re.fullmatch(re.escape(TRACKER) + r"\.tmp\d+", os.path.basename(p))])
     for path in sorted(orphans):
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)

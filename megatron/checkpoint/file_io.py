@@ -15,9 +15,15 @@ from megatron.errors import UserError
 
 
 def save_file(obj, path: str) -> None:
-    """``torch.save(obj, path)``, creating the file's folder first."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(obj, path)
+    """``torch.save(obj, path)``, creating the file's folder first; a failed write (a full disk, the file-size
+    limit) is a one-line UserError naming the file (the save is in its staging folder: nothing published)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"--save: writing {path} failed ({type(e).__name__}: {text[:200]}); the previous checkpoint "
+                        f"is intact: free space or fix the folder and save again") from None
 
 
 def load_file(path: str, flag: str = "--load"):

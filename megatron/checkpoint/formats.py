@@ -1,13 +1,16 @@
 """The registry of checkpoint formats, keyed by the ``format`` field every ``common.pt`` stores.
 
 :func:`save_checkpoint` and :func:`write_weights_checkpoint` write :data:`SAVED_FORMAT`; a load reads
-``format`` from ``common.pt`` and hands the folder to the module registered for it in :data:`FORMATS`.
-Today there is one format, 1 (``full_tensor_format``: full tensors, one file per expert). A checkpoint
-whose ``common.pt`` has no ``format`` field is read as format 1, the only layout ever written.
+``format`` from ``common.pt`` and hands the folder to the module registered for it in :data:`FORMATS`:
 
-To add a format (say a sharded ``torch.distributed.checkpoint`` one): write one module beside
-``full_tensor_format.py`` that provides the :class:`CheckpointFormat` names, add one line to
-:data:`FORMATS`, and point :data:`SAVED_FORMAT` at it once new checkpoints should be written that way.
+- 1, ``--ckpt-format torch`` (``full_tensor_format``): full tensors gathered to one writer, one file per
+  expert. A checkpoint whose ``common.pt`` has no ``format`` field is format 1, the only layout written
+  before format 2.
+- 2, ``--ckpt-format torch_dist``, the default (``sharded_format``): every rank writes its own shard
+  through ``torch.distributed.checkpoint``; loads reshard to any layout.
+
+To add a format: write one module beside these that provides the :class:`CheckpointFormat` names and
+add one line to :data:`FORMATS` and :data:`FORMAT_NAMES`.
 The tracker, ``common.pt``, the RNG files and the atomic publish (``layout``, ``atomic``) are shared by
 every format; a format owns only the model and optimizer files inside the checkpoint folder.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from megatron.checkpoint import full_tensor_format
+from megatron.checkpoint import full_tensor_format, sharded_format
 from megatron.errors import UserError
 
 
@@ -24,19 +27,24 @@ class CheckpointFormat(Protocol):
 
     VERSION: int
 
-    def write(self, folder: str, model, opt_state: dict, ps, save_optim: bool) -> None: ...
+    def write(self, folder: str, model, optimizer, ps, save_optim: bool) -> None: ...
 
     def write_weights(self, folder: str, model) -> None: ...
 
-    def read(self, path: str, model, ps, want_optim: bool, flag: str = "--load") -> dict: ...
+    def read(self, path: str, model, optimizer, ps, want_optim: bool, flag: str = "--load") -> None: ...
 
-    def describe_files(self, path: str) -> dict: ...
+    def describe_files(self, path: str) -> dict: ...  # files, bytes, optimizer_state, detail (and more)
 
 
 FORMATS: dict[int, CheckpointFormat] = {
     full_tensor_format.VERSION: full_tensor_format,
+    sharded_format.VERSION: sharded_format,
 }
-SAVED_FORMAT: CheckpointFormat = full_tensor_format  # the format new checkpoints are written in
+FORMAT_NAMES: dict[str, CheckpointFormat] = {  # --ckpt-format (Megatron-LM's names)
+    "torch": full_tensor_format,
+    "torch_dist": sharded_format,
+}
+SAVED_FORMAT: CheckpointFormat = sharded_format  # the format new checkpoints are written in by default
 
 
 def format_of(common: dict, common_file: str, flag: str = "--load") -> CheckpointFormat:

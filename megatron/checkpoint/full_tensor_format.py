@@ -22,6 +22,7 @@ import os
 import torch
 
 from megatron.checkpoint.file_io import load_file, save_file
+from megatron.checkpoint.optimizer_state import install_state_by_param, state_by_param
 from megatron.errors import UserError
 from megatron.model.moe.layer import MoELayer
 from megatron.model.param_tags import is_expert, is_tp_sharded
@@ -51,10 +52,12 @@ def _full(t: torch.Tensor, p, ps) -> torch.Tensor:
     return out.clone() if out.untyped_storage().nbytes() > out.numel() * out.element_size() else out
 
 
-def write(folder: str, model, opt_state: dict, ps, save_optim: bool) -> None:
-    """Every rank: write the model (and, with ``save_optim``, its Adam state ``opt_state`` by parameter) into
-    the checkpoint folder ``folder``. The TP ranks of the first data-parallel replica gather full tensors
-    (collective) and the main rank writes them; one replica of each expert writes that expert."""
+def write(folder: str, model, optimizer, ps, save_optim: bool) -> None:
+    """Every rank: write the model (and, with ``save_optim``, the Adam state of ``optimizer``) into the
+    checkpoint folder ``folder``. The TP ranks of the first data-parallel replica gather full tensors
+    (collective) and the main rank writes them; one replica of each expert writes that expert. (Format 1 is
+    read by this version and written only on request: the sharded format 2 is the default.)"""
+    opt_state = state_by_param(optimizer) if save_optim else {}
     named = dict(model.named_parameters())
     if ps.dp_rank == 0:  # the TP ranks of the first replica gather full tensors; rank 0 writes them
         dense = {n: _full(p, p, ps) for n, p in named.items() if not is_expert(p)}
@@ -97,10 +100,17 @@ def write_weights(folder: str, model) -> None:
                 save_file(blob, os.path.join(folder, expert_file(m.layer_number, g)))
 
 
-def read(path: str, model, ps, want_optim: bool, flag: str = "--load") -> dict:
-    """Copy the checkpoint folder ``path`` into ``model`` (this rank's TP shard and experts); returns the
-    Adam state by parameter when ``want_optim`` (empty otherwise). Shapes are checked; a mismatch or a
-    missing tensor is a UserError naming the file."""
+def read(path: str, model, optimizer, ps, want_optim: bool, flag: str = "--load") -> None:
+    """Copy the checkpoint folder ``path`` into ``model`` (this rank's TP shard and experts) and, when
+    ``want_optim`` and it holds Adam state, into ``optimizer``. Shapes are checked; a mismatch or a missing
+    tensor is a UserError naming the file."""
+    new_state = _read(path, model, ps, want_optim and optimizer is not None, flag)
+    if new_state:
+        install_state_by_param(optimizer, new_state)
+
+
+def _read(path: str, model, ps, want_optim: bool, flag: str) -> dict:
+    """The model filled in; the Adam state by parameter when ``want_optim`` (empty otherwise)."""
     named = dict(model.named_parameters())
     dense = load_file(os.path.join(path, DENSE_MODEL_FILE), flag)
     optim_dense = load_file(os.path.join(path, DENSE_OPTIM_FILE), flag) if want_optim else {}
@@ -144,11 +154,13 @@ def read(path: str, model, ps, want_optim: bool, flag: str = "--load") -> dict:
 
 
 def describe_files(path: str) -> dict:
-    """What the checkpoint folder ``path`` holds: ``files`` and ``expert_files`` (counts), ``bytes``, and
-    ``optimizer_state`` (whether Adam state was saved)."""
+    """What the checkpoint folder ``path`` holds: ``files`` and ``expert_files`` (counts), ``bytes``,
+    ``optimizer_state`` (whether Adam state was saved) and ``detail`` (one line for inspect)."""
     files = []
     for root, _, names in os.walk(path):
         for n in names:
             files.append((os.path.relpath(os.path.join(root, n), path), os.path.getsize(os.path.join(root, n))))
-    return {"files": len(files), "expert_files": sum(1 for f, _ in files if f.startswith(EXPERTS_DIR + os.sep)),
-            "bytes": sum(s for _, s in files), "optimizer_state": any(f == DENSE_OPTIM_FILE for f, _ in files)}
+    experts = sum(1 for f, _ in files if f.startswith(EXPERTS_DIR + os.sep))
+    return {"files": len(files), "expert_files": experts, "bytes": sum(s for _, s in files),
+            "optimizer_state": any(f == DENSE_OPTIM_FILE for f, _ in files),
+            "detail": f"format 1, full tensors: {experts} expert files"}

@@ -17,6 +17,7 @@ A tracker holding ``release`` names iteration 0.
 from __future__ import annotations
 
 import os
+import re
 
 from megatron.checkpoint.file_io import load_file
 from megatron.errors import UserError
@@ -48,8 +49,13 @@ def rng_file(rank: int) -> str:
 def read_tracker(load_dir: str, flag: str = "--load"):
     """The iteration the tracker of ``load_dir`` names, or None when there is no tracker."""
     path = os.path.join(load_dir, TRACKER)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
+    if not os.path.isfile(path):
+        what = "a directory" if os.path.isdir(path) else "a broken symbolic link" if os.path.islink(path) else \
+            "not a regular file"
+        raise UserError(f"{flag}: {path} is {what}, not the tracker file (it should hold an iteration number); "
+                        f"fix or remove it")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read().strip()
@@ -82,4 +88,34 @@ def locate_checkpoint(load_dir: str, flag: str = "--load"):
             and isinstance(common["config"].get("model"), dict)):
         raise UserError(f"{flag}: {common_file} is not a checkpoint of this framework (no stored config and "
                         f"iteration); convert it first or point {flag} at a checkpoint saved by pretrain_gpt_moe.py")
+    check_common(common, common_file, iteration, flag)
     return path, common
+
+
+def check_common(common: dict, common_file: str, iteration: int, flag: str = "--load") -> None:
+    """The counters of ``common.pt`` agree with its folder and make sense, or a one-line UserError naming the
+    file and field."""
+    it = common["iteration"]
+    if type(it) is not int or it < 0:
+        raise UserError(f"{flag}: {common_file} has iteration {it!r} (its 'iteration' field), not a count; the "
+                        f"checkpoint is damaged: load an earlier one")
+    if it != iteration and iteration != 0:  # a 'release' tracker names iteration 0 whatever the folder holds
+        raise UserError(f"{flag}: {common_file} says iteration {it} (its 'iteration' field) but lies in the folder of "
+                        f"iteration {iteration}; the checkpoint was moved or damaged: fix the tracker or the folder")
+    for field in ("consumed_samples", "tokens_trained"):
+        v = common.get(field)
+        if v is not None and (type(v) is not int or v < 0):
+            raise UserError(f"{flag}: {common_file} has {field} {v!r} (its '{field}' field), not a count >= 0; the "
+                            f"checkpoint is damaged: load an earlier one")
+
+
+def existing_iterations(save_dir: str) -> list[int]:
+    """The iterations with a checkpoint folder (``iter_*``) in ``save_dir``, in order."""
+    if not os.path.isdir(save_dir):
+        return []
+    out = []
+    for name in os.listdir(save_dir):
+        m = re.fullmatch(r"iter_(\d{7,})", name)
+        if m and os.path.isdir(os.path.join(save_dir, name)):
+            out.append(int(m.group(1)))
+    return sorted(out)

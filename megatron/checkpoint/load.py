@@ -14,7 +14,6 @@ from megatron.checkpoint.checks import check_architecture
 from megatron.checkpoint.file_io import load_file
 from megatron.checkpoint.formats import format_of
 from megatron.checkpoint.layout import COMMON_FILE, locate_checkpoint, rng_file
-from megatron.checkpoint.optimizer_state import install_state_by_param
 from megatron.checkpoint.rng import set_rng_state
 
 
@@ -31,10 +30,7 @@ def load_checkpoint(load_dir: str, model, optimizer, scheduler, scaler, cfg, ps,
     fmt = format_of(common, os.path.join(path, COMMON_FILE), flag)
     if strict_arch:
         check_architecture(common["config"]["model"], cfg.model, flag)
-    want_optim = load_optim and optimizer is not None
-    new_state = fmt.read(path, model, ps, want_optim, flag)
-    if want_optim and new_state:
-        install_state_by_param(optimizer, new_state)
+    fmt.read(path, model, optimizer, ps, load_optim and optimizer is not None, flag)
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     if scaler is not None and "scaler" in common:

@@ -254,15 +254,24 @@ class OptimizerConfig:
     create_moe_param_group: bool = option("--create-moe-param-group", False, "accepted for compatibility: expert "
                                           "parameters always have their own groups")
     zero_stage: Optional[int] = option("--zero-stage", None, "DeepSpeed-style: 1 = --use-distributed-optimizer "
-                                       "(sharded Adam state), 2 = also sharded gradients, 0 = off", type=int, choices=[0, 1, 2, 3])
+                                       "(sharded Adam state), 2 = also sharded gradients, 3 = --use-torch-fsdp2 "
+                                       "(also sharded parameters), 0 = off", type=int, choices=[0, 1, 2, 3])
+    use_torch_fsdp2: bool = option("--use-torch-fsdp2", False, "ZeRO stage 3 through PyTorch FSDP2 (fully_shard): "
+                                   "parameters, gradients and Adam state sharded over data-parallel ranks (experts "
+                                   "over expert-data-parallel ranks)")
 
     def validate(self) -> None:
         check(self.lr is not None, "--lr is required: give the peak learning rate, e.g. --lr 3e-4")
         check_options(self)
         check(self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.zero_stage == 3:
-            raise UserError("--zero-stage 3 (sharded parameters) is not implemented: use --zero-stage 2, which shards "
-                            "the Adam state and the gradients; parameters stay replicated")
+            self.use_torch_fsdp2 = True
+        if self.use_torch_fsdp2:
+            check(self.zero_stage in (None, 3), f"--use-torch-fsdp2 (ZeRO-3) contradicts --zero-stage {self.zero_stage}: "
+                                                f"use --zero-stage 3 or drop --zero-stage")
+            check(not self.use_distributed_optimizer, "--use-torch-fsdp2 (ZeRO-3) does not combine with "
+                                                      "--use-distributed-optimizer: FSDP2 shards the Adam state itself; "
+                                                      "drop one of the two")
         if self.zero_stage in (1, 2):  # stage 2 is stage 1's sharded Adam plus sharded gradients
             self.use_distributed_optimizer = True
 
@@ -319,6 +328,17 @@ class TrainConfig:
     max_skipped_iterations: int = option("--max-skipped-iterations", 10, "stop (exit 3) after this many consecutive "
                                          "steps skipped for a non-finite gradient norm; with fp16 dynamic loss scaling "
                                          "only steps at the minimum loss scale count", check=(non_negative, "must be >= 0"))
+    loss_spike_factor: float = option("--loss-spike-factor", 3.0, "skip a step whose LM loss exceeds this many times "
+                                      "the running mean of recent losses (0: off); see --max-spike-iterations",
+                                      type=float, check=(non_negative, "must be >= 0"))
+    grad_norm_spike_factor: float = option("--grad-norm-spike-factor", 50.0, "skip a step whose gradient norm exceeds "
+                                           "this many times the running mean of recent norms (0: off)", type=float,
+                                           check=(non_negative, "must be >= 0"))
+    spike_warmup_iters: int = option("--spike-warmup-iters", 2, "accepted steps before the spike checks start",
+                                     check=(non_negative, "must be >= 0"))
+    max_spike_iterations: int = option("--max-spike-iterations", 5, "stop (exit 3) after more than this many loss or "
+                                       "grad-norm spikes in a row, keeping the last checkpoint before them",
+                                       check=(non_negative, "must be >= 0"))
     seed: int = option("--seed", 1234, "random seed (weights, data order, dropout, routing noise)")
     skip_train: bool = option("--skip-train", False, "load, evaluate and exit without training")
 
@@ -432,9 +452,20 @@ class CheckpointConfig:
     reset_iteration: bool = option("--reset-iteration", False, "start counting iterations and samples from 0 after "
                                    "loading")
     no_save_optim: bool = option("--no-save-optim", False, "do not save the optimizer state")
+    ckpt_format: str = option("--ckpt-format", "torch_dist", "how checkpoints are written: torch_dist (sharded: "
+                              "every rank writes its own shard through torch.distributed.checkpoint; loads at any "
+                              "layout) or torch (full tensors gathered to one writer, the pre-2.0 layout); both "
+                              "load", type=str, choices=["torch_dist", "torch"])
+    overwrite_checkpoints: bool = option("--overwrite-checkpoints", False, "let a run that does not resume from "
+                                         "--save (no --load, or --load elsewhere) replace the checkpoints already "
+                                         "there; without it such a run is refused")
+    async_save: bool = option("--async-save", False, "write checkpoint shards in a background thread while training "
+                              "goes on (torch_dist format); a failure is reported at the next step")
 
     def validate(self) -> None:
         check_options(self)
+        check(not (self.async_save and self.ckpt_format != "torch_dist"),
+              "--async-save needs --ckpt-format torch_dist (the sharded format)")
 
 
 @dataclass
@@ -516,6 +547,16 @@ class LoggingConfig:
                                                      "perplexity to TensorBoard (it is always written)")
     log_optimizer_states_to_tensorboard: bool = option("--log-optimizer-states-to-tensorboard", False, "write Adam "
                                                        "moment norms and max-abs values to TensorBoard")
+    moe_health: str = option("--moe-health", "warn", "what a collapsed MoE layer (one expert taking more than "
+                             "--moe-collapse-share of its tokens) or a dead expert (no token) lasting "
+                             "--moe-health-window iterations does: warn, stop (exit 3) or off; the figures (tokens "
+                             "per expert min / p50 / max, dead experts, router entropy, top-expert share) are always "
+                             "in the log line, TensorBoard and wandb", type=str, choices=["off", "warn", "stop"])
+    moe_health_window: int = option("--moe-health-window", 100, "iterations an expert may go without a token, or a "
+                                    "layer stay collapsed, before --moe-health warns", check=(positive, "must be >= 1"))
+    moe_collapse_share: float = option("--moe-collapse-share", 0.9, "a MoE layer counts as collapsed while one expert "
+                                       "takes more than this share of its tokens", type=float,
+                                       check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     wandb_project: Optional[str] = option("--wandb-project", None, "log the TensorBoard scalars to this Weights & "
                                           "Biases project too (needs the wandb package)", type=str)
     wandb_exp_name: Optional[str] = option("--wandb-exp-name", None, "the wandb run name", type=str)
@@ -599,6 +640,9 @@ class Config:
         self.model.validate()
         self.parallel.validate()
         self.optimizer.validate()
+        if self.optimizer.use_torch_fsdp2:
+            check(not self.parallel.overlap_grad_reduce, "--overlap-grad-reduce does not combine with "
+                  "--use-torch-fsdp2 (ZeRO-3): FSDP2 reduce-scatters during the backward itself; drop one of the two")
         self.precision.validate()
         self.train.validate()
         if not self.dry_run:

@@ -126,18 +126,62 @@ def _piqa(src):
         yield {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y}
 
 
+_BOOLQ_LABELS = {True: 1, False: 0, "true": 1, "false": 0}
+
+
 def _boolq(src):
     for d in _read_jsonl(os.path.join(src, "boolq/val.jsonl")):
         label = d["label"]
-        yes = label if isinstance(label, bool) else str(label).lower() == "true"
-        yield {"passage": d["passage"], "question": d["question"], "label": int(yes)}
+        key = label if isinstance(label, bool) else label.strip().lower() if isinstance(label, str) else None
+        if key not in _BOOLQ_LABELS:  # anything else was scored as "false" (and "maybe" counted right)
+            raise UserError(f"{d.where}: label {_short(label)} is not true or false; fix or remove that record")
+        yield {"passage": _text(d, "passage"), "question": _text(d, "question"), "label": _BOOLQ_LABELS[key]}
+
+
+def _short(value, n: int = 40) -> str:
+    """A value of a record for an error line: its JSON, escaped, at most ``n`` characters."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _text(d: _Record, key: str, words: int = 1) -> str:
+    """Field ``key`` of ``d``, a string of at least ``words`` words (a template renders anything else wrongly)."""
+    v = d[key]
+    if not isinstance(v, str) or len(v.split()) < words:
+        need = "a non-empty string" if words == 1 else f"a string of at least {words} words"
+        raise UserError(f"{d.where}: field {key!r} is {_short(v)}, not {need}; fix or remove that record")
+    return v
+
+
+def _lambada(src):
+    """LAMBADA as it is, each record checked: the template splits ``text`` into the context and the last word."""
+    for d in _read_jsonl(os.path.join(src, "lambada/lambada_test.jsonl")):
+        text = _text(d, "text", words=2)
+        if not text.split(" ")[-1].strip() or not " ".join(text.split(" ")[:-1]).strip():
+            raise UserError(f"{d.where}: field 'text' must end in a word after a space (the word to predict); "
+                            f"fix or remove that record")
+        yield dict(d)
 
 
 def _race(src):
     letter = {"A": 0, "B": 1, "C": 2, "D": 3}
     for path in sorted(glob.glob(os.path.join(src, "race/test/high/*.txt"))):
         d = _record(_read_json(path), path)
-        problems = list(zip(d["questions"], d["options"], d["answers"]))
+        _text(d, "article")
+        lists = [d[k] for k in ("questions", "options", "answers")]
+        if not all(isinstance(x, list) for x in lists) or not lists[0] or len({len(x) for x in lists}) != 1:
+            got = ", ".join(str(len(x)) if isinstance(x, list) else _short(x, 12) for x in lists)
+            raise UserError(f"{path}: 'questions', 'options' and 'answers' must be lists of the same, non-zero "
+                            f"length (got {got}); fix or remove that file")
+        for i, (q, opts, ans) in enumerate(zip(*lists)):
+            if ans not in letter:
+                raise UserError(f"{path}: question {i}: answer {_short(ans)} is not A, B, C or D; fix or remove "
+                                f"that file")
+            if not isinstance(q, str) or not isinstance(opts, list) or len(opts) < 4 \
+                    or not all(isinstance(o, str) for o in opts[:4]):
+                raise UserError(f"{path}: question {i}: needs a question string and 4 option strings (got "
+                                f"{_short(q, 20)}, {_short(opts, 40)}); fix or remove that file")
+        problems = list(zip(*lists))
         text = "Article: " + d["article"] + "\n\n"
         for q, opts, ans in problems[:-1]:  # earlier questions shown with their answers (lm-eval race)
             if q[-6:] == "  _  .":
@@ -161,6 +205,9 @@ def _webqs(src):
         raise UserError(f"{path}: expected a JSON list of questions")
     for i, d in enumerate(docs):
         d = _record(d, f"{path} question {i}")
+        if not isinstance(d["answers"], list) or not d["answers"] or not all(isinstance(a, str) for a in d["answers"]):
+            raise UserError(f"{d.where}: 'answers' is {_short(d['answers'])}, not a non-empty list of strings; fix or "
+                            f"remove that question")
         answers = sorted(d["answers"])  # lm-eval webqs: drop aliases that have a strict prefix in the list
         kept = [answers[0]]
         for a in answers[1:]:
@@ -185,7 +232,7 @@ register(EvalTask(
     "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
     "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
     "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
-    metric="acc,none", convert=None))
+    metric="acc,none", convert=_lambada))
 register(EvalTask(
     "piqa", "PIQA", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation",
     "output_type: multiple_choice\n"
@@ -247,6 +294,9 @@ def write_tasks(eval_data_dir: str, out_dir: str, tasks=TASKS) -> dict:
         else:
             data_file = os.path.join(out, f"{name}.jsonl")
             counts[name] = _write_jsonl(data_file, task.convert(src))
+        if counts[name] == 0:  # lm-eval would stop with a StopIteration traceback
+            raise UserError(f"--eval-data-dir {eval_data_dir}: {', '.join(task.sources)} holds no records (task "
+                            f"{name}); restore the file or drop the task from --task-list")
         with open(os.path.join(out, f"{task.lm_eval_name}.yaml"), "w") as f:
             f.write(_yaml(task, data_file))
     return counts

@@ -167,6 +167,8 @@ class MegatronMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 labels=None, use_cache=None, cache_position=None, logits_to_keep=0, return_dict=None, **kwargs):
         B, T = input_ids.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is None:  # transformers >= 5 passes the cache as ``cache``
+            past_key_values = kwargs.pop("cache", None)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0

@@ -10,9 +10,12 @@ import torch
 
 from megatron.model.kv_cache import left_padded_positions
 
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (as vLLM): logits / 1e-40 overflow to inf
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """logits [V] with everything outside the top-k / nucleus set to -inf."""
+    """logits [V] with everything outside the top-k / nucleus set to -inf. The most likely token is always kept
+    (a ``top_p`` too small to reach, 1e-300 for instance, keeps just that one)."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -20,15 +23,16 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest set reaching top_p
+        drop[0] = False  # top_p below float32's smallest value compares as 0: keep the top token regardless
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
                  generator: Optional[torch.Generator] = None) -> int:
-    """One token id from next-token logits [V]: argmax when ``temperature`` is 0, else a draw from the
-    temperature-scaled, top-k / nucleus-filtered distribution using ``generator``."""
-    if temperature <= 0:
+    """One token id from next-token logits [V]: argmax when ``temperature`` is below ``GREEDY_BELOW`` (0 included),
+    else a draw from the temperature-scaled, top-k / nucleus-filtered distribution using ``generator``."""
+    if not temperature >= GREEDY_BELOW:  # NaN too
         return int(torch.argmax(logits))
     probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

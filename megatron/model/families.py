@@ -1,8 +1,9 @@
 """Model families by name: adding one is its module plus one line in :data:`MODEL_FAMILIES`.
 
 A family's class is built as ``cls(model_cfg, ep_rank=..., ep_size=...)`` (``model_cfg``: ModelConfig;
-``ep_rank / ep_size``: which experts this rank holds) and offers ``init_weights(seed)`` and the
-entry points of :class:`~megatron.model.gpt_model.GPTModel` (forward = training loss, distill,
+``ep_rank / ep_size``: which experts this rank holds) and offers ``init_weights(seed)`` (called by
+``build_model`` on the already sharded model, after ``to_empty``: it fills each rank's shard in place,
+layout-independently, see ``megatron.model.init_rng``) and the entry points of :class:`~megatron.model.gpt_model.GPTModel` (forward = training loss, distill,
 logits, decode, new_cache).
 """
 from __future__ import annotations

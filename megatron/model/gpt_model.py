@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron.model import init_rng
 from megatron.model.cross_entropy import linear_cross_entropy
 from megatron.model.fused import layer_norm
 from megatron.model.kd_loss import cross_entropy_and_kd, linear_cross_entropy_kd
@@ -22,7 +23,7 @@ from megatron.model.kv_cache import KVCache, padding_attention_mask
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
 from megatron.model.moe.metrics import MoEStats
-from megatron.model.param_tags import is_output_layer
+from megatron.model.param_tags import is_output_layer, is_tp_sharded, tp_local_layout
 from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer
 
 
@@ -97,25 +98,36 @@ class GPTModel(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Megatron init: N(0, std) weights, output layers N(0, std / sqrt(2 L)), zero biases, unit norms.
 
-        Dense parameters draw from one generator in a fixed order; experts from their own
-        generators, so initial weights are the same under any expert-parallel layout.
+        Shard-local and layout-independent (``megatron.model.init_rng``): every matrix (embeddings, the
+        Linear layers and their tensor-parallel replacements, router gates, the Residual-MoE coefficient)
+        takes its values by position in its full tensor from a stream named by (seed, parameter name), so
+        it may run on a model already sharded by tensor parallelism (each rank fills its shard; nothing
+        full is made) and a TP=T model holds the slices of the TP=1 one. Experts: per global expert id
+        (:meth:`StackedExperts.init_weights`). Layer norms: weight 1, bias 0; every other parameter
+        (biases, the aux-free router's expert bias) and buffer (its pending load) starts at 0.
         """
         std = self.cfg.init_method_std
         out_std = init_std_for_output(std, self.cfg.num_layers)
-        g = torch.Generator().manual_seed(seed)
-        for module in self.modules():
-            if isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "FusedLayerNorm":
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.copy_(torch.empty_like(module.weight).normal_(0.0, std, generator=g))
-            elif isinstance(module, nn.Linear):
-                s = out_std if is_output_layer(module) else std
-                module.weight.copy_(torch.empty_like(module.weight).normal_(0.0, s, generator=g))
-                if module.bias is not None:
-                    module.bias.zero_()
+        experts = set()
         for layer in self.moe_layers():
             layer.experts.init_weights(seed, layer.layer_number, std, out_std)
+            experts.add(layer.experts)
+        for module_name, module in self.named_modules():
+            if module in experts:
+                continue
+            norm = isinstance(module, nn.LayerNorm) or type(module).__name__ == "FusedLayerNorm"
+            for name, p in module.named_parameters(prefix=module_name, recurse=False):
+                if norm:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif name.rsplit(".", 1)[-1] == "weight" and p.dim() >= 2:
+                    if is_tp_sharded(p) and tp_local_layout(p) is None:
+                        raise ValueError(f"{name}: a tensor-parallel shard without its rank cannot be initialised")
+                    layout = tp_local_layout(p) or ()
+                    init_rng.normal_(p, seed, name, out_std if is_output_layer(module) else std, *layout)
+                else:
+                    p.zero_()
+            for b in module.buffers(recurse=False):
+                b.zero_()
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for :meth:`decode` (one :class:`~megatron.model.kv_cache.LayerKV` per layer)."""

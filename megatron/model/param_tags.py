@@ -3,7 +3,8 @@
 - expert: the parameter holds per-expert weights ([E_l, ...], one slice per local expert): reduced
   over the expert-data-parallel group, grouped apart by the optimizer, saved per expert;
 - TP shard spec: the parameter is this rank's shard along ``dim`` of a full tensor, rank r holding
-  the rows ``indices[r]``;
+  the rows ``indices[r]`` (and, where the sharding said which rank this is, ``tp_local_layout`` gives the
+  full shape and this shard's indices: shard-local initialisation reads it);
 - output layer: a Linear whose weight is initialised with the smaller std / sqrt(2 L).
 
 This module imports nothing from the project, so any layer of it may use the tags.
@@ -21,12 +22,23 @@ def is_expert(p: torch.Tensor) -> bool:
     return bool(getattr(p, "is_expert", False))
 
 
-def mark_tp_shard(p: torch.Tensor, dim: int, indices: list) -> None:
+def mark_tp_shard(p: torch.Tensor, dim: int, indices: list, rank=None) -> None:
     p.tp_dim, p.tp_indices = dim, indices
+    if rank is not None:
+        p.tp_rank = rank
 
 
 def is_tp_sharded(p: torch.Tensor) -> bool:
     return hasattr(p, "tp_indices")
+
+
+def tp_local_layout(p: torch.Tensor):
+    """(full shape, dim, this shard's indices along dim) of a TP shard marked with its rank, else None."""
+    if not is_tp_sharded(p) or getattr(p, "tp_rank", None) is None:
+        return None
+    shape = list(p.shape)
+    shape[p.tp_dim] = sum(len(i) for i in p.tp_indices)
+    return tuple(shape), p.tp_dim, p.tp_indices[p.tp_rank]
 
 
 def mark_output_layer(module: torch.nn.Module) -> None:

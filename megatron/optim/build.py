@@ -10,10 +10,14 @@ from megatron.optim.zero2 import ShardedGradients
 
 def build_optimizer(model: torch.nn.Module, opt_cfg, device: torch.device, ps=None):
     """torch AdamW, the ZeRO-1 sharded AdamW with ``--use-distributed-optimizer``, or with ``--zero-stage 2``
-    the ZeRO-2 AdamW that also shards the gradients (see :func:`shards_gradients`)."""
-    if opt_cfg.zero_stage == 2 and ps is not None:
+    the ZeRO-2 AdamW that also shards the gradients (see :func:`shards_gradients`).
+
+    ``--use-torch-fsdp2`` (ZeRO-3): torch AdamW on the model FSDP2 already sharded (``parallel/fsdp.py``): its
+    parameters and gradients are DTensor shards, so the Adam state it creates is sharded too."""
+    fsdp2 = getattr(opt_cfg, "use_torch_fsdp2", False)  # the sharding is in the parameters: plain AdamW
+    if opt_cfg.zero_stage == 2 and ps is not None and not fsdp2:
         return ShardedGradients(model, opt_cfg, ps)
-    if opt_cfg.use_distributed_optimizer and ps is not None:
+    if opt_cfg.use_distributed_optimizer and ps is not None and not fsdp2:
         return DistributedAdamW(model, opt_cfg, ps)
     kwargs = dict(lr=opt_cfg.lr, betas=(opt_cfg.adam_beta1, opt_cfg.adam_beta2), eps=opt_cfg.adam_eps)
     if device.type == "cuda":

@@ -10,10 +10,11 @@ all-gathered straight into the buffer: ``all_gather_into_tensor`` in one in-plac
 backend is NCCL; elsewhere (gloo) ``all_gather`` chunk by chunk into views of the buffer. No step
 builds a tensor of the whole flat model. The update is torch.optim.AdamW's, element for element.
 
-Checkpoints see per-parameter full tensors: :meth:`DistributedAdamW.state_by_param` gathers the
-shards of Adam m and v chunk by chunk to the group's first rank (the rank that writes them in the
-checkpoint), so a checkpoint written with the sharded optimizer loads into a plain one at any DP
-size, and the other way round; the other ranks hold no gathered copy.
+Checkpoints: the sharded format writes each rank's shard as it is (:meth:`DistributedAdamW.local_state_pieces`:
+views of the Adam moments by parameter and flat range, no communication) and loads into it in place, at
+any layout. The full-tensor format (``--ckpt-format torch``) instead takes :meth:`DistributedAdamW.state_by_param`,
+which gathers the shards chunk by chunk to the group's first rank (the rank that writes them). Either
+way a checkpoint written with the sharded optimizer loads into a plain one at any DP size, and back.
 """
 from __future__ import annotations
 
@@ -225,3 +226,22 @@ class DistributedAdamW:
     def load_state_by_param(self, state: dict) -> None:
         for d in self.domains:
             d.load_full_state(state)
+
+    def local_state_pieces(self):
+        """(param, first flat element, exp_avg, exp_avg_sq) of each piece of a parameter this rank's shards hold:
+        the Adam moments of elements [first, first + len) of the flattened parameter, as views into the shards
+        (a sharded checkpoint writes them as they are, and loads into them in place). No communication."""
+        for d in self.domains:
+            for p, a, b, s in d.pieces:
+                yield p, a, d.exp_avg[s: s + b - a], d.exp_avg_sq[s: s + b - a]
+
+    def steps_by_param(self) -> dict:
+        """The Adam step count of every parameter (its domain's)."""
+        return {p: d.step for d in self.domains for p in d.params}
+
+    def set_steps(self, steps: dict) -> None:
+        """Set each domain's step count from ``steps`` (by parameter; the largest of a domain's entries)."""
+        for d in self.domains:
+            known = [int(steps[p]) for p in d.params if p in steps]
+            if known:
+                d.step = max(known)

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron.errors import UserError
+
 
 def all_reduce_sum(t: torch.Tensor, ps, group=None) -> torch.Tensor:
     if ps.distributed:
@@ -69,6 +71,20 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def agree_on_error(message: str | None, ps) -> None:
+    """Every rank raises the first rank's error message (a one-line UserError), if any rank has one (one
+    collective): a failure on some ranks only becomes an error on every rank instead of a hang."""
+    if not ps.distributed:
+        if message:
+            raise UserError(message)
+        return
+    messages = [None] * ps.world_size
+    dist.all_gather_object(messages, message, group=ps.world_group)
+    first = next((m for m in messages if m), None)
+    if first:
+        raise UserError(first)
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:

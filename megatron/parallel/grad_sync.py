@@ -3,12 +3,17 @@
 Dense grads: all-reduce over DP, divided by DP. Expert grads: all-reduce over EDP (ranks holding
 the same experts), divided by the full DP size (the all-to-all already summed the EP group's
 contributions). The norm counts every parameter exactly once across all ranks.
+
+Under FSDP2 (``--use-torch-fsdp2``, ``parallel/fsdp.py``) parameters and gradients are DTensors sharded over
+DP (dense) or EDP (experts): the norm sums the squares of the local shards over those groups first; clipping
+and scaling act on the local shards.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from megatron.model.param_tags import is_expert, is_tp_sharded
 
@@ -100,29 +105,45 @@ def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def global_grad_norm(model: torch.nn.Module, ps) -> float:
     """sqrt(sum over dense params once + every expert once across the EP group).
 
     TP-sharded parameters are summed over the TP group; replicated ones (identical on every TP
-    rank) are counted once.
+    rank) are counted once. FSDP2's DTensor gradients hold a shard each: their squares are summed over
+    the group they are sharded over (DP for dense, EDP for experts) before that.
     """
     dense, expert = split_params(model)
-    dev = dense[0].device if dense else torch.device("cpu")
-    dense_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    sharded_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    dev = local_tensor(dense[0]).device if dense else torch.device("cpu")
+    # dense: [TP-replicated, TP-sharded] of whole gradients, then the same of DTensor shards (summed over DP)
+    whole = torch.zeros(2, dtype=torch.float64, device=dev)
+    shards = torch.zeros(2, dtype=torch.float64, device=dev)
     for p in dense:
         if p.grad is not None:
-            if is_tp_sharded(p):
-                sharded_sq += sum_of_squares(p.grad)
-            else:
-                dense_sq += sum_of_squares(p.grad)
+            acc = shards if isinstance(p.grad, DTensor) else whole
+            acc[int(is_tp_sharded(p))] += sum_of_squares(local_tensor(p.grad))
+    if ps.distributed and ps.dp_size > 1 and any(isinstance(p, DTensor) for p in dense):
+        dist.all_reduce(shards, group=ps.dp_group)  # decided by the layout, not by which grads exist
+    whole += shards
+    dense_sq, sharded_sq = whole[0], whole[1].clone()
     if ps.tp_size > 1:
         dist.all_reduce(sharded_sq, group=ps.tp_group)
-    dense_sq += sharded_sq
-    expert_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    dense_sq = dense_sq + sharded_sq
+    expert_whole = torch.zeros((), dtype=torch.float64, device=dev)
+    expert_shards = torch.zeros((), dtype=torch.float64, device=dev)
     for p in expert:
         if p.grad is not None:
-            expert_sq += sum_of_squares(p.grad)
+            if isinstance(p.grad, DTensor):
+                expert_shards += sum_of_squares(p.grad.to_local())
+            else:
+                expert_whole += sum_of_squares(p.grad)
+    if ps.distributed and ps.edp_size > 1 and any(isinstance(p, DTensor) for p in expert):
+        dist.all_reduce(expert_shards, group=ps.edp_group)
+    expert_sq = expert_whole + expert_shards
     if ps.distributed and ps.ep_size > 1:
         dist.all_reduce(expert_sq, group=ps.ep_group)
     return float((dense_sq + expert_sq).sqrt())
@@ -133,12 +154,10 @@ def clip_gradients(model: torch.nn.Module, max_norm: float, total_norm: float) -
         coef = max_norm / (total_norm + 1e-6)
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.mul_(coef)
+                local_tensor(p.grad).mul_(coef)
 
 
 def scale_gradients(model: torch.nn.Module, factor: float) -> None:
     for p in model.parameters():
         if p.grad is not None:
-            p.grad.mul_(factor)
-
-
+            local_tensor(p.grad).mul_(factor)

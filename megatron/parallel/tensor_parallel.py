@@ -1,8 +1,10 @@
 """Megatron-style tensor parallelism applied from outside the model.
 
-``apply_tensor_parallel(model, ps)`` swaps modules of a built (and initialised) GPTModel for
-tensor-parallel ones holding this rank's shard, so a model built at TP=1 and at TP=T starts from
-the same weights and the model code stays free of collectives:
+``apply_tensor_parallel(model, ps)`` swaps modules of a built GPTModel for tensor-parallel ones
+holding this rank's shard, and the model code stays free of collectives. ``build_model`` applies it
+on the meta device (nothing is copied; each rank then gets storage for its shard alone and
+``init_weights`` fills it by full-tensor position, ``megatron.model.init_rng``), so a model built at
+TP=1 and at TP=T starts from the same weights; on a model with values the swap copies the shard out:
 
 - attention: ``qkv`` column-parallel by heads (q, k, v rows of this rank's heads), ``proj``
   row-parallel (its input columns; output all-reduced, bias added once);
@@ -17,7 +19,9 @@ the same weights and the model code stays free of collectives:
   the column-parallel entry all-reduces its input gradient), so they need no TP reduction.
 
 Each sharded parameter carries ``tp_dim`` and ``tp_indices`` (the full-tensor indices held by each
-TP rank along that dim), which checkpointing uses to save full tensors and reload any TP layout.
+TP rank along that dim), which checkpointing uses to save full tensors and reload any TP layout, and
+this rank (``param_tags.tp_local_layout``), which the initialisation uses. The swapped-in modules keep
+the output-layer tag of the Linear they replace (its smaller init std).
 """
 from __future__ import annotations
 
@@ -26,15 +30,27 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.model.param_tags import is_tp_sharded, mark_tp_shard
+from megatron.model.param_tags import is_output_layer, is_tp_sharded, mark_output_layer, mark_tp_shard
 from megatron.model.transformer import DenseMLPBlock
 from megatron.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
 
 
 def _shard(param: torch.Tensor, dim: int, indices: list[torch.Tensor], rank: int) -> nn.Parameter:
-    p = nn.Parameter(param.detach().index_select(dim, indices[rank].to(param.device)).clone())
-    mark_tp_shard(p, dim, indices)
+    """This rank's shard (on the meta device: its shape only, no copy)."""
+    if param.device.type == "meta":
+        shape = list(param.shape)
+        shape[dim] = len(indices[rank])
+        p = nn.Parameter(torch.empty(shape, dtype=param.dtype, device="meta"), requires_grad=param.requires_grad)
+    else:
+        p = nn.Parameter(param.detach().index_select(dim, indices[rank].to(param.device)).clone(),
+                         requires_grad=param.requires_grad)
+    mark_tp_shard(p, dim, indices, rank)
     return p
+
+
+def _keep_output_tag(new: nn.Module, old: nn.Module) -> None:
+    if is_output_layer(old):
+        mark_output_layer(new)
 
 
 def _blocks(n: int, size: int) -> list[torch.Tensor]:
@@ -48,6 +64,7 @@ class ColumnParallelLinear(nn.Module):
         self.group = ps.tp_group
         self.weight = _shard(linear.weight, 0, indices, ps.tp_rank)  # [out/T, in]
         self.bias = _shard(linear.bias, 0, indices, ps.tp_rank)  # [out/T]
+        _keep_output_tag(self, linear)
 
     def forward(self, x):
         return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
@@ -59,6 +76,7 @@ class RowParallelLinear(nn.Module):
         self.group = ps.tp_group
         self.weight = _shard(linear.weight, 1, indices, ps.tp_rank)  # [out, in/T]
         self.bias = nn.Parameter(linear.bias.detach().clone())  # replicated, added after the reduction
+        _keep_output_tag(self, linear)
 
     def forward(self, x):
         return reduce_from_tp(F.linear(x, self.weight), self.group) + self.bias

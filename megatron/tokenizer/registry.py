@@ -136,6 +136,21 @@ def build(tokenizer_type, vocab_size=None, **files):
         raise UserError(f"{given}: cannot be read as {s.description} ({type(e).__name__}: {e})") from None
 
 
+_FILE_FLAGS = {"vocab_file": "--vocab-file", "merge_file": "--merge-file", "tokenizer_model": "--tokenizer-model"}
+
+
+def check_overrides(tokenizer_type, **given) -> None:
+    """Tokenizer file flags given for a checkpoint (generation, evaluation) must be ones its tokenizer reads:
+    any other would be silently ignored, the text read by a tokenizer the user did not ask for."""
+    reads = {field for field, _, _ in spec(tokenizer_type).files}
+    for field, path in given.items():
+        if path is not None and field not in reads:
+            flag = _FILE_FLAGS.get(field, field)
+            uses = ", ".join(f for _, f, _ in spec(tokenizer_type).files) or "no file"
+            raise UserError(f"{flag} {path}: the checkpoint's tokenizer is {tokenizer_type}, which reads {uses}; "
+                            f"drop {flag} (it would be ignored; the checkpoint's own tokenizer is used)")
+
+
 def from_stored_config(config: dict, **overrides):
     """The tokenizer a checkpoint was trained with (its stored config; paths overridable)."""
     d = config["data"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from megatron.errors import UserError
+
 
 class SentencePieceTokenizer:
     def __init__(self, model_file: str):
@@ -29,11 +31,25 @@ def train_sentencepiece(inputs: Iterable[str], model_prefix: str, vocab_size: in
     """Train a byte-fallback SentencePiece model on text files; returns the .model path."""
     import sentencepiece as spm
 
-    spm.SentencePieceTrainer.train(
-        input=",".join(inputs), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.9995,
-        max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", num_threads=2, minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            input=",".join(inputs), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.9995,
+            max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True, split_digits=True, allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False, normalization_rule_name="identity", num_threads=2, minloglevel=2,
+        )
+    except (RuntimeError, OSError) as e:  # SentencePiece's C++ checks: "INTERNAL: file.cc(N) [cond] message"
+        raise UserError(_training_error(str(e), vocab_size)) from None
     return model_prefix + ".model"
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    """SentencePiece's failure as one line naming the flag to change."""
+    text = " ".join(message.split())
+    detail = text.split("] ", 1)[1].strip() if "] " in text else text
+    if "vocab_size" in text or "Vocabulary size" in text:
+        return f"--vocab-size {vocab_size} does not fit this text ({detail or text}); choose another --vocab-size"
+    if "sentences_.empty()" in text:
+        return "--input: no sentence to train on (the text is empty or every line is too long); give more text"
+    return f"training the SentencePiece model failed ({(detail or text)[:300]}); check --input and --model-prefix"

@@ -16,12 +16,13 @@ import json
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from megatron.config.options import iter_options
 from megatron.config.schema import Config
 from megatron.errors import TrainingFault, UserError
 from megatron.model.param_tags import is_expert, is_tp_sharded
-from megatron.parallel.collectives import any_rank
+from megatron.parallel.collectives import agree_on_error, any_rank  # noqa: F401 (agree_on_error: re-exported)
 
 
 def flatten_settings(d: dict, prefix: str = "") -> dict:
@@ -74,39 +75,28 @@ def agree_on_settings(settings: dict, world_size: int) -> None:
     raise UserError(describe_mismatch(per_rank) or "the ranks were launched with different settings")
 
 
-def agree_on_error(message: str | None, ps) -> None:
-    """Every rank raises the first rank's error message, if any rank has one (one collective)."""
-    if not ps.distributed:
-        if message:
-            raise UserError(message)
-        return
-    messages = [None] * ps.world_size
-    dist.all_gather_object(messages, message, group=ps.world_group)
-    first = next((m for m in messages if m), None)
-    if first:
-        raise UserError(first)
-
-
 def _checksum(params) -> torch.Tensor:
     """[2] float64: sum and sum of squares of ``params``."""
     acc = torch.zeros(2, dtype=torch.float64)
     for p in params:
-        t = p.detach().double()
+        t = (p.to_local() if isinstance(p, DTensor) else p).detach().double()
         acc[0] += t.sum().cpu()
         acc[1] += t.square().sum().cpu()
     return acc
 
 
 def _replica_groups(model, ps) -> list:
-    """(what, group, size, params): each set of parameters that must be identical over a group."""
+    """(what, group, size, params): each set of parameters that must be identical over a group. FSDP2's sharded
+    parameters (DTensors) are shards over DP / EDP, not replicas: only their TP replicas are compared."""
     params = list(model.parameters())
+    whole = [p for p in params if not isinstance(p, DTensor)]
     groups = [("dense weights of data-parallel replicas", ps.dp_group, ps.dp_size,
-               [p for p in params if not is_expert(p)])]
+               [p for p in whole if not is_expert(p)])]
     if ps.tp_size > 1:  # layer norms, routers, MoE layers ... replicated over TP (shards differ by design)
         groups.append(("TP-replicated weights of tensor-parallel ranks", ps.tp_group, ps.tp_size,
                        [p for p in params if not is_expert(p) and not is_tp_sharded(p)]))
     if ps.edp_size > 1:  # the replicas of this rank's experts (over DP and, with the MoE token split, TP)
-        groups.append(("expert weights of their replicas", ps.edp_group, ps.edp_size, [p for p in params if is_expert(p)]))
+        groups.append(("expert weights of their replicas", ps.edp_group, ps.edp_size, [p for p in whole if is_expert(p)]))
     return groups
 
 

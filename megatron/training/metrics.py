@@ -18,6 +18,7 @@ from megatron.model.moe.metrics import format_moe_line
 from megatron.model.moe.metrics import summarize as summarize_moe
 from megatron.parallel.collectives import all_reduce_sum
 from megatron.training.logging_utils import TensorBoard, fmt_eta, iteration_line, print_rank0, validation_line
+from megatron.training.moe_health import MoEHealthMonitor
 from megatron.training.timers import PHASES
 
 
@@ -72,9 +73,11 @@ def moe_summary(moe_acc: list, ps, model=None) -> list:
 class MetricsLogger:
     """Accumulates per-step figures over ``--log-interval`` and writes them to the console and the sinks."""
 
-    def __init__(self, ps, sinks: list[MetricsSink], train_iters: int, seq_length: int, peak_tflops, flops_per_token):
+    def __init__(self, ps, sinks: list[MetricsSink], train_iters: int, seq_length: int, peak_tflops, flops_per_token,
+                 health: MoEHealthMonitor | None = None):
         self.ps, self.sinks, self.train_iters, self.seq_length = ps, sinks, train_iters, seq_length
         self.peak, self.fpt = peak_tflops, flops_per_token
+        self.health = health
         self._reset()
 
     def _reset(self) -> None:
@@ -128,15 +131,19 @@ class MetricsLogger:
         self.scalar("grad-norm", grad_norm, iteration)
         self.scalar("iteration-time", per_iter, iteration)
         self.scalar("tokens-per-second", tps, iteration)
-        self.log_moe(iteration, model)
+        self.log_moe(iteration, model, iteration - self.iters)
         self._reset()
 
-    def log_moe(self, iteration: int, model) -> None:
-        """The interval's expert load: one console line and per-layer scalars / histograms."""
+    def log_moe(self, iteration: int, model, start: int | None = None) -> None:
+        """The interval's expert load (iterations ``start + 1 .. iteration``): one console line, per-layer scalars /
+        histograms, and the health monitor's warnings (``--moe-health``)."""
         if not self.moe:
             return
         summary = moe_summary(self.moe, self.ps, model)
         self.console(format_moe_line(summary))
+        if self.health is not None:
+            for line in self.health.update(iteration, iteration - 1 if start is None else start, summary):
+                self.console(line)
         for s in summary:
             for tag, value in s.scalars().items():
                 self.scalar(tag, value, iteration)

@@ -8,7 +8,8 @@ Megatron-DeepSpeed writes as ``optimizer/<quantity>_l2``, ``_l1`` and ``_abs_max
 The figures equal those of the whole, unsharded model at any layout: with the ZeRO-1 / ZeRO-2
 optimizers each rank sums only its shard of each domain (dense over data parallel, experts over
 expert-data parallel) and the domain's group adds the shards up; tensor-parallel shards are then
-summed over the TP group (replicated parameters counted once) and experts over the EP group.
+summed over the TP group (replicated parameters counted once) and experts over the EP group. Under
+FSDP2 (ZeRO-3) each rank sums its shards (DTensors) and the DP / EDP group adds them up, as for ZeRO.
 Every rank must call :func:`optimizer_state_stats` (it runs collectives).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from megatron.model.param_tags import is_expert, is_tp_sharded
 
@@ -42,15 +44,29 @@ def _accumulate(sums: torch.Tensor, maxes: torch.Tensor, row: int, exp_avg, exp_
         maxes[i] = torch.maximum(maxes[i], t.abs().max())
 
 
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _local_sums(optimizer, model, ps, dev):
     sums = torch.zeros(len(_CATEGORIES), 8, dtype=torch.float64, device=dev)
     maxes = torch.zeros(4, dtype=torch.float64, device=dev)
     domains = getattr(optimizer, "domains", None)
     if domains is None:  # torch AdamW: every replica holds the state of all its parameters
+        dense, experts = torch.zeros_like(sums), torch.zeros_like(sums)  # FSDP2's shards, added up below
         for group in optimizer.param_groups:
             for p in group["params"]:
                 st = optimizer.state.get(p, {})
-                _accumulate(sums, maxes, _category(p), st.get("exp_avg"), st.get("exp_avg_sq"), p.data)
+                m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+                if isinstance(p, DTensor):  # FSDP2: this rank's shard (dense over DP, experts over EDP)
+                    _accumulate(experts if is_expert(p) else dense, maxes, _category(p), _local(m), _local(v),
+                                p.to_local())
+                else:
+                    _accumulate(sums, maxes, _category(p), m, v, p.data)
+        for part, group, size in ((dense, ps.dp_group, ps.dp_size), (experts, ps.edp_group, ps.edp_size)):
+            if size > 1:
+                dist.all_reduce(part, group=group)
+            sums += part
         return sums, maxes
     for d in domains:  # ZeRO-1 / ZeRO-2: this rank's shard of each domain, added up over the domain's group
         part = torch.zeros_like(sums)

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from megatron.checkpoint.async_save import PendingSave
 from megatron.checkpoint.atomic import recover_and_clean
+from megatron.checkpoint.formats import FORMAT_NAMES
 from megatron.checkpoint.layout import TRACKER
 from megatron.checkpoint.load import load_checkpoint
 from megatron.checkpoint.save import save_checkpoint
@@ -35,7 +38,8 @@ from megatron.optim.lr_scheduler import build_scheduler
 from megatron.parallel.apply import build_grad_reducer, build_model
 from megatron.parallel.collectives import all_reduce_sum, any_rank
 from megatron.parallel.expert_parallel import time_exchanges
-from megatron.parallel.grad_sync import clip_gradients, global_grad_norm, scale_gradients
+from megatron.parallel.fsdp import FSDPGradReducer, apply_fsdp2
+from megatron.parallel.grad_sync import clip_gradients, global_grad_norm, local_tensor, scale_gradients
 from megatron.parallel.router_balance import update_router_biases
 from megatron.parallel.state import ParallelState, destroy, initialize
 from megatron.planning.model_stats import count_parameters, device_peak_tflops, flops_per_token
@@ -43,11 +47,12 @@ from megatron.tokenizer import registry as tokenizers
 from megatron.training.agreement import agree_on_error, agree_on_settings, check_replicas
 from megatron.training.arguments import parse_args
 from megatron.training.curriculum import TruncatingIterator, build_curriculum, iterations_for_tokens, tokens_trained
-from megatron.training.guard import NonFiniteGuard
+from megatron.training.guard import NonFiniteGuard, SpikeGuard
 from megatron.training.logging_utils import print_rank0
 from megatron.training.metrics import MetricsLogger, MetricsSink, TensorBoardSink, accumulate_moe
+from megatron.training.moe_health import MoEHealthMonitor
 from megatron.training.optimizer_stats import optimizer_state_stats
-from megatron.training.preflight import check_batch_arithmetic, check_save_dir, check_train_split
+from megatron.training.preflight import check_batch_arithmetic, check_no_overwrite, check_save_dir, check_train_split
 from megatron.training.schedule import BatchSchedule, MicroBatchIterator, train_schedule
 from megatron.training.signals import SignalFlag
 from megatron.training.step_output import as_step_output
@@ -60,7 +65,8 @@ class StepResult:
     logs: dict
     moe: list
     grad_norm: float
-    skipped: bool
+    skipped: bool  # the optimizer did not move (a non-finite norm or a spike)
+    spike: str | None = None  # why the step was a spike (SpikeGuard), else None
 
 
 def autocast_context(cfg, device):
@@ -105,6 +111,8 @@ class Trainer:
         self.signal = None
         self.timers = Timers(enabled=False)  # setup_timers() decides
         self.wall_clock_breakdown = False
+        self.pending_save: PendingSave | None = None  # --async-save: the save being written in the background
+        self.async_group = None  # --async-save: the process group of the background writes
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -128,6 +136,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optimizer, cfg.model.seq_length, cfg.train.global_batch_size, train_samples)
         self.scaler = build_loss_scaler(cfg.precision)
         self.guard = NonFiniteGuard(cfg.train.max_skipped_iterations, cfg.precision.fp16)
+        t = cfg.train
+        self.spikes = SpikeGuard(t.loss_spike_factor, t.grad_norm_spike_factor, t.spike_warmup_iters,
+                                 t.max_spike_iterations)
         self.load()
         self.scheduler.apply(self.optimizer)
         self.setup_teacher()
@@ -163,8 +174,10 @@ class Trainer:
         message, lines = None, []
         if self.ps.is_main:
             try:
-                check_save_dir(ck.save, self.cfg.model, not ck.no_save_optim)
+                check_save_dir(ck.save, self.cfg.model, not ck.no_save_optim,
+                               sharded_over=self.ps.world_size if ck.ckpt_format == "torch_dist" else None)
                 lines = recover_and_clean(ck.save)
+                check_no_overwrite(ck.save, ck.load, ck.overwrite_checkpoints)
             except UserError as e:
                 message = str(e)
         agree_on_error(message, self.ps)
@@ -178,8 +191,18 @@ class Trainer:
         if cfg.optimizer.zero_stage == 2 and cfg.parallel.overlap_grad_reduce:
             raise UserError("--overlap-grad-reduce does not combine with --zero-stage 2 (its gradients are "
                             "reduce-scattered after the backward): drop one of the two")
+        if cfg.optimizer.use_torch_fsdp2:  # ZeRO-3: dense sharded over DP, experts over EDP
+            apply_fsdp2(self.model, ps)
+            held = sum(local_tensor(p).numel() for p in self.model.parameters())
+            print_rank0(ps, f"> FSDP2 (ZeRO-3): dense parameters sharded over DP {ps.dp_size}, experts over "
+                            f"expert-DP {ps.edp_size}; rank 0 holds {held} of its "
+                            f"{sum(p.numel() for p in self.model.parameters())} parameters"
+                            + ("" if ps.distributed else " (one process: nothing to shard)"))
         self.optimizer = build_optimizer(self.model, cfg.optimizer, ps.device, ps)
-        self.grad_reducer = build_grad_reducer(self.model, ps, cfg.parallel.overlap_grad_reduce)
+        if cfg.optimizer.use_torch_fsdp2:
+            self.grad_reducer = FSDPGradReducer(self.model)  # FSDP2 reduce-scatters in the backward
+        else:
+            self.grad_reducer = build_grad_reducer(self.model, ps, cfg.parallel.overlap_grad_reduce)
 
     def report_parameters(self) -> None:
         counts = count_parameters(self.cfg.model)
@@ -242,7 +265,10 @@ class Trainer:
         peak = cfg.logging.peak_tflops or device_peak_tflops(ps.device, compute_dtype)
         sinks = [TensorBoardSink(cfg.logging.tensorboard_dir, ps, cfg.logging.tensorboard_queue_size), WandbSink(cfg.logging, ps, cfg.to_dict())]
         sinks += self.extra_sinks
-        self.metrics = MetricsLogger(ps, sinks, self.train_iters, cfg.model.seq_length, peak, flops_per_token(cfg.model))
+        lg = cfg.logging
+        health = MoEHealthMonitor(lg.moe_health, lg.moe_health_window, lg.moe_collapse_share)
+        self.metrics = MetricsLogger(ps, sinks, self.train_iters, cfg.model.seq_length, peak, flops_per_token(cfg.model),
+                                     health)
         self.metrics.text("config", f"```\n{cfg.to_dict()}\n```", 0)
 
     def setup_timers(self) -> None:
@@ -301,30 +327,34 @@ class Trainer:
         else:
             with self.timers("grads-all-reduce"):
                 self.grad_reducer.finish()
+        logs = _dp_mean(sums, ps, 1)  # before the update: the spike check reads the loss
         with self.timers("optimizer"):
-            found_inf, grad_norm = self.optimizer_step(sharded)
+            found_inf, grad_norm, spike = self.optimizer_step(sharded, logs.get("lm loss"))
         self.scaler.update(found_inf)
-        return StepResult(logs=_dp_mean(sums, ps, 1), moe=moe_acc, grad_norm=grad_norm, skipped=found_inf)
+        return StepResult(logs=logs, moe=moe_acc, grad_norm=grad_norm, skipped=found_inf or spike is not None,
+                          spike=spike)
 
-    def optimizer_step(self, sharded: bool) -> tuple[bool, float]:
-        """Unscale, the gradient norm, clipping and the Adam step (skipped on a non-finite norm)."""
+    def optimizer_step(self, sharded: bool, loss=None) -> tuple[bool, float, str | None]:
+        """Unscale, the gradient norm, clipping and the Adam step, skipped on a non-finite norm or a loss /
+        grad-norm spike (SpikeGuard). Returns (non-finite, norm, spike reason or None)."""
         ps, model, opt = self.ps, self.model, self.optimizer
         if self.scaler.scale != 1.0:
             opt.scale_gradients(1.0 / self.scaler.scale) if sharded else scale_gradients(model, 1.0 / self.scaler.scale)
         grad_norm = opt.grad_norm() if sharded else global_grad_norm(model, ps)
         found_inf = not math.isfinite(grad_norm)
-        if not found_inf:
+        spike = None if found_inf else self.spikes.check(loss, grad_norm)  # the same figures on every rank
+        if not found_inf and spike is None:
             clip = self.cfg.optimizer.clip_grad
             if clip > 0:
                 opt.clip_gradients(clip, grad_norm) if sharded else clip_gradients(model, clip, grad_norm)
             opt.step()
             update_router_biases(self.model, self.ps)  # aux-loss-free routers: loads summed over DP
-        return found_inf, grad_norm
+        return found_inf, grad_norm, spike
 
     def train_step(self, data_iterator, num_micro: int) -> StepResult:
         for p in self.model.parameters():
             if p.grad is not None:
-                p.grad.zero_()  # kept allocated (as Megatron's grad buffers): the experts' fused wgrad adds in place
+                local_tensor(p.grad).zero_()  # kept allocated (as Megatron's grad buffers): the experts' fused wgrad adds in place
         return self.step(*self.forward_backward(data_iterator, num_micro))
 
     # ------------------------------------------------------------------------------------------
@@ -370,12 +400,42 @@ class Trainer:
                     self.metrics.scalar(tag, value, self.iteration)
 
     def save(self) -> None:
-        """A checkpoint of this iteration (replicas checked identical and weights finite first)."""
-        ck = self.cfg.checkpoint
-        check_replicas(self.model, self.ps, self.iteration)
-        path = save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
-                               self.cfg, self.ps, self.checkpoint_extra(), save_optim=not ck.no_save_optim)
-        print_rank0(self.ps, f"> saved checkpoint at iteration {self.iteration} to {path}")
+        """A checkpoint of this iteration (replicas checked identical and weights finite first); with
+        --async-save its shards are written in the background (one save in flight at a time)."""
+        ck, ps = self.cfg.checkpoint, self.ps
+        self.finish_pending_save()
+        if self.spikes.streak:
+            print_rank0(ps, f"> not saving at iteration {self.iteration}: the run is in a loss / grad-norm spike; the "
+                            f"last checkpoint is kept")
+            return
+        check_replicas(self.model, ps, self.iteration)
+        if ck.async_save and ps.distributed and self.async_group is None:
+            self.async_group = dist.new_group(backend="gloo")  # every rank saves at the same iteration: collective
+        out = save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
+                              self.cfg, ps, self.checkpoint_extra(), save_optim=not ck.no_save_optim,
+                              fmt=FORMAT_NAMES[ck.ckpt_format], async_group=self.async_group,
+                              asynchronous=ck.async_save)
+        if isinstance(out, PendingSave):
+            self.pending_save = out
+            print_rank0(ps, f"> saving checkpoint at iteration {self.iteration} to {out.path} in the background")
+        else:
+            print_rank0(ps, f"> saved checkpoint at iteration {self.iteration} to {out}")
+
+    def poll_pending_save(self) -> None:
+        """Before a step: finish the background save once every rank's part is written (one collective)."""
+        if self.pending_save is not None and not any_rank(not self.pending_save.done(), self.ps):
+            self.finish_pending_save()
+
+    def finish_pending_save(self) -> None:
+        """Wait for the background save; its failure (on any rank) is a one-line error on every rank."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return
+        error = pending.wait()
+        agree_on_error(None if error is None else f"--async-save: the checkpoint of iteration {pending.iteration} "
+                       f"was not saved: {error}", self.ps)
+        print_rank0(self.ps, f"> saved checkpoint at iteration {pending.iteration} to {pending.path} (written in "
+                             f"the background)")
 
     def checkpoint_extra(self) -> dict:
         """The loop's own state in the checkpoint: samples and tokens consumed, the curriculum's position."""
@@ -416,6 +476,7 @@ class Trainer:
         if self.curriculum is not None and data_iter is not None:
             data_iter = TruncatingIterator(data_iter, seq_len)
         while self.iteration < self.train_iters and not cfg.train.skip_train:
+            self.poll_pending_save()
             num_micro = self.schedule.num_micro_batches(self.consumed)
             batch = num_micro * mbs * ps.dp_size
             if self.curriculum is not None:
@@ -438,7 +499,12 @@ class Trainer:
                 print_rank0(ps, f"> knowledge distillation stopped at iteration {self.iteration} (--kd-stop-iters); "
                                 f"teacher freed, training on the LM loss only")
             self.log(res, batch, seq_len)
-            self.guard.check(self.iteration, res.logs, res.grad_norm, res.skipped, scale_before, self.scaler)
+            self.guard.check(self.iteration, res.logs, res.grad_norm, res.skipped and res.spike is None, scale_before,
+                             self.scaler)
+            warning = self.spikes.after_step(self.iteration, res.logs.get("lm loss"), res.grad_norm, res.spike,
+                                             res.skipped)
+            if warning:
+                print_rank0(ps, warning)
             if self.valid_ds is not None and cfg.train.eval_iters > 0 and self.iteration % cfg.train.eval_interval == 0 \
                     and self.iteration != self.train_iters:
                 self.last_valid = self.evaluate("valid", self.valid_ds)
@@ -448,8 +514,10 @@ class Trainer:
             if reason:
                 if ck.save and not self.saved_this_iteration():
                     self.save()
+                self.finish_pending_save()
                 print_rank0(ps, f"> exiting at iteration {self.iteration}: {reason}")
                 return reason
+        self.finish_pending_save()
         return None
 
     def result(self) -> dict:
@@ -476,8 +544,11 @@ class Trainer:
                 result["test"] = self.evaluate("test", self.test_ds)
             if ck.save and self.iteration > 0 and not cfg.train.skip_train and not self.saved_this_iteration():
                 self.save()
+            self.finish_pending_save()
             return result
         finally:
+            if self.pending_save is not None:  # an error stopped the run: let the save in flight complete
+                self.pending_save.wait()
             self.metrics.close()
             if self.signal is not None:
                 self.signal.restore()

@@ -18,7 +18,7 @@ fp16.loss_scale_window            --loss-scale-window
 fp16.hysteresis                   --hysteresis
 fp16.min_loss_scale               --min-loss-scale
 bf16.enabled                      --bf16
-zero_optimization.stage           --zero-stage (0 off, 1 sharded Adam, 2 + sharded gradients)
+zero_optimization.stage           --zero-stage (0 off, 1 sharded Adam, 2 + sharded gradients, 3 FSDP2)
 prescale_gradients                accepted: gradients are averaged in fp32, before or after is equal
 steps_per_print                   --log-interval when that flag is not given
 wall_clock_breakdown              per-phase timers on the log line
@@ -240,9 +240,9 @@ def read_deepspeed_config(path: str) -> DeepSpeedConfig:
     stage = flat.get("zero_optimization.stage")
     if stage is not None:
         stage = _typed(path, "zero_optimization.stage", stage, int)
-        check(stage in (0, 1, 2), f"--deepspeed_config {path}: zero_optimization.stage {stage} is not supported: "
-                                  f"use 0, 1 (sharded Adam state) or 2 (also sharded gradients); stage 3 shards "
-                                  f"parameters, which this framework does not")
+        check(stage in (0, 1, 2, 3), f"--deepspeed_config {path}: zero_optimization.stage {stage} is not supported: "
+                                     f"use 0, 1 (sharded Adam state), 2 (also sharded gradients) or 3 (also sharded "
+                                     f"parameters: --use-torch-fsdp2)")
         put("zero_optimization.stage", stage)
     ds.prescale_gradients = _typed(path, "prescale_gradients", flat.get("prescale_gradients", False), bool)
     ds.wall_clock_breakdown = _typed(path, "wall_clock_breakdown", flat.get("wall_clock_breakdown", False), bool)

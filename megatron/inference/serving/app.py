@@ -4,8 +4,10 @@ events when ``stream`` is true), ``GET /health``, ``GET /v1/models``, and the to
 uses as its "remote" tokenizer.
 
 Every bad request is answered 4xx with ``{"error": {"message": ..., "type": ...}}`` and never reaches
-the engine; a full waiting queue is 503; a client that goes away cancels its requests, whose rows the
-engine frees at its next step.
+the engine (a body too deep or with too long a number for the JSON reader included); a full waiting queue
+is 503; a body that does not arrive within ``read_timeout`` is 408; a request that fails inside the engine
+is 500 for that request alone; a client that goes away cancels its requests, whose rows the engine frees at
+its next step.
 """
 from __future__ import annotations
 
@@ -32,32 +34,58 @@ class BadRequest(Exception):
 
 
 def error_response(message: str, status: int = 400, kind: str = "invalid_request_error") -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
+    headers = {"Retry-After": "1"} if status == 503 else {"Connection": "close"} if status == 408 else None
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
-async def read_object(http: HTTPRequest) -> dict:
-    """The body as a JSON object, or BadRequest saying why not."""
-    body = await http.body()
+READ_TIMEOUT_S = 10.0  # a client must send its body within this (its headers: see serving/timeouts.py)
+
+
+async def read_body(http: HTTPRequest, timeout: Optional[float] = READ_TIMEOUT_S) -> bytes:
+    """The raw body, at most MAX_BODY_BYTES (413 from its Content-Length before reading), within ``timeout``
+    seconds (408: a client that stalls mid-body does not hold its connection open)."""
+    length = http.headers.get("content-length", "")
+    if length.isdigit() and len(length) < 20 and int(length) > MAX_BODY_BYTES:
+        raise BadRequest(f"the body is {int(length)} bytes; at most {MAX_BODY_BYTES}", 413)
+    try:
+        body = await asyncio.wait_for(http.body(), timeout)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the body did not arrive within {timeout:g} s", 408, "timeout") from None
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"the body is {len(body)} bytes; at most {MAX_BODY_BYTES}", 413)
+    return body
+
+
+async def read_object(http: HTTPRequest, timeout: Optional[float] = READ_TIMEOUT_S) -> dict:
+    """The body as a JSON object, or BadRequest saying why not."""
+    body = await read_body(http, timeout)
     try:
         obj = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise BadRequest(f"the body is not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise BadRequest(f"the body is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise BadRequest("the body is JSON nested too deeply") from None
+    except ValueError:  # an integer of more than sys.get_int_max_str_digits() (4300) digits
+        raise BadRequest("the body holds a number with too many digits") from None
     if not isinstance(obj, dict):
         raise BadRequest("the body must be a JSON object")
     return obj
 
 
-async def read_json(http: HTTPRequest, schema):
-    obj = await read_object(http)
+async def read_json(http: HTTPRequest, schema, timeout: Optional[float] = READ_TIMEOUT_S):
+    obj = await read_object(http, timeout)
     try:
         return schema.model_validate(obj)
     except ValidationError as e:
         raise BadRequest(first_error(e)) from None
+    except RecursionError:  # nested within the parser's depth but past the validator's
+        raise BadRequest("the body is JSON nested too deeply") from None
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    return " ".join(str(text).split())[:limit]
 
 
 def text_of(tokenizer, ids: list[int]) -> str:
@@ -69,9 +97,10 @@ def text_of(tokenizer, ids: list[int]) -> str:
 class Server:
     """Glue between HTTP requests and the engine: tokenization, the context checks, responses."""
 
-    def __init__(self, engine: Engine, tokenizer, max_length: int, vocab_size: int, model_name: str):
+    def __init__(self, engine: Engine, tokenizer, max_length: int, vocab_size: int, model_name: str,
+                 read_timeout: Optional[float] = READ_TIMEOUT_S):
         self.engine, self.tok, self.max_length = engine, tokenizer, max_length
-        self.vocab_size, self.model_name = vocab_size, model_name
+        self.vocab_size, self.model_name, self.read_timeout = vocab_size, model_name, read_timeout
         self.eos_text = tokenizer.detokenize([tokenizer.eod])
         try:  # a special text such as "<|endoftext|>" that the tokenizer itself splits up
             self.split_eos = bool(self.eos_text) and tokenizer.tokenize(self.eos_text) != [tokenizer.eod]
@@ -89,7 +118,8 @@ class Server:
                 try:
                     ids += self.tok.tokenize(part)
                 except Exception as e:
-                    raise BadRequest(f"the prompt cannot be tokenized by this model's tokenizer ({e})") from None
+                    raise BadRequest(f"the prompt cannot be tokenized by this model's tokenizer "
+                                     f"({one_line(e, 200)})") from None
         return ids
 
     def decode(self, ids: list[int]) -> str:
@@ -191,7 +221,7 @@ class Server:
 
     def failed(self, reqs) -> Optional[JSONResponse]:
         err = next((r.error for r in reqs if r.finish_reason == "error"), None)
-        return error_response(f"generation failed: {err}", 500, "server_error") if err else None
+        return error_response(f"generation failed: {one_line(err)}", 500, "server_error") if err else None
 
 
 def build_app(server: Server) -> FastAPI:
@@ -203,7 +233,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
-        return error_response(f"internal error: {type(e).__name__}: {e}", 500, "server_error")
+        return error_response(one_line(f"internal error: {type(e).__name__}: {e}"), 500, "server_error")
 
     @app.get("/health")
     async def health():
@@ -221,7 +251,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(http: HTTPRequest):
-        prompt = (await read_object(http)).get("prompt")
+        prompt = (await read_object(http, server.read_timeout)).get("prompt")
         if not isinstance(prompt, str):
             raise BadRequest("'prompt': a string is required")
         ids = server.encode(prompt)
@@ -229,14 +259,14 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(http: HTTPRequest):
-        ids = (await read_object(http)).get("tokens")
+        ids = (await read_object(http, server.read_timeout)).get("tokens")
         if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < server.vocab_size for i in ids):
             raise BadRequest("'tokens': a list of token ids in the vocabulary is required")
         return {"prompt": server.tok.detokenize([i for i in ids if i < server.tok.vocab_size])}
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
-        body = await read_json(http, CompletionRequest)
+        body = await read_json(http, CompletionRequest, server.read_timeout)
         prompts = body.prompts()
         if not prompts or len(prompts) > server.engine.max_waiting:
             raise BadRequest(f"'prompt': give 1 to {server.engine.max_waiting} prompts")
@@ -278,7 +308,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.put("/api")
     async def megatron_api(http: HTTPRequest):
-        body = await read_json(http, MegatronRequest)
+        body = await read_json(http, MegatronRequest, server.read_timeout)
         if body.tokens_to_generate == 0 and not body.logprobs:
             raise BadRequest("'tokens_to_generate' is 0: set 'logprobs' true to score the prompts, or ask for tokens")
         if len(body.prompts) > server.engine.max_waiting:

@@ -6,6 +6,11 @@ of attention and MoE routing) into the running cache; then one decode step runs 
 A row that finishes (end of document, a stop token or string, its token budget, the context) is
 freed at once. Greedy and sampled rows share a batch; each request samples with its own
 torch.Generator seeded from its ``seed``, so its tokens do not depend on what else is running.
+
+Failures are per request: an exception while handling one row (sampling, log-probs, stop checks) ends that
+request alone with ``finish_reason`` "error"; a prefill forward that fails is retried one request at a time,
+so only the request that cannot be prefilled fails. Only a failed decode forward (one call over every row,
+its cache possibly half-written) ends every running request.
 """
 from __future__ import annotations
 
@@ -147,17 +152,47 @@ class Engine:
                     else:
                         admitted.append(r)
             if admitted:
-                self._prefill(admitted)
+                self._admit(admitted)
             if self.running:
                 self._decode()
             self.steps += 1
-        except Exception as e:  # a failed forward fails its batch, never the server
-            failed = self.running + [r for r in admitted if r not in self.running]
-            self.running = []
+        except Exception as e:  # a failed decode forward fails the running rows, never the server
+            self._fail_all(self.running + [r for r in admitted if r not in self.running and not r.done.is_set()], e)
+
+    def _fail_all(self, reqs: list[Request], e: Exception) -> None:
+        self.running = []
+        try:
             self.state.keep([])
-            for r in failed:
-                r.error = f"{type(e).__name__}: {e}"
-                self._finish(r, "error")
+        except Exception:  # the cache is dropped either way
+            self.state.cache = None
+        for r in reqs:
+            self._error(r, e)
+
+    def _error(self, r: Request, e: Exception) -> None:
+        r.error = " ".join(f"{type(e).__name__}: {e}".split())[:500]  # one line
+        self._finish(r, "error")
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill ``reqs`` together; if that forward fails, one at a time, so only a request that cannot be
+        prefilled fails (a failed prefill leaves the running rows' cache as it was)."""
+        rows = len(self.running)
+        try:
+            self._prefill(reqs)
+            return
+        except Exception as e:
+            if len(self.running) != rows or self.state.rows != rows:
+                raise  # failed after joining the cache: not recoverable row by row
+            if len(reqs) == 1:
+                self._error(reqs[0], e)
+                return
+        for r in reqs:
+            try:
+                self._prefill([r])
+            except Exception as e:
+                if len(self.running) != rows or self.state.rows != rows:
+                    raise
+                self._error(r, e)
+            rows = len(self.running)
 
     # ---- internals (engine thread)
     def _prefill(self, reqs: list[Request]) -> None:
@@ -170,14 +205,18 @@ class Engine:
         echo = any(r.params.echo for r in reqs)
         logits = self.state.prefill(tokens, valid, all_logits=echo)  # [B', T, V] with echo, else [B', 1, V]
         self.running += reqs
+        failed = []
         for i, r in enumerate(reqs):
             if r.params.echo:
-                n, k = len(r.prompt), r.params.logprobs or 0
-                logp = torch.log_softmax(logits[i, T - n: T - 1].float(), dim=-1)  # [n-1, V] predicting prompt[1:]
-                entries = [_logprob_entries(logp[j], r.prompt[j + 1], k) for j in range(n - 1)]
-                r.prompt_logprobs = [None] + [e[0] for e in entries]
-                r.prompt_top_logprobs = [None] + [e[1] for e in entries]
-        self._sample(logits[:, -1], first_row=len(self.running) - len(reqs))
+                try:
+                    n, k = len(r.prompt), r.params.logprobs or 0
+                    logp = torch.log_softmax(logits[i, T - n: T - 1].float(), dim=-1)  # [n-1, V] predicting prompt[1:]
+                    entries = [_logprob_entries(logp[j], r.prompt[j + 1], k) for j in range(n - 1)]
+                    r.prompt_logprobs = [None] + [e[0] for e in entries]
+                    r.prompt_top_logprobs = [None] + [e[1] for e in entries]
+                except Exception as e:  # this request alone fails
+                    failed.append((r, e))
+        self._sample(logits[:, -1], first_row=len(self.running) - len(reqs), failed=failed)
 
     def _decode(self) -> None:
         tokens = torch.tensor([r.tokens[-1] for r in self.running], dtype=torch.long, device=self.device)
@@ -185,26 +224,46 @@ class Engine:
                                  device=self.device)
         self._sample(self.state.decode(tokens, positions), first_row=0)
 
-    def _sample(self, logits: torch.Tensor, first_row: int) -> None:
-        """logits [b, V] for rows first_row.. of the batch: one token each; finished rows are freed."""
+    def _sample(self, logits: torch.Tensor, first_row: int, failed: Optional[list] = None) -> None:
+        """logits [b, V] for rows first_row.. of the batch: one token each; finished rows are freed. A row whose
+        handling raises (or that is in ``failed``: (request, exception)) ends with "error"; the others go on."""
+        failed = list(failed or [])
+        skip = {id(r) for r, _ in failed}
         finished = []
         for j in range(logits.shape[0]):
             r = self.running[first_row + j]
-            p = r.params
-            row = logits[j].float()
-            token = sample_token(row, p.temperature, p.top_k, p.top_p if p.top_p < 1.0 else 0.0, r.generator)
-            r.tokens.append(token)
-            if p.logprobs is not None:
-                lp, top = _logprob_entries(torch.log_softmax(row, dim=-1), token, p.logprobs)
-                r.token_logprobs.append(lp)
-                r.top_logprobs.append(top)
-            reason = self._finish_reason(r, token)
+            if id(r) in skip:
+                continue
+            try:
+                reason = self._sample_row(r, logits[j])
+            except Exception as e:  # this request alone fails
+                failed.append((r, e))
+                continue
             if reason:
                 finished.append((r, reason))
             elif r.notify:
-                r.notify(r, "token")
+                self._notify(r, "token")
         for r, reason in finished:
             self._free([r], reason)
+        if failed:
+            gone = {id(r) for r, _ in failed}
+            keep = [i for i, r in enumerate(self.running) if id(r) not in gone]
+            self.state.keep(keep)
+            self.running = [self.running[i] for i in keep]
+            for r, e in failed:
+                self._error(r, e)
+
+    def _sample_row(self, r: Request, logits: torch.Tensor) -> Optional[str]:
+        """One token for ``r`` from its logits [V]; its finish reason, or None."""
+        p = r.params
+        row = logits.float()
+        token = sample_token(row, p.temperature, p.top_k, p.top_p if p.top_p < 1.0 else 0.0, r.generator)
+        r.tokens.append(token)
+        if p.logprobs is not None:
+            lp, top = _logprob_entries(torch.log_softmax(row, dim=-1), token, p.logprobs)
+            r.token_logprobs.append(lp)
+            r.top_logprobs.append(top)
+        return self._finish_reason(r, token)
 
     def _finish_reason(self, r: Request, token: int) -> Optional[str]:
         if token == self.eod or token in r.params.stop_token_ids:
@@ -230,4 +289,11 @@ class Engine:
         r.finish_reason = reason
         r.done.set()
         if r.notify:
-            r.notify(r, "done")
+            self._notify(r, "done")
+
+    @staticmethod
+    def _notify(r: Request, kind: str) -> None:
+        try:
+            r.notify(r, kind)
+        except Exception:  # a broken callback must not fail the batch; the request's done event is set regardless
+            pass

@@ -1,7 +1,8 @@
 """Experts stored stacked ([E, H, F], [E, F, H] + biases) and run as one batched matmul.
 
-Each expert is initialised from its own generator keyed by (seed, layer, global expert id), so
-the weights do not depend on how experts are laid out across ranks.
+Each expert's weights are streams of their own (``megatron.model.init_rng``), named by (layer, weight,
+global expert id), so the weights do not depend on how experts are laid out across ranks and a rank
+fills only the experts it holds.
 
 Gradient-accumulation fusion (Megatron-LM's name for it): in training, :meth:`StackedExperts.run`
 (the MoE layer's entry), on the padded [E, C, H] path and on the grouped no-drop path (CPU), writes the
@@ -27,12 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.model import init_rng
 from megatron.model.moe.expert_grads import FusedWgradExperts, FusedWgradGroupedExperts, grouped_mm
 from megatron.model.param_tags import mark_expert
 
 
-def expert_generator(seed: int, layer_number: int, global_expert: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + layer_number * 10_007 + global_expert * 101 + 17) % (2**63))
+def expert_stream_name(layer_number: int, weight: str, global_expert: int) -> str:
+    """The layout-independent name of one expert's weight stream (``init_rng``)."""
+    return f"layers.{layer_number}.mlp.experts.{weight}[{global_expert}]"
 
 
 class StackedExperts(nn.Module):
@@ -78,12 +81,12 @@ class StackedExperts(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int, layer_number: int, std: float, out_std: float) -> None:
+        """w1 ~ N(0, std), w2 ~ N(0, out_std) (the MLP's output layer), biases 0; each local expert in place
+        from its own stream (seed, layer, weight, global expert id)."""
         for i in range(self.num_local):
-            g = expert_generator(seed, layer_number, self.first_expert + i)
-            w1 = torch.empty(self.w1.shape[1:]).normal_(0.0, std, generator=g)
-            w2 = torch.empty(self.w2.shape[1:]).normal_(0.0, out_std, generator=g)
-            self.w1[i].copy_(w1)
-            self.w2[i].copy_(w2)
+            g = self.first_expert + i
+            init_rng.normal_(self.w1[i], seed, expert_stream_name(layer_number, "w1", g), std)
+            init_rng.normal_(self.w2[i], seed, expert_stream_name(layer_number, "w2", g), out_std)
         self.b1.zero_()
         self.b2.zero_()
 

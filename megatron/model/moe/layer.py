@@ -21,7 +21,7 @@ import torch.nn as nn
 from megatron.model.moe.capacity import expert_capacity
 from megatron.model.moe.dispatchers import TokenDispatcher, local_dispatcher
 from megatron.model.moe.experts import StackedExperts
-from megatron.model.moe.metrics import MoEStats
+from megatron.model.moe.metrics import MoEStats, router_entropy
 from megatron.model.moe.routers import build_router
 from megatron.model.moe.small_batch import small_batch_applies, small_batch_forward
 
@@ -85,5 +85,6 @@ class MoELayer(nn.Module):
         y = self.dispatcher.combine(expert_out, meta).to(x.dtype)  # [S, H]
         stats = MoEStats(layer=self.layer_number, aux_loss=routing.aux_loss, z_loss=routing.z_loss,
                          counts=routing.counts.detach().float(), dropped=plan.dropped.detach().float(),
-                         assignments=torch.tensor(float(S * self.topk), device=x.device))
+                         assignments=torch.tensor(float(S * self.topk), device=x.device),
+                         entropy=router_entropy(routing.probs))
         return y, stats

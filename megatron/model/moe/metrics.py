@@ -3,10 +3,15 @@
 The load statistics (cv, max/mean) are computed per forward (one micro-batch on one rank: the
 unit a capacity acts on) and averaged over the forwards of the log interval, so a line that shows
 a high drop fraction also shows the imbalance that caused it. The per-expert counts summed over the
-interval (all ranks) are kept for the histogram.
+interval (all ranks) are kept for the histogram, and give the health figures: tokens per expert at
+the minimum / median / maximum (over the mean), the experts that got no token at all ("dead"), and
+the busiest expert's share. The router entropy (mean over tokens of the entropy of the gate
+distribution, over log E: 1 = uniform, 0 = every token certain of one expert) is averaged over the
+forwards; a router collapsing onto few experts shows here before the loss does.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +37,17 @@ class MoEStats:
     counts: torch.Tensor  # [E] fp32 demand per expert before dropping
     dropped: torch.Tensor  # [] fp32 assignments dropped for lack of capacity
     assignments: torch.Tensor  # [] fp32 assignments made (tokens x k)
+    entropy: torch.Tensor | None = None  # [] fp32 normalised router entropy of this forward (router_entropy)
+
+
+def router_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """probs [S, E] (rows sum to 1) -> [] mean over tokens of -sum_e p log p, over log E (in [0, 1])."""
+    E = probs.shape[-1]
+    if E < 2 or probs.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=probs.device)
+    p = probs.detach().float()
+    h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [S]
+    return h.mean() / math.log(E)
 
 
 @dataclass
@@ -40,7 +56,8 @@ class MoELoad:
 
     layer: int
     counts: torch.Tensor  # [E] float64 summed demand
-    sums: torch.Tensor = field(default=None)  # [5] float64: dropped, assignments, sum cv, sum max/mean, forwards
+    # [7] float64: dropped, assignments, sum cv, sum max/mean, forwards, sum entropy, forwards with an entropy
+    sums: torch.Tensor = field(default=None)
 
     @classmethod
     def of(cls, s: "MoEStats | MoELoad") -> "MoELoad":
@@ -48,7 +65,9 @@ class MoELoad:
             return cls(s.layer, s.counts.clone(), s.sums.clone())
         cv, peak = load_cv_and_peak(s.counts)
         one = torch.ones((), dtype=torch.float64, device=s.counts.device)
-        sums = torch.stack([s.dropped.double(), s.assignments.double(), cv, peak, one])
+        entropy = getattr(s, "entropy", None)
+        h, has_h = (entropy.detach().double(), one) if entropy is not None else (one * 0, one * 0)
+        sums = torch.stack([s.dropped.double(), s.assignments.double(), cv, peak, one, h, has_h])
         return cls(s.layer, s.counts.detach().double().clone(), sums)
 
     def add(self, s: "MoEStats | MoELoad") -> None:
@@ -73,11 +92,38 @@ class MoELoadSummary:
     drop: float  # dropped / assigned
     cv: float  # mean over forwards of each forward's load cv
     max_over_mean: float  # mean over forwards of each forward's max / mean load
+    entropy: float | None = None  # mean router entropy over forwards (normalised), None when not measured
+
+    @property
+    def tokens_per_expert(self) -> tuple[float, float, float]:
+        """(min, median, max) of the interval's tokens per expert, over their mean (1 = perfectly balanced)."""
+        c = self.counts.double()
+        mean = float(c.mean()) if c.numel() else 0.0
+        if mean <= 0:
+            return 0.0, 0.0, 0.0
+        return float(c.min()) / mean, float(torch.quantile(c, 0.5)) / mean, float(c.max()) / mean
+
+    @property
+    def dead(self) -> int:
+        """Experts that got no token in the interval (on any rank)."""
+        return int((self.counts == 0).sum()) if float(self.counts.sum()) > 0 else 0
+
+    @property
+    def top_share(self) -> float:
+        """The busiest expert's share of the interval's assignments (1 / E when balanced, 1 when collapsed)."""
+        total = float(self.counts.sum())
+        return float(self.counts.max()) / total if total > 0 else 0.0
 
     def scalars(self) -> dict:
-        """TensorBoard scalars of this layer."""
+        """TensorBoard (and wandb) scalars of this layer."""
         p = f"moe/layer{self.layer}/"
-        return {p + "drop-fraction": self.drop, p + "load-cv": self.cv, p + "load-max-over-mean": self.max_over_mean}
+        lo, mid, hi = self.tokens_per_expert
+        out = {p + "drop-fraction": self.drop, p + "load-cv": self.cv, p + "load-max-over-mean": self.max_over_mean,
+               p + "tokens-per-expert-min": lo, p + "tokens-per-expert-p50": mid, p + "tokens-per-expert-max": hi,
+               p + "dead-experts": float(self.dead), p + "top-expert-share": self.top_share}
+        if self.entropy is not None:
+            out[p + "router-entropy"] = self.entropy
+        return out
 
 
 def summarize(acc: list, all_reduce_sum: Callable[[torch.Tensor], None]) -> list[MoELoadSummary]:
@@ -87,13 +133,20 @@ def summarize(acc: list, all_reduce_sum: Callable[[torch.Tensor], None]) -> list
         counts, sums = a.counts.clone(), a.sums.clone()
         all_reduce_sum(counts)
         all_reduce_sum(sums)
-        dropped, assigned, cv_sum, peak_sum, n = sums.tolist()
+        dropped, assigned, cv_sum, peak_sum, n, h_sum, h_n = sums.tolist()
         n = max(n, 1.0)
         out.append(MoELoadSummary(layer=a.layer, counts=counts.cpu(), drop=dropped / max(assigned, 1.0),
-                                  cv=cv_sum / n, max_over_mean=peak_sum / n))
+                                  cv=cv_sum / n, max_over_mean=peak_sum / n,
+                                  entropy=h_sum / h_n if h_n > 0 else None))
     return out
 
 
 def format_moe_line(summary: list[MoELoadSummary]) -> str:
-    parts = [f"L{s.layer}: cv {s.cv:.2f} max/mean {s.max_over_mean:.2f} drop {100 * s.drop:.1f}%" for s in summary]
+    """`` moe load | L1: cv 0.23 max/mean 1.31 drop 9.4% tok/exp 0.61/0.98/1.31 dead 0 H 0.97 | ...``"""
+    parts = []
+    for s in summary:
+        lo, mid, hi = s.tokens_per_expert
+        h = f" H {s.entropy:.2f}" if s.entropy is not None else ""
+        parts.append(f"L{s.layer}: cv {s.cv:.2f} max/mean {s.max_over_mean:.2f} drop {100 * s.drop:.1f}% "
+                     f"tok/exp {lo:.2f}/{mid:.2f}/{hi:.2f} dead {s.dead}{h}")
     return " moe load | " + " | ".join(parts) + " |"

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.model.moe.experts import compute_dtype
-from megatron.model.moe.metrics import MoEStats
+from megatron.model.moe.metrics import MoEStats, router_entropy
 
 # Assignments (tokens x k) up to which the path is used: one decode step of a batch of up to 64 rows
 # at top-1 (32 at top-2). Measured with tools/bench/moe_decode.py (docs/PERFORMANCE.md).
@@ -78,6 +78,10 @@ class LazyMoEStats(MoEStats):
     @property
     def counts(self) -> torch.Tensor:
         return torch.bincount(self._indices.reshape(-1), minlength=self._num_experts).float()  # [E]
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return router_entropy(self._probs)
 
 
 def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):

@@ -31,6 +31,12 @@ class AuxLossFreeRouter(TopKRouter):
         self.expert_bias = torch.nn.Parameter(torch.zeros(num_experts), requires_grad=False)  # [E]
         self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)  # [E] since last update
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Start the non-persistent state at zero (a meta-device build gets uninitialised storage; checkpoints do
+        not carry it)."""
+        self.pending_load.zero_()
+
     def select(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         biased = probs + self.expert_bias.float()  # [S, E], for the choice only
         return torch.topk(biased, self.topk, dim=-1).indices  # [S, k]
