@@ -54,7 +54,8 @@ def test_a_save_that_fails_stops_the_run_with_one_line_and_keeps_the_previous_ch
         while " iteration        2/" not in open(log).read() or not os.path.exists(os.path.join(ck, TRACKER)):
             assert p.poll() is None and time.time() - t0 < 240, open(log).read()[-2000:]
             time.sleep(0.05)
-        resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (4096, 4096))
+        limit = 256 * 1024  # above common.pt and the RNG files, below a shard (about 1.6 MB)
+        resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (limit, limit))
         assert p.wait(timeout=240) == 2
     stderr = open(str(tmp_path / "err")).read()
     assert stderr.count("\n") == 1, stderr

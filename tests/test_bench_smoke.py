@@ -48,3 +48,29 @@ def test_tp_token_split_bench_times_both_settings():
     rows = re.findall(r"^\| (token split \(default\)|replicated experts) \| ([0-9.]+) \|$", out, re.M)
     assert len(rows) == 2 and all(float(ms) > 0 for _, ms in rows), out
     assert re.search(r"replicated / split = [0-9.]+x", out), out
+
+
+def test_memory_bench_records_every_phase_per_rank(tmp_path):
+    """tools/bench/memory.py: a tiny GPT at DP=2 under torchrun (ZeRO-1): every phase of every rank measured, with
+    its plan, and the save's bytes per rank counted."""
+    import json
+
+    out = tmp_path / "memory.json"
+    text = _run("memory.py", "--modes", "zero1", "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "512",
+                "--seq", "32", "--steps", "2", "--work-dir", str(tmp_path), "--out", str(out))
+    assert "| zero1 | optimizer-step | 1 |" in text and "largest measured / plan" in text, text
+    res = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in res] == ["zero1"]
+    ranks = res[0]["ranks"]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        for ph in ("runtime", "build", "first-step", "steady-step", "fwd-bwd", "grad-reduce", "optimizer-step",
+                   "save", "load"):
+            assert r[ph] > 0, (ph, r[ph])
+        for ph in ("build", "fwd-bwd", "grad-reduce", "optimizer-step", "save", "load"):
+            assert r["plan"][ph]["total"] > r["runtime"], ph
+        assert r["plan"]["mode"] == "zero1" and len(r["steps"]) == 2
+        assert r["save-wchar"] > 0
+    assert res[0]["checkpoint_bytes"] > 0
+    if res[0]["bytes_per_rank_named"]:  # the sharded format names its files per rank
+        assert all(r["save-bytes"] > 0 for r in ranks)

@@ -76,7 +76,8 @@ def make_data(t, docs=None, dtype=np.int32, name="d"):
 def data_args(t, ck, prefix, extra=()):
     return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16", "--lr", "1e-3",
             "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--data-path", prefix, "--train-iters", "2",
-            "--micro-batch-size", "2", "--global-batch-size", "2", "--save", ck, "--data-cache-path", str(t / "cache")] \
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--save", str(t / "data_ck"),  # not the golden one
+            "--data-cache-path", str(t / "cache")] \
         + list(extra)
 
 

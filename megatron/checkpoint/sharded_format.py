@@ -35,6 +35,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item  # one piece at a time (below)
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
@@ -141,12 +142,37 @@ def staged(state: dict) -> dict:
     return out
 
 
+class _StreamingWriter(FileSystemWriter):
+    """DCP's file-system writer, one file per rank, written one piece at a time: a piece that is a view into a
+    larger tensor (ZeRO's parameters and Adam shards, TP runs) is copied just before it is written and freed
+    right after. (DCP's own loop keeps every such copy until the rank's file is complete: a ZeRO save then
+    holds a second copy of everything the rank writes.) The file is fsync'ed before the index names it."""
+
+    def write_data(self, plan, planner):
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        results = []
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if isinstance(data, torch.Tensor):
+                    data = data.detach().cpu()
+                    if data.untyped_storage().nbytes() != data.numel() * data.element_size():
+                        data = data.clone()  # torch.save would write the whole underlying storage
+                results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
+                del data
+            stream.flush()
+            os.fsync(stream.fileno())
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(results)
+        return done
+
+
 def write_state(folder: str, state: dict, ps, group=None) -> None:
     """Write ``state`` into ``folder/shards`` (collective over ``group``, default all ranks, when distributed):
     every rank writes its own file, the coordinator the index."""
     shards = os.path.join(folder, SHARDS_DIR)
     os.makedirs(shards, exist_ok=True)
-    writer = FileSystemWriter(shards, single_file_per_rank=True, thread_count=1)
+    writer = _StreamingWriter(shards, single_file_per_rank=True, thread_count=1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"

@@ -86,3 +86,34 @@ def measure_matmul_tflops(dtype, n: int = 512, reps: int = 8) -> float:
         a @ b
     dt = time.perf_counter() - t0
     return 2 * n**3 * reps / dt / 1e12
+
+
+@dataclass
+class LocalSizes:
+    """Element counts of one rank's largest pieces (TP ``tp``, EP ``ep``): the memory plan's transients."""
+
+    largest_param: int  # the largest single parameter tensor (an expert stack [E_local, H, F] counts as one)
+    largest_layer: int  # the largest transformer layer (this rank's experts included)
+    embedding: int  # word + position embeddings and the final layer norm (the tied output layer's weight)
+
+
+def local_sizes(cfg, tp: int = 1, ep: int = 1) -> LocalSizes:
+    """The largest parameter, layer and the embedding block on one rank, in elements (TP-sharded matrices
+    divided by ``tp``, expert stacks by ``ep``; approximate for the small replicated vectors)."""
+    H, F, V, P, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.max_position_embeddings, cfg.num_layers
+    attn = (3 * H * H + 3 * H + H * H) // tp + H
+    mlp = (H * F + F + F * H) // tp + H
+    embedding = V * H // tp + P * H + 2 * H
+    largest_param = max(V * H // tp, H * F // tp, 3 * H * H // tp)
+    largest_layer = 0
+    for i, e in enumerate(cfg.moe.experts_per_layer(L)):
+        layer = 4 * H + attn
+        if not cfg.moe.is_moe_layer(i, e):
+            layer += mlp
+        else:
+            local = max(e // ep, 1)
+            layer += router_class(cfg.moe.router_type).num_parameters(H, e) + local * (2 * H * F + F + H)
+            layer += (mlp + 2 * H + 2) if cfg.moe.mlp_type == "residual" else 0
+            largest_param = max(largest_param, local * H * F)
+        largest_layer = max(largest_layer, layer)
+    return LocalSizes(largest_param=largest_param, largest_layer=largest_layer, embedding=embedding)

@@ -75,13 +75,18 @@ def agree_on_settings(settings: dict, world_size: int) -> None:
     raise UserError(describe_mismatch(per_rank) or "the ranks were launched with different settings")
 
 
+CHECKSUM_CHUNK = 1 << 20  # elements: the float64 transient of the replica check (8 MiB, and its square)
+
+
 def _checksum(params) -> torch.Tensor:
     """[2] float64: sum and sum of squares of ``params``."""
     acc = torch.zeros(2, dtype=torch.float64)
     for p in params:
-        t = (p.to_local() if isinstance(p, DTensor) else p).detach().double()
-        acc[0] += t.sum().cpu()
-        acc[1] += t.square().sum().cpu()
+        flat = (p.to_local() if isinstance(p, DTensor) else p).detach().reshape(-1)
+        for i in range(0, flat.numel(), CHECKSUM_CHUNK):  # float64 copies of one chunk at a time, not the tensor
+            t = flat[i: i + CHECKSUM_CHUNK].double()
+            acc[0] += t.sum().cpu()
+            acc[1] += t.square().sum().cpu()
     return acc
 
 

@@ -109,6 +109,8 @@ def check_no_overwrite(save_dir: str, load_dir: str | None, overwrite: bool) -> 
         return
     shown = ", ".join(map(str, existing[:5])) + (", ..." if len(existing) > 5 else "")
     resumes = bool(load_dir) and os.path.realpath(load_dir) == os.path.realpath(save_dir)
+    if load_dir and not resumes and not os.path.isdir(load_dir):
+        return  # the load names its missing directory first, before anything is written
     if not resumes:
         raise UserError(f"--save {save_dir} already holds checkpoints (iterations {shown}) and this run does not "
                         f"resume from them: pass --load {save_dir} to resume, --overwrite-checkpoints to replace "
