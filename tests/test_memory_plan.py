@@ -68,8 +68,10 @@ def test_sharding_orders_the_modes():
     one = phase_plan(_cfg(MODES["zero1"]), 1)  # one rank: nothing to shard (Adam whole), no replica to check
     assert ("Adam m, v (fp32, shard)", plans["plain"]["optimizer-step"]["lines"][3][1]) in one["optimizer-step"]["lines"]
     assert one["save_parts"]["replica_check"] == 0 and plans["plain"]["save_parts"]["replica_check"] > 0
-    # the sharded format copies ZeRO's views out (its parameters live in the flat buffer), not plain's tensors
-    assert plans["plain"]["save_parts"]["format_staging"] == 0 < plans["zero1"]["save_parts"]["format_staging"]
+    # the sharded writer handles one piece at a time (its copy and its serialisation buffer), whatever the mode:
+    # no longer a copy of everything a ZeRO rank writes
+    assert plans["plain"]["save_parts"]["format_staging"] == plans["zero1"]["save_parts"]["format_staging"] > 0
+    assert plans["zero1"]["save_parts"]["format_staging"] < plans["zero1"]["optimizer-step"]["total"] / 4
 
 
 @pytest.mark.parametrize("script", ["gpt_6.7B_dense", "gpt_1.3B_moe128"])

@@ -21,4 +21,5 @@ $PY pretrain_gpt_moe.py \
   --data-path "$OUT/corpus_text_document" --split 95,5,0 \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/spm.model" \
   --log-interval 25 --eval-interval 100 --eval-iters 4 \
-  --save "$OUT/checkpoints" --save-interval 150 --tensorboard-dir "$OUT/tensorboard" $PRECISION_FLAG "$@"
+  --save "$OUT/checkpoints" --save-interval 150 --overwrite-checkpoints \
+  --tensorboard-dir "$OUT/tensorboard" $PRECISION_FLAG "$@"  # each demo run starts afresh: it may replace its own checkpoints

@@ -54,6 +54,7 @@ def _local_sums(optimizer, model, ps, dev):
     domains = getattr(optimizer, "domains", None)
     if domains is None:  # torch AdamW: every replica holds the state of all its parameters
         dense, experts = torch.zeros_like(sums), torch.zeros_like(sums)  # FSDP2's shards, added up below
+        fsdp = any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
         for group in optimizer.param_groups:
             for p in group["params"]:
                 st = optimizer.state.get(p, {})
@@ -63,9 +64,10 @@ def _local_sums(optimizer, model, ps, dev):
                                 p.to_local())
                 else:
                     _accumulate(sums, maxes, _category(p), m, v, p.data)
-        for part, group, size in ((dense, ps.dp_group, ps.dp_size), (experts, ps.edp_group, ps.edp_size)):
-            if size > 1:
-                dist.all_reduce(part, group=group)
+        for part, kind in ((dense, "dp"), (experts, "edp")):
+            size = getattr(ps, f"{kind}_size", 1)  # only FSDP2's shards are summed here: none without it
+            if size > 1 and fsdp:  # the same on every rank (structural), so the collective always matches
+                dist.all_reduce(part, group=getattr(ps, f"{kind}_group"))
             sums += part
         return sums, maxes
     for d in domains:  # ZeRO-1 / ZeRO-2: this rank's shard of each domain, added up over the domain's group
