@@ -2,7 +2,6 @@
 --save may not replace what is there, a tracker that is not a file is an error, start-up clean-up removes
 only names it writes, common.pt's counters are checked, and the start-up file-size check covers the real
 files. Each case: exit status 2, one line, and the save directory byte for byte unchanged."""
-import hashlib
 import os
 import shutil
 
@@ -15,6 +14,7 @@ from megatron.errors import UserError
 from megatron.training.arguments import parse_args
 from megatron.training.preflight import checkpoint_bytes
 from tests.runs import mock_args
+from tests.test_faults import snapshot
 
 BASE = ["--micro-batch-size", "2", "--global-batch-size", "4", "--num-experts", "4"]
 
@@ -25,16 +25,6 @@ def saved(tmp_path_factory):
     ck = str(tmp_path_factory.mktemp("saved") / "ck")
     pretrain_gpt_moe.main(mock_args(BASE + ["--train-iters", "4", "--save", ck, "--save-interval", "2"]))
     return ck
-
-
-def snapshot(root):
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for f in files + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = (hashlib.sha256(open(p, "rb").read()).hexdigest()
-                                             if os.path.isfile(p) else os.readlink(p) if os.path.islink(p) else "dir")
-    return out
 
 
 def refused(argv, needle, ck):

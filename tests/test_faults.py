@@ -44,11 +44,13 @@ def golden(tmp_path_factory):
 
 
 def snapshot(root):
+    """Every file's hash (and every symbolic link's target) under ``root``, by relative path."""
     out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
+    for d, dirs, files in os.walk(root):
+        for f in files + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
             p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+            out[os.path.relpath(p, root)] = (os.readlink(p) if os.path.islink(p) else
+                                             hashlib.sha256(open(p, "rb").read()).hexdigest())
     return out
 
 

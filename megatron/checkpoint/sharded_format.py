@@ -104,28 +104,36 @@ def _geometries(model, ps) -> dict:
     return out
 
 
-def _entry(geo: _Geometry, boxes: list[Box], dtype: torch.dtype) -> ShardBoxes:
-    return ShardBoxes(geo.full_shape, boxes, dtype)
+def _model_state(geos: dict) -> dict:
+    """``model.<name>``: this rank's boxes of every parameter (views of the live tensors)."""
+    return {MODEL + g.name: ShardBoxes(g.full_shape, g.boxes(g.local), g.local.dtype) for g in geos.values()}
+
+
+def _adam_state(geos: dict, optimizer, create: bool = False) -> dict:
+    """``optim.<name>.exp_avg`` / ``.exp_avg_sq``: this rank's boxes of the Adam moments (views into the optimizer's
+    state or shards; ``create`` allocates a fresh torch optimizer's state first)."""
+    boxes: dict = {}
+    for p, start, m, v in local_adam_pieces(optimizer, create=create):
+        mb, vb = boxes.setdefault(p, ([], []))
+        mb.extend(geos[p].boxes(m, start))
+        vb.extend(geos[p].boxes(v, start))
+    out = {}
+    for p, (mb, vb) in boxes.items():
+        g = geos[p]
+        out[f"{OPTIM}{g.name}.exp_avg"] = ShardBoxes(g.full_shape, mb, torch.float32)
+        out[f"{OPTIM}{g.name}.exp_avg_sq"] = ShardBoxes(g.full_shape, vb, torch.float32)
+    return out
 
 
 def state_for_save(model, optimizer, ps, save_optim: bool) -> dict:
     """The DCP state dict of this rank's boxes: the model's parameters and, with ``save_optim``, the Adam state
     (views of the live tensors: write them before the next optimizer step, or :func:`staged` copies)."""
     geos = _geometries(model, ps)
-    state = {MODEL + g.name: _entry(g, g.boxes(g.local), g.local.dtype) for g in geos.values()}
+    state = _model_state(geos)
     if save_optim and optimizer is not None:
-        m_boxes: dict = {}
-        v_boxes: dict = {}
-        for p, start, m, v in local_adam_pieces(optimizer):
-            g = geos[p]
-            m_boxes.setdefault(p, []).extend(g.boxes(m, start))
-            v_boxes.setdefault(p, []).extend(g.boxes(v, start))
+        state.update(_adam_state(geos, optimizer))
         for p, step in adam_steps(optimizer).items():
-            g = geos[p]
-            if p in m_boxes:
-                state[f"{OPTIM}{g.name}.exp_avg"] = _entry(g, m_boxes[p], torch.float32)
-                state[f"{OPTIM}{g.name}.exp_avg_sq"] = _entry(g, v_boxes[p], torch.float32)
-            state[f"{OPTIM}{g.name}.step"] = torch.tensor(float(step), dtype=torch.float64)
+            state[f"{OPTIM}{geos[p].name}.step"] = torch.tensor(float(step), dtype=torch.float64)
     return state
 
 
@@ -232,24 +240,16 @@ def read(path: str, model, optimizer, ps, want_optim: bool, flag: str = "--load"
             got = tuple(stored.size) if isinstance(stored, TensorStorageMetadata) else "no tensor"
             raise UserError(f"{flag}: {g.name} has shape {got} in the checkpoint but {g.full_shape} in the model; "
                             f"pass the flags it was trained with")
-    state = {MODEL + g.name: _entry(g, g.boxes(g.local), g.local.dtype) for g in geos.values()}
+    state = _model_state(geos)
     load_optim = want_optim and optimizer is not None and any(k.startswith(OPTIM) for k in md)
     steps = {}
     if load_optim:
-        m_boxes: dict = {}
-        v_boxes: dict = {}
-        for p, start, m, v in local_adam_pieces(optimizer, create=True):
-            m_boxes.setdefault(p, []).extend(geos[p].boxes(m, start))
-            v_boxes.setdefault(p, []).extend(geos[p].boxes(v, start))
+        state.update(_adam_state(geos, optimizer, create=True))
         for p in adam_steps(optimizer):
-            g = geos[p]
-            name = f"{OPTIM}{g.name}"
+            name = f"{OPTIM}{geos[p].name}"
             if f"{name}.exp_avg" not in md or f"{name}.step" not in md:
-                raise UserError(f"{flag}: {path} holds Adam state for some parameters but not for {g.name}; load "
-                                f"it with --no-load-optim")
-            if p in m_boxes:
-                state[f"{name}.exp_avg"] = _entry(g, m_boxes[p], torch.float32)
-                state[f"{name}.exp_avg_sq"] = _entry(g, v_boxes[p], torch.float32)
+                raise UserError(f"{flag}: {path} holds Adam state for some parameters but not for {geos[p].name}; "
+                                f"load it with --no-load-optim")
             steps[p] = state[f"{name}.step"] = torch.zeros((), dtype=torch.float64)
     try:
         with warnings.catch_warnings():
