@@ -83,6 +83,17 @@ class MoEConfig:
         expert, or an MoE position with one expert under force_layer."""
         return num_experts > 1 or (self.force_layer and (index + 1) % self.expert_interval == 0)
 
+    def layer_ep_size(self, num_experts: int) -> int:
+        """The EP degree of an MoE layer with ``num_experts`` experts: ``--moe-expert-parallel-size``, or the
+        expert count when the layer has fewer experts (PR-MoE), its other ranks then being extra
+        expert-data-parallel replicas of the layer."""
+        return min(self.expert_parallel_size, num_experts)
+
+    def layer_ep_sizes(self, num_layers: int) -> list[int]:
+        """The distinct EP degrees of the MoE layers, ascending."""
+        return sorted({self.layer_ep_size(e) for i, e in enumerate(self.experts_per_layer(num_layers))
+                       if self.is_moe_layer(i, e)})
+
     def experts_per_layer(self, num_layers: int) -> list[int]:
         """Experts of each layer (0-based); 1 means a dense MLP.
 
@@ -116,11 +127,13 @@ class MoEConfig:
                 self.topk <= min(moe_counts),
                 f"--topk {self.topk} exceeds the experts of a MoE layer ({min(moe_counts)}): lower --topk or raise --num-experts",
             )
+        ep = self.expert_parallel_size
         for e in moe_counts:
             check(
-                e % self.expert_parallel_size == 0,
-                f"--moe-expert-parallel-size {self.expert_parallel_size} does not divide a layer's expert count {e}: "
-                f"choose an EP size that divides every value of --num-experts",
+                e % ep == 0 or ep % e == 0,
+                f"--moe-expert-parallel-size {ep} and a layer's expert count {e} do not divide one another: a layer "
+                f"runs at EP = min(EP size, its experts), so choose an EP size that each value of --num-experts "
+                f"divides or is divided by",
             )
         check(
             not (self.noisy_gate_policy == "RSample" and self.topk != 1),
@@ -209,6 +222,23 @@ class ParallelConfig:
     moe_tp_token_split: bool = option("--disable-moe-tp-token-split", True, "under TP, run every MoE layer's experts "
                                       "and all-to-all on all routed tokens on every TP rank instead of 1/TP of them on "
                                       "each (the split's expert-gradient all-reduce over TP is then not needed)")
+    pipeline_model_parallel_size: int = option(
+        "--pipeline-model-parallel-size", 1, "pipeline stages: the layers are split into this many stages on "
+        "different ranks (torch.distributed.pipelining, 1F1B schedule)", check=(positive, "must be >= 1"))
+    num_layers_per_virtual_pipeline_stage: Optional[int] = option(
+        "--num-layers-per-virtual-pipeline-stage", None, "layers per virtual stage: each rank holds several "
+        "non-consecutive chunks of layers and runs the interleaved 1F1B schedule (smaller bubble)", type=int,
+        check=(positive, "must be >= 1"))
+    decoder_first_pipeline_num_layers: Optional[int] = option(
+        "--decoder-first-pipeline-num-layers", None, "layers of the first pipeline stage (it also holds the "
+        "embeddings); the other layers are split evenly over the other stages", type=int,
+        check=(non_negative, "must be >= 0"))
+    decoder_last_pipeline_num_layers: Optional[int] = option(
+        "--decoder-last-pipeline-num-layers", None, "layers of the last pipeline stage (it also holds the output "
+        "layer and the loss)", type=int, check=(non_negative, "must be >= 0"))
+    pipeline_schedule: Optional[str] = option(
+        "--pipeline-schedule", None, "pipeline schedule: 1F1B (default), Interleaved1F1B (default with virtual "
+        "stages) or GPipe", type=str, choices=["1F1B", "Interleaved1F1B", "GPipe"])
     overlap_grad_reduce: bool = option("--overlap-grad-reduce", False, "all-reduce gradient buckets asynchronously "
                                        "during the last micro-batch's backward")
     distributed_backend: Optional[str] = option("--distributed-backend", None, "torch.distributed backend (default: "
@@ -656,13 +686,16 @@ class Config:
     def validate_world(self, world_size: int) -> None:
         """Checks that need the number of processes."""
         tp = self.parallel.tensor_model_parallel_size
+        pp = self.parallel.pipeline_model_parallel_size
         check(world_size % tp == 0, f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
+        check(world_size % (tp * pp) == 0, f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+              f"× --pipeline-model-parallel-size ({tp} × {pp} = {tp * pp}): launch a multiple of {tp * pp} processes")
         m = self.model
         check(m.num_attention_heads % tp == 0,
               f"--num-attention-heads {m.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
         check(m.ffn_hidden_size % tp == 0,
               f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
-        dp = world_size // tp
+        dp = world_size // (tp * pp)
         ep = self.model.moe.expert_parallel_size
         check(
             dp % ep == 0,

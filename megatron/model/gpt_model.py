@@ -76,8 +76,9 @@ class GPTModel(nn.Module):
         layers = []
         for i, num_experts in enumerate(cfg.moe.experts_per_layer(cfg.num_layers)):
             if cfg.moe.is_moe_layer(i, num_experts):
+                layer_ep = min(ep_size, num_experts)  # PR-MoE: fewer experts than EP ranks -> EP = E here
                 mlp = MoELayer(cfg.moe, H, cfg.ffn_hidden_size, num_experts, layer_number=i,
-                               ep_rank=ep_rank, ep_size=ep_size,
+                               ep_rank=ep_rank % layer_ep, ep_size=layer_ep,
                                dense_mlp_factory=lambda: MLP(H, cfg.ffn_hidden_size))
             else:
                 mlp = DenseMLPBlock(H, cfg.ffn_hidden_size)

@@ -5,7 +5,9 @@
 - TP shard spec: the parameter is this rank's shard along ``dim`` of a full tensor, rank r holding
   the rows ``indices[r]`` (and, where the sharding said which rank this is, ``tp_local_layout`` gives the
   full shape and this shard's indices: shard-local initialisation reads it);
-- output layer: a Linear whose weight is initialised with the smaller std / sqrt(2 L).
+- output layer: a Linear whose weight is initialised with the smaller std / sqrt(2 L);
+- pipeline tied copy: the last pipeline stage's copy of the word embeddings (the tied output layer); its
+  gradient is summed with the first stage's, and it is counted once, on the first stage, in the gradient norm.
 
 This module imports nothing from the project, so any layer of it may use the tags.
 """
@@ -47,3 +49,11 @@ def mark_output_layer(module: torch.nn.Module) -> None:
 
 def is_output_layer(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "is_output_layer", False))
+
+
+def mark_pipeline_tied_copy(p: torch.Tensor) -> None:
+    p.pipeline_tied_copy = True
+
+
+def is_pipeline_tied_copy(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "pipeline_tied_copy", False))

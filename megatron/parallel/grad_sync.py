@@ -2,7 +2,8 @@
 
 Dense grads: all-reduce over DP, divided by DP. Expert grads: all-reduce over EDP (ranks holding
 the same experts), divided by the full DP size (the all-to-all already summed the EP group's
-contributions). The norm counts every parameter exactly once across all ranks.
+contributions). The norm counts every parameter exactly once across all ranks (under pipeline
+parallelism: summed over the stages, the last stage's tied copy of the word embeddings left out).
 
 Under FSDP2 (``--use-torch-fsdp2``, ``parallel/fsdp.py``) parameters and gradients are DTensors sharded over
 DP (dense) or EDP (experts): the norm sums the squares of the local shards over those groups first; clipping
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
-from megatron.model.param_tags import is_expert, is_tp_sharded
+from megatron.model.param_tags import is_expert, is_pipeline_tied_copy, is_tp_sharded
 
 BUCKET_BYTES = 32 * 1024 * 1024
 NORM_CHUNK = 4 * 1024 * 1024  # elements: the float64 temporaries of a squared norm, chunk by chunk (32 MiB)
@@ -123,7 +124,7 @@ def global_grad_norm(model: torch.nn.Module, ps) -> float:
     whole = torch.zeros(2, dtype=torch.float64, device=dev)
     shards = torch.zeros(2, dtype=torch.float64, device=dev)
     for p in dense:
-        if p.grad is not None:
+        if p.grad is not None and not is_pipeline_tied_copy(p):  # counted on the first stage
             acc = shards if isinstance(p.grad, DTensor) else whole
             acc[int(is_tp_sharded(p))] += sum_of_squares(local_tensor(p.grad))
     if ps.distributed and ps.dp_size > 1 and any(isinstance(p, DTensor) for p in dense):
@@ -146,7 +147,10 @@ def global_grad_norm(model: torch.nn.Module, ps) -> float:
     expert_sq = expert_whole + expert_shards
     if ps.distributed and ps.ep_size > 1:
         dist.all_reduce(expert_sq, group=ps.ep_group)
-    return float((dense_sq + expert_sq).sqrt())
+    total_sq = dense_sq + expert_sq
+    if ps.distributed and ps.pp_size > 1:
+        dist.all_reduce(total_sq, group=ps.pp_group)  # every stage's layers
+    return float(total_sq.sqrt())
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float, total_norm: float) -> None:

@@ -568,7 +568,8 @@ def pretrain(train_valid_test_datasets_provider, model_provider, forward_step_fn
         cfg = parse_args(argv, extra_args_provider)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ps = initialize(cfg.parallel, cfg.model.moe.expert_parallel_size,
-                    before_groups=lambda: agree_on_settings(cfg.to_dict(), world_size))
+                    before_groups=lambda: agree_on_settings(cfg.to_dict(), world_size),
+                    layer_ep_sizes=cfg.model.moe.layer_ep_sizes(cfg.model.num_layers))
     try:
         trainer = Trainer(cfg, ps, train_valid_test_datasets_provider, model_provider, forward_step_fn,
                           teacher_provider, sinks)

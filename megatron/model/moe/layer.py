@@ -33,6 +33,7 @@ class MoELayer(nn.Module):
         self.cfg = moe_cfg
         self.num_experts, self.layer_number = num_experts, layer_number
         self.topk = moe_cfg.topk
+        self.ep_size = ep_size  # this layer's EP degree (PR-MoE: below --moe-expert-parallel-size when E < EP)
         self.router = build_router(hidden_size, num_experts, moe_cfg)
         num_local = num_experts // ep_size
         self.experts = StackedExperts(num_local, hidden_size, ffn_hidden_size, first_expert=ep_rank * num_local,
