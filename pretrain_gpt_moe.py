@@ -15,6 +15,7 @@ import torch
 from megatron.data.builder import build_datasets
 from megatron.errors import run_cli
 from megatron.model.gpt_model import DistillOutput, LossOutput
+from megatron.model.moe.aux_loss import moe_loss as moe_loss_of
 from megatron.parallel.apply import gpt_module
 from megatron.planning.dry_run import dry_run
 from megatron.training import pretrain
@@ -47,7 +48,6 @@ def loss_func(loss_mask, cfg, output: LossOutput | DistillOutput) -> StepOutput:
     + beta * kd loss + moe loss; "lm loss" stays the student's plain cross-entropy.
     """
     per_token, stats = output.loss, output.moe_stats  # [B, T] fp32; MoEStats per MoE layer
-    moe_cfg = cfg.model.moe
     denom = loss_mask.sum()
     lm_loss = torch.sum(per_token * loss_mask) / denom
     loss = lm_loss
@@ -57,9 +57,7 @@ def loss_func(loss_mask, cfg, output: LossOutput | DistillOutput) -> StepOutput:
         loss = cfg.kd.alpha_ce * lm_loss + kd_term
         logs["kd loss"] = kd_term.detach()
     if stats:
-        moe_loss = moe_cfg.loss_coeff * torch.stack([s.aux_loss for s in stats]).sum()
-        if moe_cfg.z_loss_coeff > 0:
-            moe_loss = moe_loss + moe_cfg.z_loss_coeff * torch.stack([s.z_loss for s in stats]).sum()
+        moe_loss = moe_loss_of(stats, cfg.model.moe)
         loss = loss + moe_loss
         logs["moe loss"] = moe_loss.detach()
     return StepOutput(loss, logs, list(stats))

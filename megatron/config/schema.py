@@ -18,6 +18,7 @@ from typing import ClassVar, Optional
 
 from megatron.config.compat.ds_config import read_deepspeed_config
 from megatron.config.options import check_options, non_negative, none_or_str, option, positive, unit_interval
+from megatron.config.pipeline_layout import build_layout
 from megatron.errors import UserError, check
 
 
@@ -670,6 +671,7 @@ class Config:
         self.model.validate()
         self.parallel.validate()
         self.optimizer.validate()
+        self.validate_pipeline()
         if self.optimizer.use_torch_fsdp2:
             check(not self.parallel.overlap_grad_reduce, "--overlap-grad-reduce does not combine with "
                   "--use-torch-fsdp2 (ZeRO-3): FSDP2 reduce-scatters during the backward itself; drop one of the two")
@@ -682,6 +684,32 @@ class Config:
         self.kd.validate()
         self.deepspeed.validate()
         return self
+
+    def pipeline_layout(self):
+        """The layers of each pipeline stage (``megatron.config.pipeline_layout``); a UserError if they cannot split."""
+        par = self.parallel
+        return build_layout(self.model.num_layers, par.pipeline_model_parallel_size,
+                            par.num_layers_per_virtual_pipeline_stage, par.decoder_first_pipeline_num_layers,
+                            par.decoder_last_pipeline_num_layers)
+
+    def validate_pipeline(self) -> None:
+        par = self.parallel
+        layout = self.pipeline_layout()
+        if par.pipeline_model_parallel_size == 1:
+            return
+        check(par.pipeline_schedule != "Interleaved1F1B" or layout.virtual > 1, "--pipeline-schedule Interleaved1F1B "
+              "needs virtual stages: set --num-layers-per-virtual-pipeline-stage")
+        check(par.pipeline_schedule not in ("1F1B", "GPipe") or layout.virtual == 1, f"--pipeline-schedule "
+              f"{par.pipeline_schedule} runs one stage per rank: drop --num-layers-per-virtual-pipeline-stage or use "
+              f"Interleaved1F1B")
+        unsupported = [("--zero-stage 2", self.optimizer.zero_stage == 2),
+                       ("--use-torch-fsdp2 / --zero-stage 3", self.optimizer.use_torch_fsdp2),
+                       ("--overlap-grad-reduce", par.overlap_grad_reduce),
+                       ("--ckpt-format torch", self.checkpoint.ckpt_format != "torch_dist"),
+                       ("--model-family " + str(self.model.model_family), self.model.model_family != "gpt")]
+        for flag, used in unsupported:
+            check(not used, f"{flag} does not combine with --pipeline-model-parallel-size > 1 yet: drop it (pipeline "
+                  f"parallelism runs with ZeRO-1 or plain data parallelism, --ckpt-format torch_dist, the gpt family)")
 
     def validate_world(self, world_size: int) -> None:
         """Checks that need the number of processes."""

@@ -92,8 +92,13 @@ class GPTModel(nn.Module):
         """The tied projection and the loss fuse into one step unless tensor parallelism swapped them out."""
         return type(self.output_layer) is TiedOutputLayer and type(self.loss_fn) is CrossEntropy
 
+    def layer_modules(self) -> list[TransformerLayer]:
+        """The transformer layers this model holds, in order (a pipeline stage holds some, see
+        ``megatron.parallel.pipeline``: its ``layers`` is then a ModuleDict keyed by global layer index)."""
+        return list(self.layers.values()) if isinstance(self.layers, nn.ModuleDict) else list(self.layers)
+
     def moe_layers(self) -> list[MoELayer]:
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
+        return [layer.mlp for layer in self.layer_modules() if isinstance(layer.mlp, MoELayer)]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -139,23 +144,14 @@ class GPTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """Training: tokens, labels [B, T] -> per-token cross-entropy [B, T] fp32 and the MoE layers' stats."""
         h, stats = self._trunk(tokens)
-        h = self.final_layernorm(h)  # [B, T, H]
-        if self._fused_output_loss():
-            return LossOutput(linear_cross_entropy(h, self.word_embeddings.weight, labels), stats)  # no [B, T, V] kept
-        logits = self.output_layer(h, self.word_embeddings.weight, gather=False)  # [B, T, V] (this rank's slice)
-        return LossOutput(self.loss_fn(logits, labels), stats)
+        return LossOutput(self.head_loss(h, labels), stats)
 
     def distill(self, tokens: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
                 temperature: float) -> DistillOutput:
         """Distillation: tokens, labels [B, T], teacher_logits [B, T, V] -> per-token cross-entropy and
         T^2 * KL(teacher || student) at ``temperature``, [B, T] fp32 each, and the MoE layers' stats."""
         h, stats = self._trunk(tokens)
-        h = self.final_layernorm(h)  # [B, T, H]
-        if self._fused_output_loss():
-            ce, kd = linear_cross_entropy_kd(h, self.word_embeddings.weight, labels, teacher_logits, temperature)
-        else:
-            logits = self.output_layer(h, self.word_embeddings.weight, gather=True)  # [B, T, V]
-            ce, kd = cross_entropy_and_kd(logits, labels, teacher_logits, temperature)
+        ce, kd = self.head_distill(h, labels, teacher_logits, temperature)
         return DistillOutput(ce, stats, kd)
 
     def logits(self, tokens: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> LogitsOutput:
@@ -178,7 +174,36 @@ class GPTModel(nn.Module):
             h = h[:, -1:]  # [B, 1, H]
         return LogitsOutput(self._project(h), stats)
 
+    # ---- the head: final layer norm, tied output projection, loss (the last pipeline stage runs these alone)
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, H] before the final layer norm, labels [B, T] -> per-token cross-entropy [B, T] fp32."""
+        h = self.final_layernorm(h)  # [B, T, H]
+        if self._fused_output_loss():
+            return linear_cross_entropy(h, self.word_embeddings.weight, labels)  # no [B, T, V] kept
+        logits = self.output_layer(h, self.word_embeddings.weight, gather=False)  # [B, T, V] (this rank's slice)
+        return self.loss_fn(logits, labels)
+
+    def head_distill(self, h: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [B, T, H], labels [B, T], teacher_logits [B, T, V] -> (cross-entropy, T^2 * KL), [B, T] fp32."""
+        h = self.final_layernorm(h)  # [B, T, H]
+        if self._fused_output_loss():
+            return linear_cross_entropy_kd(h, self.word_embeddings.weight, labels, teacher_logits, temperature)
+        logits = self.output_layer(h, self.word_embeddings.weight, gather=True)  # [B, T, V]
+        return cross_entropy_and_kd(logits, labels, teacher_logits, temperature)
+
     # ---- shared parts
+
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """tokens, position_ids [B, T] / [1, T] -> [B, T, H] (word + position embeddings, dropout)."""
+        return self.embedding_dropout(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
+
+    def run_layer(self, layer: TransformerLayer, h: torch.Tensor, token_mask=None, layer_cache=None, attn_mask=None):
+        """One transformer layer, under activation checkpointing when --checkpoint-activations (training)."""
+        if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, token_mask, layer_cache, attn_mask, use_reentrant=False)
+        return layer(h, token_mask, layer_cache, attn_mask)
 
     def _trunk(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                token_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
@@ -187,18 +212,13 @@ class GPTModel(nn.Module):
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + T, device=tokens.device)[None, :]  # [1, T]
-        h = self.word_embeddings(tokens) + self.position_embeddings(position_ids)  # [B, T, H]
-        h = self.embedding_dropout(h)
+        h = self.embed(tokens, position_ids)  # [B, T, H]
         attn_mask = None  # [B, 1, T, L + T] bool or None (causal attention alone is exact)
         if token_mask is not None or cache is not None:
             attn_mask = padding_attention_mask(token_mask, cache, B, T, tokens.device)
         stats = []
         for i, layer in enumerate(self.layers):
-            layer_cache = cache[i] if cache is not None else None
-            if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
-                h, s = checkpoint(layer, h, token_mask, layer_cache, attn_mask, use_reentrant=False)
-            else:
-                h, s = layer(h, token_mask, layer_cache, attn_mask)
+            h, s = self.run_layer(layer, h, token_mask, cache[i] if cache is not None else None, attn_mask)
             if s is not None:
                 stats.append(s)
         return h, stats

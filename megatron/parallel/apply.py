@@ -1,4 +1,5 @@
-"""The whole parallel plan of a run, in order: build -> tensor parallel -> expert parallel -> data parallel.
+"""The whole parallel plan of a run, in order: build -> tensor parallel -> expert parallel -> pipeline stage ->
+data parallel.
 
 ``build_model`` is the single place that constructs a model for a run, shard-locally: the module
 is built on the meta device with this rank's experts (``ep_rank``'s share of each MoE layer), the
@@ -16,10 +17,12 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron.config.pipeline_layout import PipelineLayout
 from megatron.model.families import build_family_model
 from megatron.parallel.expert_parallel import apply_expert_parallel
 from megatron.parallel.grad_sync import BlockingGradReducer, GradReducer
 from megatron.parallel.overlapped_grad_reduce import OverlappedGradReducer
+from megatron.parallel.pipeline.stage_model import keep_stage_parts
 from megatron.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -30,14 +33,16 @@ def gpt_module(model_cfg, ps) -> torch.nn.Module:
 
 
 def build_model(model_cfg, ps, device: Optional[torch.device] = None, seed: Optional[int] = None,
-                module_fn: Optional[Callable[[], torch.nn.Module]] = None) -> torch.nn.Module:
+                module_fn: Optional[Callable[[], torch.nn.Module]] = None,
+                pipeline: Optional[PipelineLayout] = None) -> torch.nn.Module:
     """The model on ``device`` (default ``ps.device``), TP-sharded and expert-parallel.
 
     ``module_fn()`` builds the bare module (default: the GPT model of ``model_cfg``); a training
     script's ``model_provider`` hook plugs in here. It runs under ``torch.device("meta")``, and the
     module's ``init_weights(seed)`` must accept the model as sharded (``GPTModel.init_weights`` does).
     Host memory: this rank's shard plus a megabyte of generator blocks (a model on a GPU is filled from
-    the host block by block).
+    the host block by block). With a ``pipeline`` layout the model keeps only ``ps.pp_rank``'s stages
+    (``megatron.parallel.pipeline.stage_model.keep_stage_parts``), pruned before it gets storage.
     """
     module_fn = module_fn or (lambda: gpt_module(model_cfg, ps))
     device = device or ps.device
@@ -45,6 +50,8 @@ def build_model(model_cfg, ps, device: Optional[torch.device] = None, seed: Opti
         model = module_fn()
     apply_tensor_parallel(model, ps)
     apply_expert_parallel(model, ps)
+    if pipeline is not None:
+        keep_stage_parts(model, pipeline, ps.pp_rank)
     _to_empty(model, device)
     if device.type != "meta":
         for m in model.modules():  # non-persistent buffers (no init_weights, no checkpoint) start at their value

@@ -31,6 +31,7 @@ from megatron.checkpoint.load import load_checkpoint
 from megatron.checkpoint.save import save_checkpoint
 from megatron.config.schema import pad_vocab_size
 from megatron.errors import UserError
+from megatron.model.gpt_model import GPTModel
 from megatron.model.param_tags import is_expert
 from megatron.optim.build import build_optimizer, shards_gradients
 from megatron.optim.loss_scaler import build_loss_scaler
@@ -40,6 +41,7 @@ from megatron.parallel.collectives import all_reduce_sum, any_rank
 from megatron.parallel.expert_parallel import time_exchanges
 from megatron.parallel.fsdp import FSDPGradReducer, apply_fsdp2
 from megatron.parallel.grad_sync import clip_gradients, global_grad_norm, local_tensor, scale_gradients
+from megatron.parallel.pipeline.runner import PipelineRunner
 from megatron.parallel.router_balance import update_router_biases
 from megatron.parallel.state import ParallelState, destroy, initialize
 from megatron.planning.model_stats import count_parameters, device_peak_tflops, flops_per_token
@@ -47,6 +49,7 @@ from megatron.tokenizer import registry as tokenizers
 from megatron.training.agreement import agree_on_error, agree_on_settings, check_replicas
 from megatron.training.arguments import parse_args
 from megatron.training.curriculum import TruncatingIterator, build_curriculum, iterations_for_tokens, tokens_trained
+from megatron.training.distillation import teacher_logits
 from megatron.training.guard import NonFiniteGuard, SpikeGuard
 from megatron.training.logging_utils import print_rank0
 from megatron.training.metrics import MetricsLogger, MetricsSink, TensorBoardSink, accumulate_moe
@@ -113,6 +116,7 @@ class Trainer:
         self.wall_clock_breakdown = False
         self.pending_save: PendingSave | None = None  # --async-save: the save being written in the background
         self.async_group = None  # --async-save: the process group of the background writes
+        self.pipeline: PipelineRunner | None = None  # --pipeline-model-parallel-size > 1: the schedule runner
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -187,7 +191,17 @@ class Trainer:
     def setup_model_and_optimizer(self) -> None:
         cfg, ps = self.cfg, self.ps
         set_seed(cfg.train.seed)
-        self.model = build_model(cfg.model, ps, seed=cfg.train.seed, module_fn=lambda: self.model_provider(cfg, ps))
+        layout = cfg.pipeline_layout() if ps.pp_size > 1 else None
+        self.model = build_model(cfg.model, ps, seed=cfg.train.seed, module_fn=lambda: self.model_provider(cfg, ps),
+                                 pipeline=layout)
+        self.pipeline = None
+        if layout is not None:
+            if not isinstance(self.model, GPTModel):
+                raise UserError(f"--pipeline-model-parallel-size {ps.pp_size}: pipeline stages are cut from a GPTModel; "
+                                f"this script's model_provider returns a {type(self.model).__name__}")
+            self.pipeline = PipelineRunner(self.model, layout, ps, cfg.model, cfg.kd, cfg.parallel.pipeline_schedule,
+                                           teacher_logits)
+            print_rank0(ps, f"> pipeline: {ps.pp_size} ranks, {self.pipeline.kind} schedule; {layout.describe()}")
         if cfg.optimizer.zero_stage == 2 and cfg.parallel.overlap_grad_reduce:
             raise UserError("--overlap-grad-reduce does not combine with --zero-stage 2 (its gradients are "
                             "reduce-scattered after the backward): drop one of the two")
@@ -301,6 +315,9 @@ class Trainer:
         timers = self.timers
         if timers.enabled and data_iterator is not None:
             data_iterator = timers.timed_iterator("batch-generator", data_iterator)
+        if self.pipeline is not None:  # the schedule runs the micro-batches (the built-in GPT step)
+            with timers("forward-backward"), self.autocast():
+                return self.pipeline.forward_backward(data_iterator, num_micro, self.scaler.scale, self.teacher)
         timers("forward-backward").start()
         for micro in range(num_micro):
             if micro == num_micro - 1:
@@ -369,7 +386,11 @@ class Trainer:
         it = MicroBatchIterator(dataset, 0, cfg.train.micro_batch_size, ps.dp_rank, ps.dp_size)
         sums: dict = defaultdict(float)
         n = 0
-        for _ in range(cfg.train.eval_iters * self.eval_micro):
+        if self.pipeline is not None:
+            n = cfg.train.eval_iters * self.eval_micro
+            with self.autocast():
+                sums = self.pipeline.evaluate(it, n)
+        for _ in range(0 if self.pipeline is not None else cfg.train.eval_iters * self.eval_micro):
             with self.autocast():
                 output, loss_fn = self.forward_step_fn(it, self.model)
                 logs = as_step_output(loss_fn(output)).logs

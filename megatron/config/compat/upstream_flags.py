@@ -42,11 +42,8 @@ def _layer_freq(v: str) -> Optional[str]:
 
 UPSTREAM_FLAGS = {f.name: f for f in [
     # DeepSpeed launcher / engine
-    UpstreamFlag("--no-pipeline-parallel", "accepted", False, why="there is no pipeline parallelism: always true"),
-    UpstreamFlag("--pipeline-model-parallel-size", "accepted", True, why="1 is the only size",
-                 check=_only("1", what="pipeline parallelism is not supported here (MoE upstream does not support "
-                                       "it either): use --pipeline-model-parallel-size 1 and scale with expert, "
-                                       "tensor and data parallelism")),
+    UpstreamFlag("--no-pipeline-parallel", "accepted", False, why="DeepSpeed's switch to its pipeline engine; "
+                 "pipelining here follows --pipeline-model-parallel-size alone"),
     # Megatron-DeepSpeed data and scheduler flags
     UpstreamFlag("--data-impl", "accepted", True, why="datasets are always read as memory-mapped .bin/.idx",
                  check=_only("mmap", "infer", what="only the mmap format (.bin/.idx written by "
