@@ -65,6 +65,10 @@ def test_extra_args_provider_values_reach_the_caller():
     (["--num-experts", "4", "0"], "--num-experts values must be >= 1"),
     (["--lr-decay-style", "step"], "--lr-decay-style"),
     (["--kd-temp", "0", "--kd", "--load-teacher", "x"], "--kd-temp must be > 0"),
+    (["--moe-loss-coeff", "1e38"], "--moe-loss-coeff must be in [0, 100]"),  # diverges with finite grad norms
+    (["--moe-z-loss-coeff", "1e9"], "--moe-z-loss-coeff must be in [0, 100]"),
+    (["--num-experts", "4", "--moe-expert-parallel-size", "3"], "do not divide one another"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "3"], "4 layers do not split evenly over 3 stages"),
 ])
 def test_per_option_checks_name_the_flag(argv, needle):
     with pytest.raises(UserError) as e:

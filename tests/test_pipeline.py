@@ -1,6 +1,7 @@
 """Pipeline parallelism (torch.distributed.pipelining) on real gloo processes: every layout computes the
 one-process run's losses and gradient norms (to fp32 rounding), checkpoints move between pipeline
 layouts, and layouts that cannot work are one-line errors."""
+import json
 import os
 
 import pytest
@@ -20,7 +21,7 @@ RUN = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "
 PP2 = ["--pipeline-model-parallel-size", "2"]
 
 MODELS = {
-    "dense": [],
+    "dense-curriculum": ["DS_CURRICULUM"],  # the sequence-length curriculum: new shapes, new schedules
     "capacity-drops": ["--num-experts", "4", "--moe-train-capacity-factor", "1.0", "--moe-min-capacity", "0"],
     "top2-no-drop": ["--num-experts", "4", "--topk", "2", "--disable-moe-token-dropping", "--moe-z-loss-coeff", "1e-3"],
     "pr-moe-residual": ["--num-experts", "2", "4", "--mlp-type", "residual", "--moe-train-capacity-factor", "8"],
@@ -49,7 +50,14 @@ def _agree(runs, single):
 
 @pytest.mark.parametrize("model", list(MODELS), ids=list(MODELS))
 def test_pp2_equals_one_process(tmp_path, model):
-    argv = mock_args(EXACT + RUN + MODELS[model])
+    flags = MODELS[model]
+    if "DS_CURRICULUM" in flags:
+        ds = tmp_path / "ds.json"
+        ds.write_text(json.dumps({"curriculum_learning": {
+            "enabled": True, "curriculum_type": "seqlen", "min_difficulty": 4, "max_difficulty": 16,
+            "schedule_type": "fixed_linear", "schedule_config": {"total_curriculum_step": 4, "difficulty_step": 4}}}))
+        flags = ["--deepspeed", "--deepspeed_config", str(ds)]
+    argv = mock_args(EXACT + RUN + flags)
     single = _single(argv)
     _agree(run_distributed(train, 2, str(tmp_path), argv + PP2), single)
 

@@ -22,6 +22,9 @@ from megatron.config.pipeline_layout import build_layout
 from megatron.errors import UserError, check
 
 
+MAX_AUX_COEFF = 100.0  # --moe-loss-coeff / --moe-z-loss-coeff: papers use 1e-3 .. 1e-1; far above is a typo
+
+
 @dataclass
 class MoEConfig:
     """DeepSpeed-MoE semantics: which layers are MoE, gating, capacity and the auxiliary losses."""
@@ -53,7 +56,9 @@ class MoEConfig:
     min_capacity: int = option("--moe-min-capacity", 4, "lower bound on the slots of each expert",
                                check=(non_negative, "must be >= 0"))
     loss_coeff: float = option("--moe-loss-coeff", 0.1, "weight of the load-balancing (aux) loss, summed over MoE layers",
-                               check=(non_negative, "must be >= 0"), aliases=("--moe-aux-loss-coeff",))
+                               check=(lambda v: 0 <= v <= MAX_AUX_COEFF, f"must be in [0, {MAX_AUX_COEFF:g}] (DeepSpeed-MoE "
+                                      f"uses 0.01; a huge weight swamps the LM loss and sends grad norms to 1e38)"),
+                               aliases=("--moe-aux-loss-coeff",))
     token_dropping: bool = option("--disable-moe-token-dropping", True, "no-drop MoE: every token reaches its experts "
                                   "(capacity grows to the demand)")
     top2_2nd_expert_sampling: bool = option("--disable-moe-top2-2nd-expert-sampling", True,
@@ -62,7 +67,8 @@ class MoEConfig:
                                               "(multiplicative input noise) or RSample (Gumbel on the logits, top-1)",
                                               type=none_or_str, check=(lambda v: v in ("Jitter", "RSample"), "must be None, Jitter or RSample"))
     z_loss_coeff: float = option("--moe-z-loss-coeff", 0.0, "weight of the router z-loss (mean squared logsumexp of "
-                                 "the gate logits)", check=(non_negative, "must be >= 0"))
+                                 "the gate logits)", check=(lambda v: 0 <= v <= MAX_AUX_COEFF,
+                                                            f"must be in [0, {MAX_AUX_COEFF:g}] (ST-MoE uses 1e-3)"))
     router_type: str = option("--moe-router-type", "topk", "router, a name in megatron/model/moe/routers")
     router_bias_update_rate: float = option("--moe-router-bias-update-rate", 1e-3, "aux_free router: bias step per "
                                             "optimizer step (bias += rate * sign(mean load - load))",
