@@ -166,7 +166,8 @@ class Trainer:
         cfg.model.vocab_size = pad_vocab_size(tokenizer.vocab_size, cfg.data.make_vocab_size_divisible_by,
                                               cfg.parallel.tensor_model_parallel_size)
         self.tokenizer = tokenizer
-        print_rank0(ps, f"> world size {ps.world_size} (TP {ps.tp_size}, DP {ps.dp_size}, EP {ps.ep_size}"
+        print_rank0(ps, f"> world size {ps.world_size} (TP {ps.tp_size}, {f'PP {ps.pp_size}, ' if ps.pp_size > 1 else ''}"
+                        f"DP {ps.dp_size}, EP {ps.ep_size}"
                         f"{', ZeRO-2 optimizer' if cfg.optimizer.zero_stage == 2 else ', ZeRO-1 optimizer' if cfg.optimizer.use_distributed_optimizer else ''}) on {ps.device}; "
                         f"vocab {tokenizer.vocab_size} padded to {cfg.model.vocab_size}")
 
@@ -389,7 +390,7 @@ class Trainer:
         if self.pipeline is not None:
             n = cfg.train.eval_iters * self.eval_micro
             with self.autocast():
-                sums = self.pipeline.evaluate(it, n)
+                sums = self.pipeline.evaluate(it, cfg.train.eval_iters, self.eval_micro)
         for _ in range(0 if self.pipeline is not None else cfg.train.eval_iters * self.eval_micro):
             with self.autocast():
                 output, loss_fn = self.forward_step_fn(it, self.model)

@@ -89,9 +89,11 @@ class PipelineRunner:
                 x = torch.zeros(mbs, seq, dtype=torch.long, device=dev) if s == 0 else hidden()
                 stages.append(PipelineStage(chunk, s, self.layout.num_stages, dev, input_args=(x,),
                                             output_args=(hidden(),), group=self.ps.pp_group))
-            kind = self.kind
-            if kind == "1F1B" and num_micro < self.layout.pp:
+            kind, pp = self.kind, self.layout.pp
+            if kind == "1F1B" and num_micro < pp:
                 kind = "GPipe"  # 1F1B needs at least one micro-batch per stage; GPipe computes the same
+            if kind == "Interleaved1F1B" and num_micro % max(1, num_micro // pp):
+                kind = "GPipe"  # torch's interleaved rounds must divide the micro-batches: the looped GPipe order
             if len(stages) == 1:
                 cls = SCHEDULES["GPipe" if kind == "Interleaved1F1B" else kind]
                 sched = cls(stages[0], n_microbatches=num_micro, loss_fn=self._loss, scale_grads=False)
@@ -113,7 +115,7 @@ class PipelineRunner:
         if train:
             sched.step(*args, target=target, return_outputs=False)
         else:
-            sched.eval(*args, target=target)
+            sched.eval(*args, target=target, return_outputs=False)
 
     def forward_backward(self, data_iterator, num_micro: int, grad_scale: float, teacher=None):
         """One step's micro-batches through the pipeline. Returns (log sums averaged over micro-batches, summed
@@ -125,10 +127,16 @@ class PipelineRunner:
         return self._pipeline_sums(num_micro, teacher is not None), moe
 
     @torch.no_grad()
-    def evaluate(self, data_iterator, num_micro: int) -> dict:
-        """Forward only; the log sums over ``num_micro`` micro-batches (summed over the pipeline, not averaged)."""
+    def evaluate(self, data_iterator, batches: int, num_micro: int) -> dict:
+        """Forward only over ``batches`` steps of ``num_micro`` micro-batches; the log sums over all the micro-batches
+        (summed over the pipeline, not averaged)."""
         self._teacher = None
-        self._run(data_iterator, num_micro, train=False)
+        total: dict = defaultdict(float)
+        for _ in range(batches):
+            self._run(data_iterator, num_micro, train=False)
+            for k, v in self._sums.items():
+                total[k] += v
+        self._sums = total
         return self._pipeline_sums(1, False)
 
     # ---- reductions over the pipeline
