@@ -41,7 +41,10 @@ CATALOGUE = [
     ("split", lambda t: real(t, ["--split", "98,a,0"]), "--split"),
     ("fp16+bf16", lambda t: mock_args(BASE + ["--fp16", "--bf16"]), "--fp16 and --bf16"),
     ("no lr", lambda t: [a for a in mock_args(BASE) if a not in ("--lr", "3e-3")], "--lr"),
-    ("pipeline parallel", lambda t: mock_args(BASE + ["--pipeline-model-parallel-size", "2"]), "pipeline parallelism"),
+    ("pipeline parallel, one process", lambda t: mock_args(BASE + ["--pipeline-model-parallel-size", "2"]),
+     "--pipeline-model-parallel-size"),
+    ("pipeline parallel with ZeRO-2", lambda t: mock_args(BASE + ["--pipeline-model-parallel-size", "2", "--zero-stage",
+                                                                  "2"]), "--zero-stage 2 does not combine with --pipeline"),
     ("zero-stage 4", lambda t: mock_args(BASE + ["--zero-stage", "4"]), "--zero-stage"),
     ("overlap with zero-stage 2", lambda t: mock_args(BASE + ["--zero-stage", "2", "--overlap-grad-reduce"]),
      "--overlap-grad-reduce does not combine with --zero-stage 2"),
@@ -89,4 +92,5 @@ def test_entry_point_exit_status_and_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py")] + mock_args(BASE + ["--pipeline-model-parallel-size", "2"]),
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.startswith("error: pipeline parallelism is not supported") and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: world size 1 is not divisible by --tensor-model-parallel-size × "
+                               "--pipeline-model-parallel-size") and r.stderr.count("\n") == 1

@@ -235,6 +235,10 @@ CATALOGUE = [
     ("save-interval 0", lambda t, ck: mock_args(BASE + ["--train-iters", "2", "--save", ck, "--save-interval", "0"]),
      "--save-interval"),
     ("log-interval 0", lambda t, ck: mock_args(BASE + ["--train-iters", "2", "--log-interval", "0"]), "--log-interval"),
+    ("seed 2^70", lambda t, ck: mock_args(BASE + ["--train-iters", "2", "--seed", str(2**70)]),
+     f"--seed {2**70}: must be an integer in [0, 2^32)"),  # was numpy's ValueError traceback at model build
+    ("seed negative", lambda t, ck: mock_args(BASE + ["--train-iters", "2", "--seed", "-5"]),
+     "--seed -5: must be an integer in [0, 2^32)"),
     # data
     ("blend weight nan", lambda t, ck: blend(t, ck, "nan", "0.5"), "NaN or infinity"),
     ("blend weight inf", lambda t, ck: blend(t, ck, "inf", "0.5"), "NaN or infinity"),

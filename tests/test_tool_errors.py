@@ -267,6 +267,24 @@ def test_generate_text_on_cuda_without_a_gpu_is_one_line(checkpoint):
                                               "(or leave it out)\n"), r.stderr[-2000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("tool", ["eval_harness.py", "run_text_generation_server.py"])
+def test_eval_and_server_on_cuda_without_a_gpu_are_one_line(checkpoint, tool):
+    """Was ``AssertionError: Torch not compiled with CUDA enabled`` once the model was loaded (a checkpoint with a
+    text tokenizer and real task data, so that nothing else stops the run first)."""
+    eval_data = os.path.join(ROOT, "..", "shared", "data", "eval")
+    if tool == "eval_harness.py":
+        if "gpt2" not in checkpoint or not os.path.isdir(eval_data):
+            pytest.skip("needs ../shared/data (GPT-2 files and the eval tasks)")
+        extra = ["--load", checkpoint["gpt2"], "--task-list", "lambada", "--limit", "1", "--eval-data-dir", eval_data]
+    else:
+        extra = ["--load", checkpoint["null"], "--port", "0"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool)] + extra + ["--device", "cuda"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and r.stderr == ("error: --device cuda: no CUDA GPU is available here; use --device cpu "
+                                              "(or leave it out)\n"), r.stderr[-2000:]
+
+
 def test_eval_harness_flags_are_checked(tmp_path, checkpoint):
     with pytest.raises(UserError) as e:
         eval_harness.main(["--load", checkpoint["null"], "--moe-eval-capacity-factor", "-2"])
@@ -275,6 +293,15 @@ def test_eval_harness_flags_are_checked(tmp_path, checkpoint):
         eval_harness.main(["--load", checkpoint["null"], "--eval-data-dir", str(tmp_path), "--vocab-file",
                            str(tmp_path)])
     one_line(e, "--vocab-file", "the checkpoint's tokenizer is NullTokenizer")
+
+
+def test_eval_harness_results_path_that_is_a_directory_is_one_line_before_evaluating(tmp_path, checkpoint):
+    """Was ``IsADirectoryError`` from the final ``os.replace``, after every task had been evaluated."""
+    with pytest.raises(UserError) as e:
+        eval_harness.main(["--load", checkpoint["null"], "--eval-data-dir", str(tmp_path), "--results-path",
+                           str(tmp_path)])
+    one_line(e, f"--results-path {tmp_path}: this is a directory; give a file name")
+    assert os.listdir(tmp_path) == []
 
 
 def test_export_hf_save_pointing_at_a_file_is_one_line_and_keeps_it(tmp_path, checkpoint):

@@ -32,6 +32,7 @@ import time
 from megatron.checkpoint.stored_config import read_checkpoint_config
 from megatron.errors import UserError, run_cli
 from megatron.evaluation.local_tasks import REGISTRY, TASKS, write_tasks
+from megatron.inference.devices import check_device
 from megatron.tokenizer import registry as tokenizers
 from megatron.training.arguments import argument_parser
 
@@ -91,6 +92,7 @@ def parse(argv=None):
                                                        and a.moe_eval_capacity_factor > 0):
         raise UserError(f"--moe-eval-capacity-factor must be > 0 (got {a.moe_eval_capacity_factor}); leave it out "
                         f"to drop no token")
+    a.device = check_device(a.device)
     return a
 
 
@@ -100,6 +102,9 @@ def _split(a) -> None:
     if a.local and not os.path.isdir(a.eval_data_dir):
         raise UserError(f"--eval-data-dir {a.eval_data_dir}: no such directory (the task folders of "
                         f"../shared/data/eval; or set $MEGATRON_MOE_EVAL_DATA)")
+    if a.results_path and os.path.isdir(a.results_path):  # found only when writing, after the evaluation
+        raise UserError(f"--results-path {a.results_path}: this is a directory; give a file name "
+                        f"({os.path.join(a.results_path, 'results.json')}, say)")
     if a.results_path and os.path.dirname(a.results_path) and not os.path.isdir(os.path.dirname(a.results_path)):
         raise UserError(f"--results-path {a.results_path}: its directory does not exist")
 

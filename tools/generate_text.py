@@ -18,6 +18,7 @@ import torch
 
 from megatron.checkpoint.stored_config import read_checkpoint_config
 from megatron.errors import UserError, run_cli
+from megatron.inference.devices import check_device
 from megatron.inference.generate import generate, generate_greedy_batch
 from megatron.inference.load import load_model
 from megatron.tokenizer import registry as tokenizers
@@ -61,24 +62,6 @@ def parse(argv=None):
 
 
 MIN_TEMPERATURE = 1e-5  # as the server, where a smaller one samples greedily
-
-
-def check_device(device):
-    """``--device``: a torch device name whose accelerator is present (else one line, not a CUDA traceback)."""
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {device!r} is not a device name; use cpu or cuda (cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or leave it out)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: only cpu and cuda are supported")
-    return device
 
 
 def read_prompt_file(path: str) -> list:

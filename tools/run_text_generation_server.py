@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import torch
 
 from megatron.errors import UserError, run_cli
+from megatron.inference.devices import check_device
 from megatron.inference.load import load_model
 from megatron.training.arguments import argument_parser
 
@@ -53,6 +54,7 @@ def parse(argv=None):
         raise UserError(f"--request-timeout {a.request_timeout}: must be a number of seconds > 0")
     if not 0 <= a.port < 65536:
         raise UserError(f"--port {a.port}: not a port number")
+    a.device = check_device(a.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if a.moe_expert_parallel_size < 1 or world % a.moe_expert_parallel_size or \
             (world > 1 and a.moe_expert_parallel_size != world):

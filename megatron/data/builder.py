@@ -10,9 +10,10 @@ from megatron.data.blended_dataset import BlendedDataset
 from megatron.data.gpt_dataset import GPTDataset, MockGPTDataset
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.validate import validate_dataset
-from megatron.errors import UserError
+from megatron.errors import UserError, check_writable_dir
 
 SPLIT_NAMES = ("train", "valid", "test")
+CACHE_TODO = "give a writable directory for the dataset index cache, or leave the flag out to cache beside the data"
 
 
 def split_documents(num_docs: int, fractions) -> list[np.ndarray]:
@@ -30,6 +31,8 @@ def build_datasets(data_cfg, seq_length: int, seed: int, num_samples: list[int],
     if data_cfg.mock_data:
         return [MockGPTDataset(n, max(num_samples[i], 1), seq_length, vocab_size, seed) if num_samples[i] > 0 else None
                 for i, n in enumerate(SPLIT_NAMES)]
+    if data_cfg.data_cache_path:
+        check_writable_dir("--data-cache-path", data_cfg.data_cache_path, CACHE_TODO)
     separate = data_cfg.split_data_paths()
     if separate:
         # One file list per set, each read whole (Megatron-LM's --train/valid/test-data-path).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -74,7 +75,21 @@ def load_or_build(path: str | None, names, build: Callable[[], dict], check=None
         mapped = load(path, names, check)
         if mapped is not None:
             return mapped  # drop the in-memory copy
+    if path:
+        _warn_not_cached(os.path.dirname(path))
     return arrays  # read-only cache directory: keep the indices in memory
+
+
+_warned: set = set()
+
+
+def _warn_not_cached(directory: str) -> None:
+    """Once per directory: the indices could not be cached there (read-only beside the data, say)."""
+    if directory not in _warned:
+        _warned.add(directory)
+        print(f"WARNING: cannot write the dataset index cache in {directory}; the indices are kept in memory and "
+              f"rebuilt at every start (pass --data-cache-path DIR, a writable directory, to cache them)",
+              file=sys.stderr, flush=True)
 
 
 def _distributed() -> tuple[int, int]:

@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron.errors import UserError
+
 STARTUP_TIMEOUT = datetime.timedelta(minutes=5)
 TRAINING_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -125,6 +127,10 @@ def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device,
     (:meth:`ParallelState.expert_groups`).
     ``tp_token_split`` False (``--disable-moe-tp-token-split``): every TP rank runs the MoE layer on all its
     tokens, so expert gradients are identical over TP and the EDP groups stay within one TP rank."""
+    if world_size % (tp_size * pp_size):
+        raise UserError(f"world size {world_size} is not divisible by --tensor-model-parallel-size × "
+                        f"--pipeline-model-parallel-size ({tp_size} × {pp_size} = {tp_size * pp_size}): launch a "
+                        f"multiple of {tp_size * pp_size} processes")
     dp_size = world_size // (tp_size * pp_size)
     stage_size = tp_size * dp_size
     p, within = rank // stage_size, rank % stage_size

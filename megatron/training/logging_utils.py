@@ -5,6 +5,8 @@ import datetime
 import math
 import sys
 
+from megatron.errors import UserError, check_writable_dir
+
 
 def print_rank0(ps, *args, **kwargs) -> None:
     if ps is None or ps.is_main:
@@ -32,11 +34,33 @@ def validation_line(iteration: int, split: str, values: dict) -> str:
     return body
 
 
+TENSORBOARD_TODO = "give a directory for the event files (it is created if missing)"
+
+
+def check_tensorboard_dir(log_dir: str, ps) -> None:
+    """``--tensorboard-dir``: a directory rank 0 can create and write, checked before the first step (the
+    writer would raise deep inside tensorboard); the verdict is shared so that every rank stops alike."""
+    message = None
+    if ps.is_main:
+        try:
+            check_writable_dir("--tensorboard-dir", log_dir, TENSORBOARD_TODO)
+        except UserError as e:
+            message = str(e)
+    if getattr(ps, "distributed", False):
+        from megatron.parallel.collectives import agree_on_error
+
+        agree_on_error(message, ps)
+    elif message:
+        raise UserError(message)
+
+
 class TensorBoard:
     """A SummaryWriter on rank 0 only (no-op elsewhere or without --tensorboard-dir)."""
 
     def __init__(self, log_dir, ps, max_queue: int = 1000):
         self.writer = None
+        if log_dir:
+            check_tensorboard_dir(log_dir, ps)
         if log_dir and ps.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -23,8 +23,19 @@ from megatron.planning.model_stats import count_parameters
 BYTES_PER_VALUE = 4  # checkpoints hold fp32 weights and fp32 Adam moments
 
 
+SEED_LIMIT = 2**32  # numpy's RandomState (set_seed, the GPT index shuffle) takes seeds in [0, 2^32)
+
+
+def check_seed(train_cfg) -> None:
+    """``--seed`` fits every generator it seeds (2^70 was a numpy ``ValueError`` traceback at model build)."""
+    seed = train_cfg.seed
+    check(0 <= seed < SEED_LIMIT, f"--seed {seed}: must be an integer in [0, 2^32); choose a seed in that range")
+
+
 def check_batch_arithmetic(train_cfg) -> None:
-    """The ramp-up moves from a positive start to the global batch (its size >= 1 is an option check)."""
+    """The ramp-up moves from a positive start to the global batch (its size >= 1 is an option check); the
+    run's other numbers of the train section checked here at the very start too (``--seed``)."""
+    check_seed(train_cfg)
     gbs = train_cfg.global_batch_size
     if train_cfg.rampup_batch_size is not None:
         start, incr, samples = train_cfg.rampup_batch_size

@@ -51,7 +51,7 @@ from megatron.training.arguments import parse_args
 from megatron.training.curriculum import TruncatingIterator, build_curriculum, iterations_for_tokens, tokens_trained
 from megatron.training.distillation import teacher_logits
 from megatron.training.guard import NonFiniteGuard, SpikeGuard
-from megatron.training.logging_utils import print_rank0
+from megatron.training.logging_utils import check_tensorboard_dir, print_rank0
 from megatron.training.metrics import MetricsLogger, MetricsSink, TensorBoardSink, accumulate_moe
 from megatron.training.moe_health import MoEHealthMonitor
 from megatron.training.optimizer_stats import optimizer_state_stats
@@ -128,6 +128,8 @@ class Trainer:
         cfg.validate_world(ps.world_size)
         self.setup_tokenizer()
         self.preflight_save_dir()
+        if cfg.logging.tensorboard_dir:
+            check_tensorboard_dir(cfg.logging.tensorboard_dir, ps)  # one line now, not a traceback at the first log
         self.setup_model_and_optimizer()
         self.report_parameters()
         self.schedule = BatchSchedule(cfg.train, ps.dp_size)
