@@ -74,3 +74,16 @@ def test_memory_bench_records_every_phase_per_rank(tmp_path):
     assert res[0]["checkpoint_bytes"] > 0
     if res[0]["bytes_per_rank_named"]:  # the sharded format names its files per rank
         assert all(r["save-bytes"] > 0 for r in ranks)
+
+
+def test_pipeline_bench_quick_times_every_schedule():
+    """tools/bench/pipeline.py --quick: P = 2 on 2 gloo processes, 1F1B / GPipe / interleaved side by side."""
+    out = _run("pipeline.py", "--quick")
+    rows = [line for line in out.splitlines() if re.match(r"\| 2 \| (2|4) \|", line)]
+    assert len(rows) == 2, out
+    for row, theory in zip(rows, (("0.33", "0.20"), ("0.20", "0.11"))):
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        assert len(cells) == 11, row
+        assert all(float(cells[i]) > 0 for i in (2, 3, 5, 7)), row  # ideal and the three schedules' ms
+        assert all(float(cells[i]) < 1 for i in (4, 6, 8)), row  # bubbles (noisy: no lower bound)
+        assert tuple(cells[9:]) == theory, row
