@@ -272,13 +272,19 @@ def test_aux_free_training_run_saves_the_bias_and_counts_each_forward_once(tmp_p
     assert loads[0].sum() == 16 and torch.equal(loads[0], loads[1])
 
 
-@pytest.mark.parametrize("name", ["topk", "aux_free"])
+@pytest.mark.parametrize("name", ["topk", "aux_free", "megatron", "megatron_aux_free"])
 def test_router_classes_carry_their_facts(name):
     from megatron.model.moe.routers import ROUTERS, Router
     from megatron.parallel.router_balance import balancing_routers
 
     cls = ROUTERS[name]
-    router = cls(H, 4, MoEConfig(num_experts=[4], router_type=name))
+    cfg = MoEConfig(num_experts=[4], router_type=name)
+    assert cfg.router_type == name  # the flags resolve to the named router (MoEConfig.__post_init__)
+    router = cls(H, 4, cfg)
     assert isinstance(router, Router) and cls.num_parameters(H, 4) == sum(p.numel() for p in router.parameters())
-    assert router.plain_eval and cls.hf_router_type == name  # the transformers export's Router reproduces it
-    assert (balancing_routers(router) == [router]) == cls.balances_after_step == (name == "aux_free")
+    megatron = name.startswith("megatron")
+    # the self-contained transformers export's Router reproduces the DeepSpeed ones; the Megatron-LM routing
+    # goes to the native transformers classes instead
+    assert router.plain_eval and cls.hf_router_type == (None if megatron else name)
+    assert cls.renormalize_kept == (not megatron) and cls.wants_sequence_ids == megatron
+    assert (balancing_routers(router) == [router]) == cls.balances_after_step == name.endswith("aux_free")

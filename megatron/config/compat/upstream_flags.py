@@ -34,12 +34,6 @@ def _only(*allowed: str, what: str) -> Callable[[str], Optional[str]]:
     return check
 
 
-def _layer_freq(v: str) -> Optional[str]:
-    return (f"--moe-layer-freq {v}: Megatron-LM puts experts on layers 0, N, 2N, ... (0-based); our --expert-interval N "
-            f"puts them on layers N-1, 2N-1, ... (DeepSpeed-MoE's placement): use --expert-interval {v if v.isdigit() else 'N'} "
-            f"(its layers are one later)")
-
-
 UPSTREAM_FLAGS = {f.name: f for f in [
     # DeepSpeed launcher / engine
     UpstreamFlag("--no-pipeline-parallel", "accepted", False, why="DeepSpeed's switch to its pipeline engine; "
@@ -59,14 +53,10 @@ UPSTREAM_FLAGS = {f.name: f for f in [
     # Megatron-LM MoE names
     UpstreamFlag("--moe-expert-capacity-factor", "alias", True,
                  ("--moe-train-capacity-factor", "--moe-eval-capacity-factor")),
-    UpstreamFlag("--moe-layer-freq", "refused", True, check=_layer_freq),
     UpstreamFlag("--moe-pad-expert-input-to-capacity", "accepted", False,
                  why="with a capacity, every expert's input is already padded to it"),
     UpstreamFlag("--moe-grouped-gemm", "accepted", False, why="the no-drop path already runs the experts as one "
                  "grouped matmul"),
-    UpstreamFlag("--moe-router-load-balancing-type", "accepted", True, why="'aux_loss' is DeepSpeed-MoE's loss, ours",
-                 check=_only("aux_loss", what="only the auxiliary load-balancing loss (aux_loss) is implemented: "
-                                              "use --moe-router-load-balancing-type aux_loss (or drop the flag)")),
 ]}
 
 

@@ -4,7 +4,11 @@ only the input's gradient. Used by :class:`megatron.model.moe.experts.StackedExp
 docstring for when); the experts module is passed in as a plain argument, so its parameters are not
 graph inputs, and each finished gradient is reported through ``experts.notify_grad_ready(param)``.
 
-Shapes: E local experts, C rows per expert (padded), N rows sorted by expert, H hidden, F ffn hidden.
+The experts are GeLU (fc1 [H, F]) or SwiGLU (``gated``: fc1 [H, 2F], the gate columns then the up columns,
+silu(gate) * up); biases are optional (None when the experts have none).
+
+Shapes: E local experts, C rows per expert (padded), N rows sorted by expert, H hidden, F ffn hidden,
+F1 = F (GeLU) or 2F (SwiGLU).
 """
 from __future__ import annotations
 
@@ -20,17 +24,44 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return y
 
 
+def activation(h: torch.Tensor, gated: bool) -> torch.Tensor:
+    """The experts' activation: h [..., F] -> gelu(h), or gated h [..., 2F] -> silu(gate) * up [..., F]."""
+    if not gated:
+        return F.gelu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def activation_backward(ga: torch.Tensor, h: torch.Tensor, gated: bool) -> torch.Tensor:
+    """The gradient of :func:`activation` at h, given the gradient ``ga`` [..., F] of its output -> [..., F1]."""
+    if not gated:
+        return torch.ops.aten.gelu_backward(ga, h)
+    gate, up = h.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(ga * up, gate), ga * F.silu(gate)], dim=-1)
+
+
+def bmm_bias(bias, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [E, C, X] @ w [E, X, Y] (+ bias [E, Y] when not None) -> [E, C, Y]."""
+    return torch.bmm(x, w) if bias is None else torch.baddbmm(bias[:, None, :], x, w)
+
+
+def grouped_bias(bias, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, expert_of_row: torch.Tensor):
+    """Rows x [N, X] sorted by expert @ their expert's w [E, X, Y] (+ its bias [E, Y] when not None) -> [N, Y]."""
+    y = grouped_mm(x, w, offs)
+    return y if bias is None else y + bias.index_select(0, expert_of_row)
+
+
 class FusedWgradExperts(torch.autograd.Function):
-    """GeLU experts on [E, C, H]; the weight gradients are ``baddbmm_``-ed into ``.grad``."""
+    """The experts on [E, C, H]; the weight gradients are ``baddbmm_``-ed into ``.grad``."""
 
     @staticmethod
     def forward(ctx, buf, experts):
         # buf [E, C, H] -> [E, C, H]
-        h = torch.baddbmm(experts.b1[:, None, :], buf, experts.w1)  # [E, C, F]
-        a = F.gelu(h)  # [E, C, F]
+        h = bmm_bias(experts.b1, buf, experts.w1)  # [E, C, F1]
+        a = activation(h, experts.gated)  # [E, C, F]
         ctx.save_for_backward(buf, h, a)
         ctx.experts = experts
-        return torch.baddbmm(experts.b2[:, None, :], a, experts.w2)  # [E, C, H]
+        return bmm_bias(experts.b2, a, experts.w2)  # [E, C, H]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -41,15 +72,15 @@ class FusedWgradExperts(torch.autograd.Function):
         gy = gy.contiguous()
         _accumulate_bmm(ex, ex.w2, a.transpose(1, 2), gy)  # [E, F, C] @ [E, C, H] -> [E, F, H]
         _accumulate_sum(ex, ex.b2, gy)  # [E, H]
-        gh = torch.ops.aten.gelu_backward(torch.bmm(gy, ex.w2.transpose(1, 2)), h)  # [E, C, F]
-        _accumulate_bmm(ex, ex.w1, buf.transpose(1, 2), gh)  # [E, H, C] @ [E, C, F] -> [E, H, F]
+        gh = activation_backward(torch.bmm(gy, ex.w2.transpose(1, 2)), h, ex.gated)  # [E, C, F1]
+        _accumulate_bmm(ex, ex.w1, buf.transpose(1, 2), gh)  # [E, H, C] @ [E, C, F1] -> [E, H, F1]
         _accumulate_sum(ex, ex.b1, gh)  # [E, F]
         gbuf = torch.bmm(gh, ex.w1.transpose(1, 2)) if ctx.needs_input_grad[0] else None  # [E, C, H]
         return gbuf, None
 
 
 class FusedWgradGroupedExperts(torch.autograd.Function):
-    """The grouped (no padding) GeLU experts over rows sorted by expert, weight gradients into ``.grad``.
+    """The grouped (no padding) experts over rows sorted by expert, weight gradients into ``.grad``.
 
     Forward and the input gradient use ``torch._grouped_mm``; the weight gradient: see _accumulate_grouped.
     """
@@ -57,11 +88,11 @@ class FusedWgradGroupedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, offs, expert_of_row, experts):
         # x [N, H] sorted by expert, counts [E], offs [E] int32 end offsets, expert_of_row [N] -> [N, H]
-        h = grouped_mm(x, experts.w1, offs) + experts.b1.index_select(0, expert_of_row)  # [N, F]
-        a = F.gelu(h)  # [N, F]
+        h = grouped_bias(experts.b1, x, experts.w1, offs, expert_of_row)  # [N, F1]
+        a = activation(h, experts.gated)  # [N, F]
         ctx.save_for_backward(x, h, a, counts, offs, expert_of_row)
         ctx.experts = experts
-        return grouped_mm(a, experts.w2, offs) + experts.b2.index_select(0, expert_of_row)  # [N, H]
+        return grouped_bias(experts.b2, a, experts.w2, offs, expert_of_row)  # [N, H]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -72,8 +103,8 @@ class FusedWgradGroupedExperts(torch.autograd.Function):
         gy = gy.contiguous()
         _accumulate_grouped(ex, ex.w2, a, gy, offs, counts)  # per expert [F, n] @ [n, H] -> [E, F, H]
         _accumulate_rows(ex, ex.b2, gy, expert_of_row)  # [E, H]
-        gh = torch.ops.aten.gelu_backward(grouped_mm(gy, ex.w2.transpose(1, 2), offs), h)  # [N, F]
-        _accumulate_grouped(ex, ex.w1, x, gh, offs, counts)  # per expert [H, n] @ [n, F] -> [E, H, F]
+        gh = activation_backward(grouped_mm(gy, ex.w2.transpose(1, 2), offs), h, ex.gated)  # [N, F1]
+        _accumulate_grouped(ex, ex.w1, x, gh, offs, counts)  # per expert [H, n] @ [n, F1] -> [E, H, F1]
         _accumulate_rows(ex, ex.b1, gh, expert_of_row)  # [E, F]
         gx = grouped_mm(gh, ex.w1.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None  # [N, H]
         return gx, None, None, None, None
@@ -83,7 +114,7 @@ def _accumulate_grouped(experts, p, a, b, offs, counts) -> None:
     """p.grad[e] += a[rows of e]^T @ b[rows of e] for every expert e, one ``addmm_`` per expert into its
     slice (in place); p.grad created by one ``torch._grouped_mm`` when None. CPU only (the counts are
     read on the host)."""
-    if not p.requires_grad:
+    if p is None or not p.requires_grad:  # p None: experts without biases
         return
     if p.grad is None:
         p.grad = torch._grouped_mm(a.t(), b, offs=offs)  # [E, X, Y]; experts without rows get zeros
@@ -98,7 +129,7 @@ def _accumulate_grouped(experts, p, a, b, offs, counts) -> None:
 
 def _accumulate_rows(experts, p, g, expert_of_row) -> None:
     """p.grad[e] += sum of g's rows of expert e (g [N, X] -> [E, X])."""
-    if not p.requires_grad:
+    if p is None or not p.requires_grad:  # p None: experts without biases
         return
     if p.grad is None:
         p.grad = g.new_zeros(p.shape).index_add_(0, expert_of_row, g)
@@ -109,7 +140,7 @@ def _accumulate_rows(experts, p, g, expert_of_row) -> None:
 
 def _accumulate_bmm(experts, p, a, b) -> None:
     """p.grad += a @ b (batched) in place, or p.grad = a @ b when p has no gradient yet."""
-    if not p.requires_grad:
+    if p is None or not p.requires_grad:  # p None: experts without biases
         return
     if p.grad is None:
         p.grad = torch.bmm(a, b)
@@ -120,7 +151,7 @@ def _accumulate_bmm(experts, p, a, b) -> None:
 
 def _accumulate_sum(experts, p, g) -> None:
     """p.grad += g summed over the token dim (g [E, C, X] -> [E, X])."""
-    if not p.requires_grad:
+    if p is None or not p.requires_grad:  # p None: experts without biases
         return
     if p.grad is None:
         p.grad = g.sum(1)

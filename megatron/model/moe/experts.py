@@ -1,5 +1,10 @@
 """Experts stored stacked ([E, H, F], [E, F, H] + biases) and run as one batched matmul.
 
+GeLU experts (w1 [E, H, F]) or SwiGLU ones (``gated``: w1 [E, H, 2F], the gate columns then the up columns,
+silu(gate) * up: Megatron-LM's ``--swiglu`` fc1 layout, and transformers' fused ``gate_up_proj`` [E, 2F, H]
+transposed, see ``hf_layouts.py``); with or without biases (``bias=False``: ``--disable-bias-linear``, b1 and
+b2 are then None).
+
 Each expert's weights are streams of their own (``megatron.model.init_rng``), named by (layer, weight,
 global expert id), so the weights do not depend on how experts are laid out across ranks and a rank
 fills only the experts it holds.
@@ -26,10 +31,15 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megatron.model import init_rng
-from megatron.model.moe.expert_grads import FusedWgradExperts, FusedWgradGroupedExperts, grouped_mm
+from megatron.model.moe.expert_grads import (
+    FusedWgradExperts,
+    FusedWgradGroupedExperts,
+    activation,
+    bmm_bias,
+    grouped_bias,
+)
 from megatron.model.param_tags import mark_expert
 
 
@@ -39,18 +49,27 @@ def expert_stream_name(layer_number: int, weight: str, global_expert: int) -> st
 
 
 class StackedExperts(nn.Module):
-    """``num_local`` GeLU MLP experts H -> F -> H; global ids start at ``first_expert``."""
+    """``num_local`` MLP experts H -> F -> H (GeLU, or SwiGLU when ``gated``; biases unless ``bias=False``);
+    global ids start at ``first_expert``."""
+
+    @staticmethod
+    def num_parameters(hidden_size: int, ffn_hidden_size: int, gated: bool = False, bias: bool = True) -> int:
+        """Parameters of one expert."""
+        f1 = 2 * ffn_hidden_size if gated else ffn_hidden_size
+        return hidden_size * f1 + ffn_hidden_size * hidden_size + ((f1 + hidden_size) if bias else 0)
 
     def __init__(self, num_local: int, hidden_size: int, ffn_hidden_size: int, first_expert: int = 0,
-                 fuse_wgrad: bool = True):
+                 fuse_wgrad: bool = True, gated: bool = False, bias: bool = True):
         super().__init__()
         self.num_local, self.first_expert = num_local, first_expert
+        self.gated, self.ffn_hidden_size = gated, ffn_hidden_size
         self.fuse_wgrad = fuse_wgrad  # accumulate weight gradients in place (module docstring); False: autograd
         self._grad_ready: Optional[Callable[[nn.Parameter], None]] = None
-        self.w1 = nn.Parameter(torch.empty(num_local, hidden_size, ffn_hidden_size))  # [E, H, F]
-        self.b1 = nn.Parameter(torch.zeros(num_local, ffn_hidden_size))  # [E, F]
+        f1 = 2 * ffn_hidden_size if gated else ffn_hidden_size  # SwiGLU: gate and up columns
+        self.w1 = nn.Parameter(torch.empty(num_local, hidden_size, f1))  # [E, H, F] or [E, H, 2F]
+        self.register_parameter("b1", nn.Parameter(torch.zeros(num_local, f1)) if bias else None)  # [E, F1]
         self.w2 = nn.Parameter(torch.empty(num_local, ffn_hidden_size, hidden_size))  # [E, F, H]
-        self.b2 = nn.Parameter(torch.zeros(num_local, hidden_size))  # [E, H]
+        self.register_parameter("b2", nn.Parameter(torch.zeros(num_local, hidden_size)) if bias else None)  # [E, H]
         self._mark_expert_parameters()
 
     def _mark_expert_parameters(self) -> None:
@@ -72,7 +91,7 @@ class StackedExperts(nn.Module):
     def _fused_applies(self, buf: torch.Tensor) -> bool:
         return (torch.is_grad_enabled() and buf.requires_grad
                 and not torch.is_autocast_enabled(buf.device.type)
-                and all(p.dtype == buf.dtype for p in (self.w1, self.b1, self.w2, self.b2)))
+                and all(p.dtype == buf.dtype for p in self.parameters(recurse=False)))
 
     def notify_grad_ready(self, p: nn.Parameter) -> None:
         """A fused backward finished ``p.grad``: tell the installed callback, if any."""
@@ -87,8 +106,9 @@ class StackedExperts(nn.Module):
             g = self.first_expert + i
             init_rng.normal_(self.w1[i], seed, expert_stream_name(layer_number, "w1", g), std)
             init_rng.normal_(self.w2[i], seed, expert_stream_name(layer_number, "w2", g), out_std)
-        self.b1.zero_()
-        self.b2.zero_()
+        for b in (self.b1, self.b2):
+            if b is not None:
+                b.zero_()
 
     def run(self, batch) -> torch.Tensor:
         """An ExpertBatch from a dispatcher -> the experts' output in the same layout (the MoE layer's
@@ -103,9 +123,22 @@ class StackedExperts(nn.Module):
         # a direct call keeps plain autograd semantics (torch.autograd.grad on the weights works).
         if fused and self._fused_applies(buf):
             return FusedWgradExperts.apply(buf, self)
-        h = torch.baddbmm(self.b1[:, None, :].to(buf.dtype), buf, self.w1.to(buf.dtype))  # [E, C, F]
-        h = F.gelu(h)
-        return torch.baddbmm(self.b2[:, None, :].to(buf.dtype), h, self.w2.to(buf.dtype))  # [E, C, H]
+        b1, b2 = self._biases(buf.dtype)
+        h = bmm_bias(b1, buf, self.w1.to(buf.dtype))  # [E, C, F1]
+        h = activation(h, self.gated)  # [E, C, F]
+        return bmm_bias(b2, h, self.w2.to(buf.dtype))  # [E, C, H]
+
+    def _biases(self, dtype: torch.dtype):
+        return tuple(None if b is None else b.to(dtype) for b in (self.b1, self.b2))
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Local expert ``e`` alone on rows x [n, H] (in the compute dtype), on views of its weights -> [n, H]
+        (the small-batch decode path)."""
+        dt = x.dtype
+        w1, w2 = self.w1[e].to(dt), self.w2[e].to(dt)
+        h = x @ w1 if self.b1 is None else torch.addmm(self.b1[e].to(dt), x, w1)  # [n, F1]
+        h = activation(h, self.gated)  # [n, F]
+        return h @ w2 if self.b2 is None else torch.addmm(self.b2[e].to(dt), h, w2)  # [n, H]
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, kernel: str | None = None,
                         fused: bool = False) -> torch.Tensor:
@@ -134,9 +167,10 @@ class StackedExperts(nn.Module):
         if fused:
             return FusedWgradGroupedExperts.apply(x, counts, offs, expert_of_row, self)
         w1, w2 = self.w1.to(x.dtype), self.w2.to(x.dtype)
-        h = grouped_mm(x, w1, offs) + self.b1.to(x.dtype).index_select(0, expert_of_row)  # [N, F]
-        h = F.gelu(h)
-        return grouped_mm(h, w2, offs) + self.b2.to(x.dtype).index_select(0, expert_of_row)  # [N, H]
+        b1, b2 = self._biases(x.dtype)
+        h = grouped_bias(b1, x, w1, offs, expert_of_row)  # [N, F1]
+        h = activation(h, self.gated)  # [N, F]
+        return grouped_bias(b2, h, w2, offs, expert_of_row)  # [N, H]
 
     def _grouped_by_padding(self, x: torch.Tensor, counts: torch.Tensor, cap=None, fused: bool = False) -> torch.Tensor:
         """Fallback: pad each expert's rows to the largest count (``cap``) and run the batched path."""

@@ -9,6 +9,11 @@ parallelism installs the one ``--moe-token-dispatcher-type`` names (``megatron/p
 :meth:`MoELayer.set_dispatcher`. ``dispatch`` returns the metadata ``combine`` takes; nothing is kept
 between the two on the layer, the plan or the dispatcher.
 
+Today's families (Mixtral, Qwen2/Qwen3-MoE, OLMoE, DeepSeek-V3): SwiGLU and bias-free experts (``gated``,
+``bias``: the model's ``--swiglu`` / ``--disable-bias-linear``), expert width ``--moe-ffn-hidden-size``,
+shared experts (``shared_experts.py``: ``--moe-shared-expert-intermediate-size``, ``--moe-shared-expert-gate``),
+the Megatron-LM routing flags (``routers/megatron.py``, whose weights are final: ``Router.renormalize_kept``).
+
 Shapes: B batch, T sequence, S = B*T tokens, H hidden, E experts (global), E_l local experts.
 """
 from __future__ import annotations
@@ -23,12 +28,17 @@ from megatron.model.moe.dispatchers import TokenDispatcher, local_dispatcher
 from megatron.model.moe.experts import StackedExperts
 from megatron.model.moe.metrics import MoEStats, router_entropy
 from megatron.model.moe.routers import build_router
+from megatron.model.moe.shared_experts import SharedExpertMLP
 from megatron.model.moe.small_batch import small_batch_applies, small_batch_forward
 
 
 class MoELayer(nn.Module):
+    """``ffn_hidden_size``: the model's MLP width, the experts' unless ``--moe-ffn-hidden-size`` is set;
+    ``gated``: SwiGLU experts and shared experts (``--swiglu``); ``bias``: biases in them
+    (not ``--disable-bias-linear``); ``dense_mlp_factory``: Residual-MoE's dense MLP."""
+
     def __init__(self, moe_cfg, hidden_size: int, ffn_hidden_size: int, num_experts: int, layer_number: int,
-                 ep_rank: int = 0, ep_size: int = 1, dense_mlp_factory=None):
+                 ep_rank: int = 0, ep_size: int = 1, dense_mlp_factory=None, gated: bool = False, bias: bool = True):
         super().__init__()
         self.cfg = moe_cfg
         self.num_experts, self.layer_number = num_experts, layer_number
@@ -36,8 +46,12 @@ class MoELayer(nn.Module):
         self.ep_size = ep_size  # this layer's EP degree (PR-MoE: below --moe-expert-parallel-size when E < EP)
         self.router = build_router(hidden_size, num_experts, moe_cfg)
         num_local = num_experts // ep_size
-        self.experts = StackedExperts(num_local, hidden_size, ffn_hidden_size, first_expert=ep_rank * num_local,
-                                      fuse_wgrad=moe_cfg.gradient_accumulation_fusion)
+        expert_ffn = getattr(moe_cfg, "moe_ffn_hidden_size", None) or ffn_hidden_size
+        self.experts = StackedExperts(num_local, hidden_size, expert_ffn, first_expert=ep_rank * num_local,
+                                      fuse_wgrad=moe_cfg.gradient_accumulation_fusion, gated=gated, bias=bias)
+        shared = getattr(moe_cfg, "shared_expert_intermediate_size", None)
+        self.shared_experts = SharedExpertMLP(hidden_size, shared, gated=gated, bias=bias,
+                                              gate=getattr(moe_cfg, "shared_expert_gate", False)) if shared else None
         self.dispatcher: TokenDispatcher = local_dispatcher(num_experts, moe_cfg.token_dropping)
         self.small_batch = True  # False: always the dispatched path (benchmarks compare the two)
         self.residual = moe_cfg.mlp_type == "residual"
@@ -66,7 +80,16 @@ class MoELayer(nn.Module):
         S = x.shape[0]
         capacity = self.capacity(S)
         fast = small_batch_forward(self, x, capacity) if small_batch_applies(self, S) else None
-        y, stats = fast if fast is not None else self._dispatched(x, capacity)  # [S, H] in x's dtype
+        if fast is None:
+            seq_ids = None
+            if self.router.wants_sequence_ids:  # [S] the batch row of each token (per-sequence balancing)
+                seq_ids = torch.arange(B, device=x.device).repeat_interleave(T)
+                if token_mask is not None:
+                    seq_ids = seq_ids.index_select(0, keep_idx)
+            fast = self._dispatched(x, capacity, seq_ids)
+        y, stats = fast  # [S, H] in x's dtype
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x).to(y.dtype)  # [S, H]
         if self.residual:
             dense = self.residual_mlp(x)  # [S, H]
             coef = torch.softmax(self.coefficient(x).float(), dim=-1)  # [S, 2]
@@ -75,12 +98,14 @@ class MoELayer(nn.Module):
             y = hidden.new_zeros(B * T, H).index_copy(0, keep_idx, y)
         return y.reshape(B, T, H), stats
 
-    def _dispatched(self, x: torch.Tensor, capacity: Optional[int]):
-        """The regular path: x [S, H] -> (y [S, H] in x's dtype, MoEStats)."""
+    def _dispatched(self, x: torch.Tensor, capacity: Optional[int], seq_ids: Optional[torch.Tensor] = None):
+        """The regular path: x [S, H] (seq_ids [S]: for a router that wants them) -> (y [S, H] in x's dtype,
+        MoEStats)."""
         S = x.shape[0]
-        routing = self.router(x)  # Routing: indices, weights [S, k]
+        routing = self.router(x, seq_ids) if seq_ids is not None else self.router(x)  # indices, weights [S, k]
         priority = self.router.drop_priority(routing) if capacity is not None else None  # [S, k] or None
-        plan = self.dispatcher.plan(routing, self.num_experts, capacity, priority, renormalize=self.topk > 1)
+        renormalize = self.topk > 1 and self.router.renormalize_kept
+        plan = self.dispatcher.plan(routing, self.num_experts, capacity, priority, renormalize=renormalize)
         batch, meta = self.dispatcher.dispatch(x, plan)  # ExpertBatch [E_l, C', H] or [N_l, H]; combine's metadata
         expert_out = self.experts.run(batch)  # batch's layout
         y = self.dispatcher.combine(expert_out, meta).to(x.dtype)  # [S, H]

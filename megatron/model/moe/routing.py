@@ -13,8 +13,9 @@ import torch
 @dataclass
 class Routing:
     indices: torch.Tensor  # [S, k] int64 expert of each choice, best first
-    weights: torch.Tensor  # [S, k] fp32 gate probability of each choice (not renormalised)
-    probs: torch.Tensor  # [S, E] fp32 softmax over experts
+    weights: torch.Tensor  # [S, k] fp32 gate probability of each choice (not renormalised; the Megatron routers:
+    # the final combine weight, see Router.renormalize_kept)
+    probs: torch.Tensor  # [S, E] fp32 softmax over experts (sigmoid scores: normalised to sum 1 per token)
     aux_loss: torch.Tensor  # [] load-balancing loss; 1.0 when balanced
     z_loss: torch.Tensor  # [] mean_s logsumexp(logits)^2
     counts: torch.Tensor  # [E] demand per expert (all k choices) before dropping
@@ -41,6 +42,34 @@ def topk_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Ten
     me = probs.mean(dim=0)  # [E]
     ce = torch.bincount(indices.reshape(-1), minlength=E).to(probs.dtype) / S  # [E]
     return torch.mean(me * ce) * E * E / k
+
+
+def switch_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Megatron-LM's aux_loss (without its coefficient): E / k * sum_e mean_s(probs[:, e]) * (count_e / S), the
+    counts over all k choices; 1.0 when balanced."""
+    S, E = probs.shape
+    k = indices.shape[1]
+    me = probs.mean(dim=0)  # [E]
+    ce = torch.bincount(indices.reshape(-1), minlength=E).to(probs.dtype) / max(S, 1)  # [E]
+    return torch.sum(me * ce) * E / k
+
+
+def sequence_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    """Megatron-LM's seq_aux_loss (DeepSeek-V3's sequence-wise loss): the switch loss per sequence, averaged.
+
+    probs [S, E], indices [S, k], seq_ids [S] int64 (the sequence of each token; sequences may differ in length).
+    Per sequence b of T_b tokens: sum_e (count_be * E / (T_b * k)) * mean_{t in b} probs[t, e].
+    """
+    S, E = probs.shape
+    k = indices.shape[1]
+    seqs, local = torch.unique(seq_ids, return_inverse=True)  # [B], [S] 0 .. B-1
+    B = seqs.numel()
+    lengths = torch.bincount(local, minlength=B).to(probs.dtype)  # [B]
+    mean_p = probs.new_zeros(B, E).index_add(0, local, probs) / lengths[:, None]  # [B, E]
+    counts = probs.new_zeros(B * E).index_add(
+        0, (local[:, None] * E + indices).reshape(-1), probs.new_ones(S * k)).view(B, E)  # [B, E]
+    f = counts * E / (lengths[:, None] * k)  # [B, E]
+    return (f * mean_p).sum(dim=1).mean()
 
 
 def gumbel_like(t: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

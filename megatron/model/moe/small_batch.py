@@ -32,7 +32,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron.model.moe.experts import compute_dtype
 from megatron.model.moe.metrics import MoEStats, router_entropy
@@ -95,15 +94,13 @@ def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):
             groups.setdefault(e, []).append((s, j))
     if capacity is not None and max(len(g) for g in groups.values()) > capacity:
         return None
-    if k > 1:  # renormalise over the chosen experts (nothing is dropped here)
+    if k > 1 and layer.router.renormalize_kept:  # renormalise over the chosen experts (nothing is dropped here)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
     experts, dt = layer.experts, compute_dtype(x)  # the experts follow --bf16 / --fp16 autocast, as grouped ones do
     xc = x.to(dt)
     order = sorted(groups)  # ascending expert id: each token sums its choices in the dispatched path's order
     if len(order) == 1 and k == 1:  # every token to one expert (always so for one token at top-1)
-        e = order[0]
-        h = F.gelu(torch.addmm(experts.b1[e].to(dt), xc, experts.w1[e].to(dt)))  # [S, F]
-        y = torch.addmm(experts.b2[e].to(dt), h, experts.w2[e].to(dt)) * weights.to(dt)  # [S, H]
+        y = experts.expert_forward(order[0], xc) * weights.to(dt)  # [S, H]
     else:
         members = [m for e in order for m in groups[e]]  # [N] (token, choice), grouped by expert
         picks = torch.tensor([[t for t, _ in members], [t * k + j for t, j in members]], device=x.device)  # [2, N]
@@ -111,8 +108,7 @@ def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):
         outs, first = [], 0
         for e in order:
             n = len(groups[e])
-            h = F.gelu(torch.addmm(experts.b1[e].to(dt), xs[first:first + n], experts.w1[e].to(dt)))  # [n, F]
-            outs.append(torch.addmm(experts.b2[e].to(dt), h, experts.w2[e].to(dt)))  # [n, H]
+            outs.append(experts.expert_forward(e, xs[first:first + n]))  # [n, H]
             first += n
         out = torch.cat(outs) * weights.reshape(-1).index_select(0, picks[1]).to(dt)[:, None]  # [N, H]
         y = out.new_zeros(S, x.shape[1]).index_add_(0, picks[0], out)  # [S, H]

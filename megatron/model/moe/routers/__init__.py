@@ -9,11 +9,15 @@ one, write it in this package and register it here.
 from megatron.errors import UserError
 from megatron.model.moe.routers.aux_free import AuxLossFreeRouter
 from megatron.model.moe.routers.base import Router
+from megatron.model.moe.routers.megatron import MegatronAuxFreeRouter, MegatronRouter
 from megatron.model.moe.routers.topk import TopKRouter
 
-ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "aux_free": AuxLossFreeRouter}
+# "megatron" / "megatron_aux_free" are chosen by the Megatron-LM routing flags (MoEConfig.__post_init__)
+ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "aux_free": AuxLossFreeRouter, "megatron": MegatronRouter,
+                                    "megatron_aux_free": MegatronAuxFreeRouter}
 
-__all__ = ["ROUTERS", "AuxLossFreeRouter", "Router", "TopKRouter", "build_router", "router_class"]
+__all__ = ["ROUTERS", "AuxLossFreeRouter", "MegatronAuxFreeRouter", "MegatronRouter", "Router", "TopKRouter",
+           "build_router", "router_class"]
 
 
 def router_class(name: str) -> type[Router]:

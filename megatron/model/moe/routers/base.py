@@ -11,6 +11,11 @@ testing its name or type:
 - :attr:`balances_after_step`: after each optimizer step its ``pending_load`` [E] buffer is summed over
   the data-parallel replicas and passed to ``update_bias(load)``
   (``megatron.parallel.router_balance``);
+- :attr:`renormalize_kept`: the layer divides each token's kept weights by their sum after any drop
+  (DeepSpeed's top-k); False: the router's weights are final (Megatron-LM / transformers: normalised, or
+  not, and scaled inside the router; a dropped choice just loses its share);
+- :attr:`wants_sequence_ids`: ``forward(x, seq_ids)`` takes the sequence of each token ([S] int64: its batch
+  row) for a per-sequence balancing loss;
 - :attr:`hf_router_type`: the routing of the self-contained transformers model
   (``megatron/hf/modeling_megatron_moe.py``) that reproduces its evaluation routing, written as
   ``router_type`` in an export's config.json; None when it cannot be exported.
@@ -32,6 +37,8 @@ class Router(nn.Module):
     plain_eval: ClassVar[bool] = False
     balances_after_step: ClassVar[bool] = False
     hf_router_type: ClassVar[Optional[str]] = None
+    renormalize_kept: ClassVar[bool] = True
+    wants_sequence_ids: ClassVar[bool] = False
 
     @classmethod
     def num_parameters(cls, hidden_size: int, num_experts: int) -> int:
