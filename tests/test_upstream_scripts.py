@@ -109,13 +109,45 @@ def test_upstream_script_dry_run_prints_the_papers_sizes(name, tmp_path, capsys)
     assert "memory plan per GPU" in out
 
 
+# the PR-MoE scripts as published: --moe-expert-parallel-size is the GPU count (EP_PARALLEL_SIZE=$NUM_GPUS), above
+# the smaller layers' expert counts, which then run at EP = E (their other ranks extra expert-DP replicas).
+# name -> (NUM_GPUS, the stage and prescale their JSON gets: the 350M script seds ZERO_STAGE 0 and prescaling in,
+# the MoS script takes the ZeRO-2 template)
+PR_MOE_AS_PUBLISHED = {"350M_PR-MoE32or64": (64, 0, True), "1.3B_PR-MoE64or128_MoS": (128, 2, False)}
+
+
+@pytest.mark.parametrize("name", sorted(PR_MOE_AS_PUBLISHED))
+def test_pr_moe_scripts_at_their_gpu_count_plan_each_layer_at_its_ep_degree(name, tmp_path, capsys):
+    gpus, zero, prescale = PR_MOE_AS_PUBLISHED[name]
+    layers, hidden, _, gbs, *_ = SCRIPTS[name]
+    argv, _ = script_argv(name, tmp_path)
+    argv[argv.index("--moe-expert-parallel-size") + 1] = str(gpus)
+    ds_config(tmp_path / f"ds_config_{name}.json", gbs, 4, zero=zero, prescale=prescale)
+    res = pretrain_gpt_moe.main(argv + ["--dry-run", "--dry-run-world-size", str(gpus)])
+    out = capsys.readouterr().out
+    experts = [int(e) for e in SCRIPTS[name][6].split()]
+    small, large = min(experts), max(experts)
+    assert large == gpus
+    # every MoE layer holds one expert per GPU: the smaller layers at EP = E with expert-DP GPUs / E
+    assert f"{small} experts at EP {small} (below --moe-expert-parallel-size {gpus}: EP = E), 1 per GPU, " \
+           f"expert-DP {gpus // small}" in out
+    assert f"{large} experts at EP {large}, 1 per GPU, expert-DP 1" in out
+    one_expert = 2 * hidden * 4 * hidden + 4 * hidden + hidden
+    per_gpu = int(re.search(r"parameters on one GPU: +(\d+)", out).group(1))
+    assert per_gpu == res["total"] - res["expert"] + len(experts) * one_expert
+    layout = res["memory"]["expert_layout"]
+    assert [x["ep"] for x in layout] == experts and all(x["local"] == 1 for x in layout)
+    want, tol = SCRIPTS[name][-1]
+    assert abs(res["total"] - want) <= tol * want
+
+
 def test_translation_of_a_script_command_line(tmp_path):
     argv, _ = script_argv("350M_MoE128", tmp_path)
     tr = translate_argv(argv)
     a = tr.argv
-    for gone in ("--no-pipeline-parallel", "--pipeline-model-parallel-size", "--data-impl", "--num-workers",
-                 "--override-opt_param-scheduler"):
+    for gone in ("--no-pipeline-parallel", "--data-impl", "--num-workers", "--override-opt_param-scheduler"):
         assert gone not in a
+    assert a[a.index("--pipeline-model-parallel-size") + 1] == "1"  # pipelining is native now: the flag stays
     assert a[:2] == ["--tokenizer-type", "GPT2BPETokenizer"]
     assert a[a.index("--zero-stage") + 1] == "1" and a[a.index("--initial-loss-scale") + 1] == "2048"
     assert tr.notes == []  # the JSON agrees with the flags and every field is acted on
@@ -135,7 +167,6 @@ def pretrain_gpt_moe_config(argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--pipeline-model-parallel-size", "2"], "pipeline parallelism is not supported here"),
     (["--data-impl", "lazy"], "only the mmap format"),
     (["--moe-layer-freq", "2"], "use --expert-interval 2"),
     (["--moe-router-load-balancing-type", "sinkhorn"], "only the auxiliary load-balancing loss"),

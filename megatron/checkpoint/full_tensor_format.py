@@ -71,8 +71,11 @@ def write(folder: str, model, optimizer, ps, save_optim: bool) -> None:
         save_file(dense, os.path.join(folder, DENSE_MODEL_FILE))
         if save_optim:
             save_file(optim, os.path.join(folder, DENSE_OPTIM_FILE))
-    if ps.edp_rank == 0 and ps.tp_rank == 0:  # one replica of each expert writes it
-        for layer, experts in expert_stacks(model):
+    if ps.tp_rank == 0:  # one replica of each expert writes it: EDP rank 0 at its layer's EP degree
+        for m in model.modules():
+            if not isinstance(m, MoELayer) or ps.expert_groups(m.ep_size).edp_rank != 0:
+                continue
+            layer, experts = m.layer_number, m.experts
             for i in range(experts.num_local):
                 g = experts.first_expert + i
                 blob = {}

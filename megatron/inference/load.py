@@ -36,18 +36,25 @@ def load_model(load_dir: str, device: Optional[str] = None, eval_capacity_factor
                flag: str = "--load", ps: Optional[ParallelState] = None) -> LoadedModel:
     """The model in eval mode on ``device``. No token is dropped unless ``eval_capacity_factor`` is given.
 
-    With ``ps`` (expert-parallel size > 1) this rank holds only its 1/N of each layer's experts, and the
-    MoE layers are wired for the expert-parallel all-to-all over ``ps.ep_group``; every rank of the group
-    must then run the same forwards."""
+    With ``ps`` (expert-parallel size > 1) this rank holds only its 1/N of each layer's experts (1/E of a PR-MoE
+    layer with E < N experts, which runs at EP degree E), and the MoE layers are wired for the expert-parallel
+    all-to-all over their degree's EP group (``ps.expert_groups``); every rank of the group must then run the
+    same forwards."""
     path, common = read_checkpoint_config(load_dir, flag)
     cfg = ModelConfig.from_dict(common["config"]["model"])
     cfg.hidden_dropout = cfg.attention_dropout = 0.0
     cfg.checkpoint_activations = False
     ep_size = ps.ep_size if ps is not None else 1
-    if ep_size > 1 and any(n % ep_size for n in cfg.moe.experts_per_layer(cfg.num_layers) if n > 1):
+    if ep_size > 1 and any(n % ep_size and ep_size % n for n in cfg.moe.experts_per_layer(cfg.num_layers) if n > 1):
         raise UserError(f"--moe-expert-parallel-size {ep_size}: the checkpoint's expert counts "
-                        f"{cfg.moe.experts_per_layer(cfg.num_layers)} are not all divisible by it")
+                        f"{cfg.moe.experts_per_layer(cfg.num_layers)} and it must divide one another")
     cfg.moe.expert_parallel_size = ep_size
+    if ps is not None and ps.distributed:  # PR-MoE layers with fewer experts run at EP = E: their groups must exist
+        missing = [e for e in cfg.moe.layer_ep_sizes(cfg.num_layers) if e != ep_size and e not in ps.expert_layouts]
+        if missing:
+            raise UserError(f"--moe-expert-parallel-size {ep_size}: the checkpoint has MoE layers at EP degrees "
+                            f"{missing} (fewer experts than EP ranks) and the process groups were built without them; "
+                            f"start the groups with initialize(..., layer_ep_sizes=cfg.moe.layer_ep_sizes(num_layers))")
     if eval_capacity_factor is None:
         cfg.moe.token_dropping = False
     else:

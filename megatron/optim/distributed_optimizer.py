@@ -1,7 +1,8 @@
 """ZeRO stage 1 (``--use-distributed-optimizer``): AdamW whose state is sharded over data-parallel ranks.
 
 The layout is Megatron's distributed optimizer: the parameters of each domain (dense: over the DP
-group; experts: over the expert-DP group, the ranks holding the same experts) live end to end in
+group; experts: over the expert-DP group, the ranks holding the same experts, one domain per EP degree
+of the MoE layers: PR-MoE layers with fewer experts than EP run at a lower degree) live end to end in
 one contiguous **parameter buffer** (padded to a multiple of the group size), each parameter's
 ``.data`` a view into it. The buffer is cut into equal contiguous shards, one per rank; each rank
 keeps Adam moments (fp32) only for its shard and updates the shard's elements in place, through
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from megatron.model.param_tags import is_expert
 from megatron.optim.param_groups import param_groups
+from megatron.parallel.grad_sync import expert_degrees
 
 CHUNK = 4 * 1024 * 1024  # elements: the largest transient of an update, an all-gather or a gather (16 MiB fp32)
 
@@ -46,8 +48,9 @@ reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduc
 class _Domain:
     """Parameters sharing one process group (dense / experts): their contiguous buffer and this rank's shard."""
 
-    def __init__(self, params_wd: list, group, size: int, rank: int, chunk: int | None = None):
+    def __init__(self, params_wd: list, group, size: int, rank: int, chunk: int | None = None, experts=None):
         self.params = [p for p, _ in params_wd]
+        self.experts = experts  # experts: ExpertGroups of the domain's EP degree (norms sum over its EP group)
         self.group, self.size, self.rank, self.chunk = group, size, rank, chunk or CHUNK
         self.numels = [p.numel() for p in self.params]
         self.offsets = [0]
@@ -203,9 +206,17 @@ class DistributedAdamW:
             g["lr"] = opt_cfg.lr
         self.betas, self.eps = (opt_cfg.adam_beta1, opt_cfg.adam_beta2), opt_cfg.adam_eps
         dense = [(p, g["weight_decay"]) for g in self.param_groups for p in g["params"] if not is_expert(p)]
-        expert = [(p, g["weight_decay"]) for g in self.param_groups for p in g["params"] if is_expert(p)]
-        self.domains = [_Domain(dense, ps.dp_group, ps.dp_size, ps.dp_rank),
-                        _Domain(expert, ps.edp_group, ps.edp_size, ps.edp_rank)]
+        degree = expert_degrees(model)
+        by_degree: dict = {ps.ep_size: []}  # the default degree's domain exists even without experts
+        for g in self.param_groups:
+            for p in g["params"]:
+                if is_expert(p):
+                    by_degree.setdefault(degree.get(p, ps.ep_size), []).append((p, g["weight_decay"]))
+        self.domains = [_Domain(dense, ps.dp_group, ps.dp_size, ps.dp_rank)]
+        for e in sorted(by_degree, reverse=True):  # the default (largest) degree first, then PR-MoE's lower ones
+            if by_degree[e] or e == ps.ep_size:
+                eg = ps.expert_groups(e)
+                self.domains.append(_Domain(by_degree[e], eg.edp_group, eg.edp_size, eg.edp_rank, experts=eg))
 
     @torch.no_grad()
     def step(self) -> None:

@@ -2,7 +2,7 @@
 AND sharded gradients.
 
 Built on the ZeRO-1 optimizer's layout (each domain's parameters end to end, cut into equal
-contiguous shards over its group: dense over DP, experts over expert-DP). Instead of all-reducing
+contiguous shards over its group: dense over DP, experts over expert-DP, one domain per EP degree). Instead of all-reducing
 every gradient, the flat gradient of a domain is reduce-scattered chunk by chunk (one bucket of
 transient; NCCL's reduce-scatter, or on gloo an all-reduce of the bucket, faster there than its
 reduce-scatter), so each rank receives only the averaged gradient of its own shard, and each full
@@ -84,7 +84,7 @@ class ShardedGradients(DistributedAdamW):
     def __init__(self, model: torch.nn.Module, opt_cfg, ps):
         super().__init__(model, opt_cfg, ps)
         self.ps = ps
-        self.grad_shards = [None, None]  # per domain, after reduce_gradients()
+        self.grad_shards = [None] * len(self.domains)  # per domain, after reduce_gradients()
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
@@ -113,15 +113,17 @@ class ShardedGradients(DistributedAdamW):
             if d.size > 1:
                 dist.all_reduce(part, group=d.group)
             sq.append(part)
-        dense, expert = sq
-        if ps.tp_size > 1:
-            tp_part = torch.stack([dense[1], expert[1]])
+        if ps.tp_size > 1:  # TP-sharded squares of every domain, summed over TP in one call
+            tp_part = torch.stack([part[1] for part in sq])
             dist.all_reduce(tp_part, group=ps.tp_group)
-            dense, expert = torch.stack([dense[0], tp_part[0]]), torch.stack([expert[0], tp_part[1]])
-        expert_sq = expert.sum()
-        if ps.distributed and ps.ep_size > 1:
-            dist.all_reduce(expert_sq, group=ps.ep_group)
-        return float((dense.sum() + expert_sq).sqrt())
+            sq = [torch.stack([part[0], t]) for part, t in zip(sq, tp_part)]
+        total = sq[0].sum()
+        for d, part in zip(self.domains[1:], sq[1:]):  # experts: each degree's over its EP group
+            expert_sq = part.sum()
+            if ps.distributed and d.experts.ep_size > 1:
+                dist.all_reduce(expert_sq, group=d.experts.ep_group)
+            total = total + expert_sq
+        return float(total.sqrt())
 
     @torch.no_grad()
     def clip_gradients(self, max_norm: float, total_norm: float) -> None:
@@ -135,4 +137,4 @@ class ShardedGradients(DistributedAdamW):
         lr = self.param_groups[0]["lr"]
         for d, g in zip(self.domains, self.grad_shards):
             d.update(lr, self.betas[0], self.betas[1], self.eps, grad_shard=g)
-        self.grad_shards = [None, None]
+        self.grad_shards = [None] * len(self.domains)

@@ -1,6 +1,7 @@
 """Expert parallelism applied from outside the model: the token dispatchers' registry and the all-to-all one.
 
-Each rank holds E_l = E / ep experts (global ids r*E_l .. (r+1)*E_l - 1 on EP rank r).
+Each rank holds E_l = E / ep experts (global ids r*E_l .. (r+1)*E_l - 1 on EP rank r), ``ep`` the layer's EP
+degree (PR-MoE: ``min(--moe-expert-parallel-size, E)``, each layer exchanging over its degree's EP group).
 :func:`apply_expert_parallel` installs in every MoE layer the dispatcher its ``--moe-token-dispatcher-type``
 names in :data:`TOKEN_DISPATCHERS`: ``alltoall`` (:class:`AllToAllDispatcher`, the default) or ``allgather``
 (``allgather_dispatcher.py``). Both plan like the local dispatchers (``ep_dispatch.py``: the capacity
@@ -117,9 +118,11 @@ TOKEN_DISPATCHERS = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispa
 
 
 def apply_expert_parallel(model: torch.nn.Module, ps) -> None:
-    """Install in every MoE layer of ``model`` the dispatcher over ``ps.ep_group`` that its
+    """Install in every MoE layer of ``model`` the dispatcher over the EP group of the layer's EP degree
+    (``module.ep_size``: ``min(--moe-expert-parallel-size, E)``, :meth:`ParallelState.expert_groups`) that its
     ``--moe-token-dispatcher-type`` names (:data:`TOKEN_DISPATCHERS`), splitting the routed tokens over the
-    TP ranks when ``ps.tp_token_split`` (TP > 1; with EP = 1: the split alone)."""
+    TP ranks when ``ps.tp_token_split`` (TP > 1; with EP = 1: the split alone). A layer at EP degree 1
+    without the TP split keeps its local dispatcher (no exchange; its other ranks are EDP replicas)."""
     tp = TPSplit(ps.tp_group, ps.tp_rank, ps.tp_size) if ps.tp_token_split else None
     if ps.ep_size == 1 and tp is None:
         return
@@ -129,7 +132,10 @@ def apply_expert_parallel(model: torch.nn.Module, ps) -> None:
             if name not in TOKEN_DISPATCHERS:
                 raise UserError(f"--moe-token-dispatcher-type must be one of {', '.join(TOKEN_DISPATCHERS)} "
                                 f"(got {name!r})")
-            module.set_dispatcher(TOKEN_DISPATCHERS[name](ps.ep_group, ps.ep_size, module.num_experts, ps.device,
+            g = ps.expert_groups(module.ep_size)  # this layer's EP degree (PR-MoE: E < EP runs at EP = E)
+            if g.ep_size == 1 and tp is None:
+                continue
+            module.set_dispatcher(TOKEN_DISPATCHERS[name](g.ep_group, g.ep_size, module.num_experts, ps.device,
                                                           tp=tp))
 
 

@@ -4,7 +4,8 @@
 built. It shards every trainable parameter along dim 0 with ``torch.distributed.fsdp.fully_shard``:
 
 - expert parameters (``param_tags.is_expert``: the stacked [E_l, ...] tensors of a ``StackedExperts``
-  module) over the rank's expert-data-parallel group (``ps.edp_group``: the ranks holding the same experts),
+  module) over the rank's expert-data-parallel group of the layer's EP degree (``ps.expert_groups(layer.ep_size)``:
+  the ranks holding the same experts; PR-MoE layers with fewer experts than EP run at a lower degree),
   one FSDP unit per experts module, entered through ``run`` (the MoE layer's call) as well as ``forward``;
   their gradients are reduce-scattered as a sum divided by the full DP size (the all-to-all already summed
   the EP group's contributions), as ``grad_sync.allreduce_gradients`` does;
@@ -37,6 +38,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from megatron.errors import UserError
+from megatron.model.moe.layer import MoELayer
 from megatron.model.param_tags import is_expert
 from megatron.parallel.grad_sync import GradReducer
 
@@ -102,12 +104,17 @@ def apply_fsdp2(model: torch.nn.Module, ps, reshard_after_forward: bool = True) 
     tags = {name: dict(p.__dict__) for name, p in model.named_parameters()}
     ignored = {p for p in model.parameters() if not p.requires_grad}
     dense_mesh = group_mesh(ps.dp_group, ps)
-    expert_mesh = group_mesh(ps.edp_group, ps)
+    degree = {id(m.experts): m.ep_size for m in model.modules() if isinstance(m, MoELayer)}  # per-layer EP
+    expert_meshes = {}
     for m in _expert_units(model):
-        fully_shard(m, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
-        if ps.dp_size != ps.edp_size:
+        g = ps.expert_groups(degree.get(id(m), ps.ep_size))
+        if g.ep_size not in expert_meshes:
+            expert_meshes[g.ep_size] = group_mesh(g.edp_group, ps)
+        fully_shard(m, mesh=expert_meshes[g.ep_size], reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored)
+        if ps.dp_size != g.edp_size:
             m.set_gradient_divide_factor(float(ps.dp_size))  # sum over EDP / DP, as the all-reduce path
-            if ps.edp_size > 1 and dist.get_backend(ps.edp_group) != "nccl":
+            if g.edp_size > 1 and dist.get_backend(g.edp_group) != "nccl":
                 # the factor's PREMUL_SUM is NCCL's: SUM, then divide (not on one rank: FSDP2 divides there
                 # without a reduction, and would divide a second time)
                 m.set_force_sum_reduction_for_comms(True)

@@ -8,6 +8,10 @@ parallelism: summed over the stages, the last stage's tied copy of the word embe
 Under FSDP2 (``--use-torch-fsdp2``, ``parallel/fsdp.py``) parameters and gradients are DTensors sharded over
 DP (dense) or EDP (experts): the norm sums the squares of the local shards over those groups first; clipping
 and scaling act on the local shards.
+
+Per-layer EP degrees (PR-MoE): an MoE layer with fewer experts ``e`` than ``--moe-expert-parallel-size`` runs at
+EP degree ``e`` (``MoELayer.ep_size``); its expert gradients are reduced over that degree's EDP group and its
+squares summed over that degree's EP group (:func:`expert_params_by_degree`), so every expert counts once.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
+from megatron.model.moe.layer import MoELayer
 from megatron.model.param_tags import is_expert, is_pipeline_tied_copy, is_tp_sharded
 
 BUCKET_BYTES = 32 * 1024 * 1024
@@ -28,6 +33,31 @@ def split_params(model: torch.nn.Module):
         if p.requires_grad:
             (expert if is_expert(p) else dense).append(p)
     return dense, expert
+
+
+def expert_degrees(model: torch.nn.Module) -> dict:
+    """{expert parameter: the EP degree of its MoE layer} (``MoELayer.ep_size``: ``min(EP, E)``)."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            for p in m.parameters():
+                if is_expert(p):
+                    out[p] = m.ep_size
+    return out
+
+
+def expert_params_by_degree(model: torch.nn.Module, ps, expert=None) -> list:
+    """[(ExpertGroups of degree e, the expert parameters of layers at degree e)], ascending e; ``expert``: the
+    parameters to split (default: every trainable expert parameter). An expert parameter outside any MoE
+    layer counts at ``ps.ep_size``. Every rank gets the same degrees (the model's structure), so collectives
+    issued per entry match across ranks."""
+    if expert is None:
+        expert = split_params(model)[1]
+    degree = expert_degrees(model)
+    by: dict = {}
+    for p in expert:
+        by.setdefault(degree.get(p, ps.ep_size), []).append(p)
+    return [(ps.expert_groups(e), by[e]) for e in sorted(by)]
 
 
 def _ensure_grads(params):
@@ -62,11 +92,11 @@ def allreduce_gradients(model: torch.nn.Module, ps) -> None:
     if not ps.distributed:
         return
     _allreduce_bucketed([p.grad for p in dense], ps.dp_group, 1.0 / ps.dp_size)
-    if expert:
-        if ps.edp_size > 1:
-            _allreduce_bucketed([p.grad for p in expert], ps.edp_group, 1.0 / ps.dp_size)
+    for g, params in expert_params_by_degree(model, ps, expert):  # each layer's EDP group at its EP degree
+        if g.edp_size > 1:
+            _allreduce_bucketed([p.grad for p in params], g.edp_group, 1.0 / ps.dp_size)
         elif ps.dp_size > 1:
-            for p in expert:
+            for p in params:
                 p.grad.mul_(1.0 / ps.dp_size)
 
 
@@ -112,7 +142,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def global_grad_norm(model: torch.nn.Module, ps) -> float:
-    """sqrt(sum over dense params once + every expert once across the EP group).
+    """sqrt(sum over dense params once + every expert once across its layer's EP group).
 
     TP-sharded parameters are summed over the TP group; replicated ones (identical on every TP
     rank) are counted once. FSDP2's DTensor gradients hold a shard each: their squares are summed over
@@ -134,19 +164,22 @@ def global_grad_norm(model: torch.nn.Module, ps) -> float:
     if ps.tp_size > 1:
         dist.all_reduce(sharded_sq, group=ps.tp_group)
     dense_sq = dense_sq + sharded_sq
-    expert_whole = torch.zeros((), dtype=torch.float64, device=dev)
-    expert_shards = torch.zeros((), dtype=torch.float64, device=dev)
-    for p in expert:
-        if p.grad is not None:
-            if isinstance(p.grad, DTensor):
-                expert_shards += sum_of_squares(p.grad.to_local())
-            else:
-                expert_whole += sum_of_squares(p.grad)
-    if ps.distributed and ps.edp_size > 1 and any(isinstance(p, DTensor) for p in expert):
-        dist.all_reduce(expert_shards, group=ps.edp_group)
-    expert_sq = expert_whole + expert_shards
-    if ps.distributed and ps.ep_size > 1:
-        dist.all_reduce(expert_sq, group=ps.ep_group)
+    expert_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for g, params in (expert_params_by_degree(model, ps, expert) if ps.distributed else [(None, expert)]):
+        whole_e = torch.zeros((), dtype=torch.float64, device=dev)
+        shards_e = torch.zeros((), dtype=torch.float64, device=dev)
+        for p in params:
+            if p.grad is not None:
+                if isinstance(p.grad, DTensor):
+                    shards_e += sum_of_squares(p.grad.to_local())
+                else:
+                    whole_e += sum_of_squares(p.grad)
+        if g is not None and g.edp_size > 1 and any(isinstance(p, DTensor) for p in params):
+            dist.all_reduce(shards_e, group=g.edp_group)
+        degree_sq = whole_e + shards_e
+        if g is not None and g.ep_size > 1:  # the layers of this degree hold each expert on one rank of the group
+            dist.all_reduce(degree_sq, group=g.ep_group)
+        expert_sq += degree_sq
     total_sq = dense_sq + expert_sq
     if ps.distributed and ps.pp_size > 1:
         dist.all_reduce(total_sq, group=ps.pp_group)  # every stage's layers

@@ -3,8 +3,8 @@
 Buckets (<= 32 MiB) hold parameters in reverse registration order, roughly the order in which
 backward finishes them. During the last micro-batch's backward a post-accumulate-grad hook counts
 each bucket's finished parameters; a full bucket is flattened and its all-reduce launched
-asynchronously (dense over DP, experts over expert-DP). ``finish()`` launches what is left in a
-fixed order, waits, scales by 1/DP and copies back. Every rank runs the same graph, so the hooks
+asynchronously (dense over DP, experts over the expert-DP group of their layer's EP
+degree). ``finish()`` launches what is left in a fixed order, waits, scales by 1/DP and copies back. Every rank runs the same graph, so the hooks
 fire, and the collectives launch, in the same order everywhere. The values are those of the
 blocking reduction (``grad_sync.allreduce_gradients``).
 
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron.model.moe.experts import StackedExperts
-from megatron.parallel.grad_sync import BUCKET_BYTES, GradReducer, split_params
+from megatron.parallel.grad_sync import BUCKET_BYTES, GradReducer, expert_params_by_degree, split_params
 
 
 class _Bucket:
@@ -32,8 +32,13 @@ class OverlappedGradReducer(GradReducer):
     def __init__(self, model: torch.nn.Module, ps, bucket_bytes: int = BUCKET_BYTES):
         dense, expert = split_params(model)
         self.ps, self.buckets, self.bucket_of = ps, [], {}
-        self.scale_only = expert if ps.edp_size == 1 and ps.dp_size > 1 else []  # experts with no replica
-        for params, group, size in ((dense, ps.dp_group, ps.dp_size), (expert, ps.edp_group, ps.edp_size)):
+        domains = [(dense, ps.dp_group, ps.dp_size)]
+        self.scale_only = []  # experts with no replica (EDP 1 at their layer's EP degree)
+        for g, params in (expert_params_by_degree(model, ps, expert) if ps.distributed else []):
+            domains.append((params, g.edp_group, g.edp_size))
+            if g.edp_size == 1 and ps.dp_size > 1:
+                self.scale_only += params
+        for params, group, size in domains:
             if size <= 1:
                 continue
             cur, nbytes = [], 0

@@ -12,8 +12,10 @@ sharded the same way: after the reduce-scatter each rank keeps only its shard's 
 gradient (DeepSpeed's ZeRO-2 accounting). Here the full gradients are built by the backward and
 freed at the reduce-scatter, as the activations are freed, so the plan counts the gradient shard.
 Dense parameters split over TP ranks; experts split over EP ranks and are replicated over TP
-(parallelism-coordinated all-to-all). Activations follow Korthikanti et al. 2022 ("Reducing
-activation recomputation"), with a flash / fused attention kernel (no [T, T] score tensor kept):
+(parallelism-coordinated all-to-all), each MoE layer at its own EP degree ``e = min(EP, E)`` (PR-MoE: a
+layer with fewer experts than ``--moe-expert-parallel-size`` holds E / e = 1 expert per rank, its other
+ranks being extra expert-data-parallel replicas: expert-DP DP / e; :func:`expert_layout`). Activations
+follow Korthikanti et al. 2022 ("Reducing activation recomputation"), with a flash / fused attention kernel (no [T, T] score tensor kept):
 34·s·b·h bytes per layer at 2-byte precision (×2 in fp32), of which 24·s·b·h are divided by TP (no
 sequence parallelism: layer-norm inputs and dropout masks stay whole); an MoE layer replaces the MLP's
 19·s·b·h by 19·s·b·h·k·cf plus its dispatch buffers (4·s·b·h·k·cf), divided by TP (the token split). With activation
@@ -117,6 +119,34 @@ def teacher_config(cfg):
     return tcfg
 
 
+def expert_layout(model_cfg, ep: int, dp: int, fold: int = 1) -> list[dict]:
+    """Per MoE layer: ``layer`` (0-based), ``experts`` E, ``ep`` (its EP degree min(EP, E)), ``local`` (E / ep
+    experts per rank), ``edp`` (its expert-DP size: DP / ep, times ``fold``, the TP ranks of the token split)
+    and ``params`` (one expert's parameters, from the analytical count: every expert has the same size)."""
+    moe = model_cfg.moe
+    layers = [(i, e) for i, e in enumerate(moe.experts_per_layer(model_cfg.num_layers)) if moe.is_moe_layer(i, e)]
+    one_expert = count_parameters(model_cfg).expert // max(sum(e for _, e in layers), 1)
+    out = []
+    for i, e in layers:
+        degree = min(ep, e)
+        out.append({"layer": i, "experts": e, "ep": degree, "local": e // degree,
+                    "edp": max(dp // degree, 1) * fold, "params": one_expert})
+    return out
+
+
+def expert_elements(layout: list[dict], sharded: bool = False, layers=None) -> float:
+    """Expert parameters on one rank: each layer's E / e local experts (``sharded``: divided by the layer's
+    expert-DP size, a ZeRO / FSDP2 shard); ``layers``: a filter on the layout's entries."""
+    return sum(x["local"] * x["params"] / (x["edp"] if sharded else 1) for x in layout
+               if layers is None or layers(x))
+
+
+def _fold(cfg) -> int:
+    """TP ranks in each expert-DP group (the MoE token split), as parallel/state.py builds them."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    return tp if getattr(cfg.parallel, "moe_tp_token_split", True) else 1
+
+
 def memory_plan(cfg, world_size: int, teacher_cfg=None) -> dict:
     """Per-GPU bytes of weights, gradients, optimizer state and activations for this layout."""
     counts = count_parameters(cfg.model)
@@ -124,23 +154,27 @@ def memory_plan(cfg, world_size: int, teacher_cfg=None) -> dict:
     ep = cfg.model.moe.expert_parallel_size
     dp = max(world_size // tp, 1)
     # experts are replicated over TP too; with the TP token split their optimizer state is sharded over it
-    edp = max(dp // ep, 1) * (tp if getattr(cfg.parallel, "moe_tp_token_split", True) else 1)
+    edp = max(dp // ep, 1) * _fold(cfg)
+    layout = expert_layout(cfg.model, ep, dp, _fold(cfg))  # each MoE layer at its own EP degree (PR-MoE)
     dense_local = counts.dense / tp
-    expert_local = counts.expert / ep
+    expert_local = expert_elements(layout)
+    expert_sharded = expert_elements(layout, sharded=True)
     params = dense_local + expert_local
     teacher = 0
     if teacher_cfg is not None:  # frozen fp32 weights, same layout; no_grad activations: logits and log-softmax
         tc = count_parameters(teacher_cfg)
         m = cfg.model
-        teacher = 4 * (tc.dense / tp + tc.expert / ep) + 8 * m.seq_length * cfg.train.micro_batch_size * m.vocab_size / tp
+        teacher_experts = expert_elements(expert_layout(teacher_cfg, ep, dp))
+        teacher = 4 * (tc.dense / tp + teacher_experts) + 8 * m.seq_length * cfg.train.micro_batch_size * m.vocab_size / tp
     return {
         "world": world_size, "tp": tp, "ep": ep, "dp": dp, "edp": edp,
         "params": int(params),
         "weights": int(4 * params),
         "grads": int(4 * params),
-        "grads_sharded": int(4 * (dense_local / dp + expert_local / edp)),
+        "grads_sharded": int(4 * (dense_local / dp + expert_sharded)),
         "optimizer": int(8 * params),
-        "optimizer_sharded": int(8 * (dense_local / dp + expert_local / edp)),
+        "optimizer_sharded": int(8 * (dense_local / dp + expert_sharded)),
+        "expert_layout": layout,
         "activations": activation_bytes(cfg, checkpointing=False),
         "activations_ckpt": activation_bytes(cfg, checkpointing=True),
         "teacher": int(teacher),
@@ -234,7 +268,8 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
     tp = cfg.parallel.tensor_model_parallel_size
     ep = m.moe.expert_parallel_size
     dp = max(world_size // tp, 1)
-    edp = max(dp // ep, 1) * (tp if getattr(cfg.parallel, "moe_tp_token_split", True) else 1)
+    edp = max(dp // ep, 1) * _fold(cfg)
+    layout = expert_layout(m, ep, dp, _fold(cfg))  # each MoE layer at its own EP degree (PR-MoE)
     mode = optimizer_mode(cfg)
     fmt = _checkpoint_format(cfg)
     full_format = fmt is full_tensor_format  # the one format that gathers full tensors onto writing ranks
@@ -246,10 +281,12 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
     sizes = local_sizes(m, tp, ep)
     one_expert = 2 * m.hidden_size * m.ffn_hidden_size + m.ffn_hidden_size + m.hidden_size
 
-    dense_full, expert_full = counts.dense, counts.expert
-    dense_l, expert_l = dense_full / tp, expert_full / ep  # on this rank, unsharded
+    dense_full = counts.dense
+    dense_l, expert_l = dense_full / tp, expert_elements(layout)  # on this rank, unsharded
     params_l = dense_l + expert_l
-    params_s = dense_l / dp + expert_l / edp  # this rank's shard of the DP / expert-DP domains
+    params_s = dense_l / dp + expert_elements(layout, sharded=True)  # its shard of the DP / expert-DP domains
+    # the expert-DP rank 0 of each layer's degree writes that layer's experts (format 1) and gathers their Adam state
+    written_experts = expert_elements(layout, layers=lambda x: where["dp_rank"] // x["ep"] == 0)
     chunk = 4 * CHUNK
     grads_full = ("gradients (fp32)", 4 * params_l)
     grads_shard = ("gradients (fp32, shard)", 4 * params_s)
@@ -317,15 +354,15 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
     check = 16 * min(largest_local, CHECKSUM_CHUNK) if replicas else 0
     if full_format:
         writer_dense = where["dp_rank"] == 0  # TP ranks of the first replica gather; rank 0 writes
-        writer_expert = where["edp_rank"] == 0 and where["tp_rank"] == 0
+        writer_expert = written_experts > 0 and where["tp_rank"] == 0
         zero = mode in ("zero1", "zero2")
         staged = 0.0
         if zero and writer_dense:
             staged += 8 * dense_l  # full_state: the dense domain's Adam m, v gathered onto dp_rank 0
         elif zero:
             staged += 2 * chunk
-        if zero and where["edp_rank"] == 0:
-            staged += 8 * expert_l
+        if zero:
+            staged += 8 * written_experts
         if writer_dense and (zero or tp > 1):
             staged += 4 * dense_full  # weights: ZeRO buffer views copied out / TP shards gathered
         if writer_dense and tp > 1:
@@ -360,6 +397,7 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
                      "previous one: two of the largest)", 2 * 4 * largest_local))
     plan["load"] = load
     out = {"mode": mode, "format": fmt.VERSION, "rank": rank, "dp": dp, "tp": tp, "ep": ep, "edp": edp,
+           "expert_layout": layout,
            "runtime": runtime_bytes, "save_parts": {"replica_check": int(check), "format_staging": int(staged)}}
     for k, lines in plan.items():
         lines = [(n, int(b)) for n, b in lines]
@@ -403,6 +441,7 @@ def dry_run(cfg, world_size: int) -> dict:
         f"> memory plan per GPU: world {world_size} = TP {plan['tp']} x DP {plan['dp']} (EP {plan['ep']}, "
         f"expert-DP {plan['edp']}), micro batch {cfg.train.micro_batch_size}",
         f"  parameters on one GPU:      {plan['params']}",
+        *expert_layout_lines(plan["expert_layout"], plan["ep"]),
         f"  weights (fp32):             {_gib(plan['weights'])}",
         f"  gradients (fp32):           {_gib(plan['grads'])} "
         f"(sharded over DP / expert-DP with --zero-stage 2: {_gib(plan['grads_sharded'])})",
@@ -429,6 +468,20 @@ def dry_run(cfg, world_size: int) -> dict:
     print("\n".join(lines), flush=True)
     return {"total": counts.total, "active": counts.active, "expert": counts.expert, "flops_per_token": fpt,
             "memory": plan, "memory_total": steady + act, "phases": phases}
+
+
+def expert_layout_lines(layout: list[dict], ep: int) -> list[str]:
+    """The MoE layers' EP degrees, one line per (experts, degree) group (PR-MoE layers with fewer experts than
+    --moe-expert-parallel-size run at EP = E, their other ranks extra expert-DP replicas)."""
+    groups: dict = {}
+    for x in layout:
+        groups.setdefault((x["experts"], x["ep"], x["local"], x["edp"]), []).append(x["layer"])
+    out = []
+    for (e, degree, local, edp), layers in groups.items():
+        note = f" (below --moe-expert-parallel-size {ep}: EP = E)" if degree < ep else ""
+        out.append(f"  MoE layers {','.join(map(str, layers))} (0-based): {e} experts at EP {degree}{note}, "
+                   f"{local} per GPU, expert-DP {edp}")
+    return out
 
 
 def phase_lines(phases: dict) -> list[str]:

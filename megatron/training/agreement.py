@@ -23,6 +23,7 @@ from megatron.config.schema import Config
 from megatron.errors import TrainingFault, UserError
 from megatron.model.param_tags import is_expert, is_tp_sharded
 from megatron.parallel.collectives import agree_on_error, any_rank  # noqa: F401 (agree_on_error: re-exported)
+from megatron.parallel.grad_sync import expert_params_by_degree
 
 
 def flatten_settings(d: dict, prefix: str = "") -> dict:
@@ -100,8 +101,13 @@ def _replica_groups(model, ps) -> list:
     if ps.tp_size > 1:  # layer norms, routers, MoE layers ... replicated over TP (shards differ by design)
         groups.append(("TP-replicated weights of tensor-parallel ranks", ps.tp_group, ps.tp_size,
                        [p for p in params if not is_expert(p) and not is_tp_sharded(p)]))
-    if ps.edp_size > 1:  # the replicas of this rank's experts (over DP and, with the MoE token split, TP)
-        groups.append(("expert weights of their replicas", ps.edp_group, ps.edp_size, [p for p in whole if is_expert(p)]))
+    expert = [p for p in whole if is_expert(p)]
+    for g, params in expert_params_by_degree(model, ps, expert) if ps.distributed else []:
+        if g.edp_size > 1:  # the replicas of this rank's experts (over DP and, with the MoE token split, TP) at
+            # their layer's EP degree (PR-MoE layers with fewer experts than EP have more replicas)
+            degree = f" (EP degree {g.ep_size} layers)" if g.ep_size != ps.ep_size else ""
+            what = f"expert weights of their replicas{degree}"
+            groups.append((what, g.edp_group, g.edp_size, params))
     return groups
 
 
