@@ -21,6 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
+from megatron.checkpoint.stored_config import read_checkpoint_config
+from megatron.config.schema import ModelConfig
 from megatron.errors import UserError, run_cli
 from megatron.inference.devices import check_device
 from megatron.inference.load import load_model
@@ -81,8 +83,11 @@ def main(argv=None) -> int:
     from megatron.inference.serving.distributed import BroadcastBatchState, follow
     from megatron.parallel.state import destroy, initialize
 
+    _, common = read_checkpoint_config(a.load)
+    stored = ModelConfig.from_dict(common["config"]["model"])
+    stored.moe.expert_parallel_size = a.moe_expert_parallel_size  # the degrees of this launch's EP size
     ps = initialize(SimpleNamespace(use_cpu=a.device == "cpu", distributed_backend=None, tensor_model_parallel_size=1),
-                    a.moe_expert_parallel_size)
+                    a.moe_expert_parallel_size, layer_ep_sizes=stored.moe.layer_ep_sizes(stored.num_layers))
     try:
         lm = load_model(a.load, a.device, a.moe_eval_capacity_factor, torch.bfloat16 if a.bf16 else None,
                         a.vocab_file, a.merge_file, a.tokenizer_model, ps=ps if ps.world_size > 1 else None)

@@ -29,6 +29,7 @@ from megatron.checkpoint.formats import FORMAT_NAMES
 from megatron.checkpoint.layout import TRACKER
 from megatron.checkpoint.load import load_checkpoint
 from megatron.checkpoint.save import save_checkpoint
+from megatron.checkpoint.teacher_config import teacher_model_config
 from megatron.config.schema import pad_vocab_size
 from megatron.errors import UserError
 from megatron.model.gpt_model import GPTModel
@@ -578,6 +579,18 @@ class Trainer:
                 self.signal.restore()
 
 
+def _layer_ep_sizes(cfg) -> list[int]:
+    """The EP degrees of the run's MoE layers (PR-MoE: a layer with fewer experts than EP runs at EP = E), the
+    KD / MoS teacher's included (it is built at the student's EP size)."""
+    sizes = set(cfg.model.moe.layer_ep_sizes(cfg.model.num_layers))
+    if cfg.kd.enabled and cfg.kd.load_teacher and not cfg.train.skip_train:
+        teacher = teacher_model_config(cfg.kd, cfg.model)
+        ep = cfg.model.moe.expert_parallel_size
+        sizes |= {min(ep, e) for i, e in enumerate(teacher.moe.experts_per_layer(teacher.num_layers))
+                  if teacher.moe.is_moe_layer(i, e)}
+    return sorted(sizes)
+
+
 def pretrain(train_valid_test_datasets_provider, model_provider, forward_step_fn, argv=None, cfg=None,
              extra_args_provider=None, teacher_provider=None, sinks=None):
     """Parse flags, build everything, train, evaluate, save. Returns a dict of final figures.
@@ -593,7 +606,7 @@ def pretrain(train_valid_test_datasets_provider, model_provider, forward_step_fn
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ps = initialize(cfg.parallel, cfg.model.moe.expert_parallel_size,
                     before_groups=lambda: agree_on_settings(cfg.to_dict(), world_size),
-                    layer_ep_sizes=cfg.model.moe.layer_ep_sizes(cfg.model.num_layers))
+                    layer_ep_sizes=_layer_ep_sizes(cfg))
     try:
         trainer = Trainer(cfg, ps, train_valid_test_datasets_provider, model_provider, forward_step_fn,
                           teacher_provider, sinks)

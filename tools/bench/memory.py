@@ -157,7 +157,8 @@ def worker(a) -> None:
 
     torch.set_num_threads(a.threads)
     cfg = parse_args(train_argv(a, a.mode, a.save_dir))
-    ps = initialize(cfg.parallel, cfg.model.moe.expert_parallel_size)
+    ps = initialize(cfg.parallel, cfg.model.moe.expert_parallel_size,
+                    layer_ep_sizes=cfg.model.moe.layer_ep_sizes(cfg.model.num_layers))
     trainer = Trainer(cfg, ps, hooks.train_valid_test_datasets_provider, hooks.model_provider,
                       partial(hooks.forward_step, cfg), hooks.teacher_provider)
     rec: dict = {"steps": []}
