@@ -60,12 +60,12 @@ def test_padded_vocabulary_keeps_the_real_logits(tmp_path):
 
 
 def test_unsupported_architecture_is_one_line(tmp_path):
-    src = tmp_path / "llama"
+    src = tmp_path / "mistral"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(UserError, match="'LlamaForCausalLM' is not supported; import-hf supports the GPT-2 family"):
+    (src / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(UserError, match=r"'MistralForCausalLM' is not supported; import-hf supports gpt2 \(GPT2LMHeadModel\)"):
         checkpoint_util.main(["import-hf", "--load", str(src), "--save", str(tmp_path / "ck")])
     r = subprocess.run([sys.executable, "tools/checkpoint_util.py", "import-hf", "--load", str(src), "--save",
                         str(tmp_path / "ck")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "GPT-2 family" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "gpt2 (GPT2LMHeadModel)" in r.stderr
     assert not os.path.exists(tmp_path / "ck")

@@ -33,7 +33,7 @@ from megatron.checkpoint.stored_config import copy_checkpoint, read_checkpoint_c
 from megatron.config.schema import ModelConfig
 from megatron.errors import UserError, run_cli
 from megatron.hf.export import write_export
-from megatron.hf.import_gpt2 import import_gpt2
+from megatron.hf.native import import_hf_checkpoint
 from megatron.hf.upcycle import upcycle_checkpoint
 from megatron.inference.load import load_model
 from megatron.planning.model_stats import count_parameters
@@ -49,9 +49,10 @@ def parse(argv=None):
     s.add_argument("--load", required=True)
     s.add_argument("--save", required=True)
     s.add_argument("--force", action="store_true", help="overwrite a non-empty --save directory")
-    s = sub.add_parser("import-hf", help="a transformers GPT-2 directory -> our checkpoint at iteration 0")
-    s.add_argument("--load", required=True, help="transformers directory: config.json + model.safetensors or "
-                   "pytorch_model.bin (+ vocab.json, merges.txt)")
+    s = sub.add_parser("import-hf", help="a transformers directory (gpt2, llama, qwen2, qwen3) -> our checkpoint at "
+                       "iteration 0")
+    s.add_argument("--load", required=True, help="transformers directory: config.json + model.safetensors (or "
+                   "model.safetensors.index.json and its shards) or pytorch_model.bin (+ tokenizer files)")
     s.add_argument("--save", required=True)
     s.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary like training will (padding rows are zero); 1 keeps it unpadded")
@@ -147,10 +148,12 @@ def import_hf(a) -> dict:
     if a.make_vocab_size_divisible_by < 1:
         raise UserError("--make-vocab-size-divisible-by must be >= 1")
     summary = _write_and_publish(a.load, a.save,
-                                 lambda tmp: import_gpt2(a.load, tmp, a.save, a.make_vocab_size_divisible_by))
+                                 lambda tmp: import_hf_checkpoint(a.load, tmp, a.save, a.make_vocab_size_divisible_by))
     print(f"> imported {a.load} -> {a.save} (iteration 0, {summary['layers']} layers, padded vocabulary "
           f"{summary['vocab']}, tokenizer {summary['tokenizer']}); train on with --load {a.save} --finetune"
           f"{summary['note']}")
+    if summary["flags"]:
+        print(f"> its block flags (pass them when training on it): {summary['flags']}")
     return summary
 
 

@@ -46,7 +46,36 @@ class ModelConfig:
                                    check=(unit_interval, "must be in [0, 1)"))
     attention_dropout: float = option("--attention-dropout", 0.1, "dropout on the attention probabilities",
                                       check=(unit_interval, "must be in [0, 1)"))
-    layernorm_epsilon: float = option("--layernorm-epsilon", 1e-5, "epsilon of every LayerNorm", check=(positive, "must be > 0"))
+    layernorm_epsilon: float = option("--layernorm-epsilon", 1e-5, "epsilon of every LayerNorm / RMSNorm",
+                                      check=(positive, "must be > 0"), aliases=("--norm-epsilon",))
+    # ---- the block specification (Megatron-LM's names); the defaults are the GPT-3 block
+    position_embedding_type: str = option("--position-embedding-type", "learned_absolute", "positions: learned "
+                                          "absolute embeddings (GPT) or rotary embeddings on q and k (rope, Llama)",
+                                          type=str, choices=["learned_absolute", "rope"])
+    add_position_embedding: bool = option("--no-position-embedding", True, "no learned absolute position embeddings "
+                                          "(implied by --position-embedding-type rope)")
+    rotary_base: float = option("--rotary-base", 10000.0, "RoPE base theta", type=float, check=(positive, "must be > 0"))
+    rotary_percent: float = option("--rotary-percent", 1.0, "share of each head's dims that RoPE rotates (the first "
+                                   "ones; partial rotary)", type=float,
+                                   check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    normalization: str = option("--normalization", "LayerNorm", "the norm of every block, the final norm and the "
+                                "qk-norm", type=str, choices=["LayerNorm", "RMSNorm"])
+    swiglu: bool = option("--swiglu", False, "SwiGLU MLPs: fc1 gives gate and up ([2F, H]), silu(gate) * up "
+                          "(default --ffn-hidden-size then int(8H/3 / 64) * 64, as Megatron-LM)")
+    add_bias_linear: bool = option("--disable-bias-linear", True, "no biases in the attention and MLP linears")
+    add_qkv_bias: bool = option("--add-qkv-bias", False, "biases in the q, k, v projections even with "
+                                "--disable-bias-linear (Qwen2)")
+    group_query_attention: bool = option("--group-query-attention", False, "grouped-query attention: "
+                                         "--num-query-groups key/value heads shared by the query heads")
+    num_query_groups: Optional[int] = option("--num-query-groups", None, "key/value heads with --group-query-attention "
+                                             "(must divide --num-attention-heads)", type=int,
+                                             check=(positive, "must be >= 1"))
+    qk_layernorm: bool = option("--qk-layernorm", False, "normalise q and k per head (over the head dim) before RoPE "
+                                "(Qwen3, OLMoE)")
+    kv_channels: Optional[int] = option("--kv-channels", None, "head dim (default --hidden-size / "
+                                        "--num-attention-heads)", type=int, check=(positive, "must be >= 1"))
+    untie_embeddings_and_output_weights: bool = option("--untie-embeddings-and-output-weights", False, "a separate "
+                                                       "output layer [V, H] instead of the word embeddings")
     checkpoint_activations: bool = option("--checkpoint-activations", False, "recompute each layer's activations in "
                                           "the backward pass (saves memory)",
                                           aliases=("--recompute-activations", "--deepspeed-activation-checkpointing"))
@@ -55,22 +84,49 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.ffn_hidden_size is None:  # Megatron-LM's defaults
+            self.ffn_hidden_size = int(4 * self.hidden_size * 2 / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads: --num-query-groups with --group-query-attention, else one per query head."""
+        return self.num_query_groups if self.group_query_attention else self.num_attention_heads
+
+    @property
+    def learned_positions(self) -> bool:
+        """Whether the model holds learned absolute position embeddings."""
+        return self.position_embedding_type == "learned_absolute" and self.add_position_embedding
+
+    @property
+    def rope(self) -> bool:
+        return self.position_embedding_type == "rope"
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.add_bias_linear or self.add_qkv_bias
 
     def validate(self) -> None:
         check_options(self)
         check(
-            self.hidden_size % self.num_attention_heads == 0,
+            self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
             f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {self.num_attention_heads}: "
-            f"choose a head count that divides the hidden size",
+            f"choose a head count that divides the hidden size (or set --kv-channels)",
         )
+        check(not self.group_query_attention or self.num_query_groups is not None,
+              "--group-query-attention needs --num-query-groups N (the key/value heads)")
+        check(self.group_query_attention or self.num_query_groups is None,
+              "--num-query-groups needs --group-query-attention")
+        check(self.num_attention_heads % self.num_kv_heads == 0,
+              f"--num-query-groups {self.num_kv_heads} does not divide --num-attention-heads "
+              f"{self.num_attention_heads}")
+        check(int(self.head_dim * self.rotary_percent) % 2 == 0 or not self.rope,
+              f"--rotary-percent {self.rotary_percent} of head dim {self.head_dim} is not an even number of dims")
         check(
             self.seq_length <= self.max_position_embeddings,
             f"--seq-length {self.seq_length} exceeds --max-position-embeddings {self.max_position_embeddings}: "
@@ -86,10 +142,20 @@ class ModelConfig:
         moe = MoEConfig(**{k: v for k, v in moe.items() if k in MoEConfig.__dataclass_fields__})
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__}, moe=moe)
 
+    def block_spec(self) -> dict:
+        """The block-shape fields (positions, norm, MLP kind, biases, attention heads, tied output)."""
+        return {"learned_positions": self.learned_positions, "rope": self.rope, "normalization": self.normalization,
+                "swiglu": self.swiglu, "add_bias_linear": self.add_bias_linear, "qkv_bias": self.qkv_bias,
+                "num_kv_heads": self.num_kv_heads, "qk_layernorm": self.qk_layernorm, "head_dim": self.head_dim,
+                "untie_embeddings_and_output_weights": self.untie_embeddings_and_output_weights}
+
     def architecture(self) -> dict:
         """Fields that must match for a checkpoint to load into this model."""
         keys = ("model_family", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings", "vocab_size")
         arch = {k: getattr(self, k) for k in keys}
+        if not self.learned_positions:  # no parameters depend on it (RoPE): any --max-position-embeddings loads
+            arch.pop("max_position_embeddings")
+        arch.update(self.block_spec())
         arch["experts_per_layer"] = self.moe.experts_per_layer(self.num_layers)
         arch["mlp_type"] = self.moe.mlp_type if self.moe.enabled else "standard"
         return arch
@@ -602,6 +668,8 @@ class Config:
         m = self.model
         check(m.num_attention_heads % tp == 0,
               f"--num-attention-heads {m.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+        check(m.num_kv_heads % tp == 0,
+              f"--num-query-groups {m.num_kv_heads} is not divisible by --tensor-model-parallel-size {tp}")
         check(m.ffn_hidden_size % tp == 0,
               f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
         dp = world_size // (tp * pp)

@@ -1,6 +1,8 @@
 """Export a checkpoint to a transformers directory.
 
-Dense checkpoints become transformers' own GPT2LMHeadModel. MoE, PR-MoE, Residual-MoE and MoS-student
+Llama-style checkpoints (RoPE, RMSNorm, SwiGLU, GQA, ...) become their family's native transformers class
+(LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM: :mod:`megatron.hf.native`); a block no class
+reproduces is refused in one line. Dense GPT checkpoints become transformers' own GPT2LMHeadModel. MoE, PR-MoE, Residual-MoE and MoS-student
 checkpoints become ``megatron_moe`` models: config.json with ``auto_map`` plus the self-contained
 configuration and modeling files copied beside the weights, so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads them with nothing of ours
@@ -13,6 +15,8 @@ import os
 import shutil
 
 from megatron.errors import UserError
+from megatron.hf.families import family_for_config
+from megatron.hf.native import write_native_export
 from megatron.hf.tokenizer_files import write_tokenizer_files
 from megatron.model.moe.routers import router_class
 
@@ -68,11 +72,22 @@ def moe_config(cfg, eod: int) -> dict:
     }
 
 
+def is_gpt_block(cfg) -> bool:
+    """The GPT-3 block this export (GPT-2 class or megatron_moe) reproduces: learned positions, LayerNorm, GeLU,
+    biases everywhere, multi-head attention, tied output layer."""
+    return (cfg.learned_positions and cfg.normalization == "LayerNorm" and not cfg.swiglu and cfg.add_bias_linear
+            and not cfg.group_query_attention and not cfg.qk_layernorm and cfg.kv_channels in (None, cfg.head_dim)
+            and cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size
+            and not cfg.untie_embeddings_and_output_weights)
+
+
 def write_export(lm, out_dir: str) -> dict:
     """Write ``lm`` (megatron.inference.load.LoadedModel) into the empty directory ``out_dir``; returns a summary."""
     from safetensors.torch import save_file
 
     cfg = lm.cfg
+    if family_for_config(cfg) is not None or not is_gpt_block(cfg):  # Llama-style blocks: the native class
+        return write_native_export(lm, out_dir)
     if cfg.moe.enabled:
         state = {n: p.detach().float().contiguous().cpu() for n, p in lm.model.named_parameters()}
         config = moe_config(cfg, lm.tokenizer.eod)

@@ -11,6 +11,7 @@ import torch
 from megatron.checkpoint.weights_only import write_weights_checkpoint
 from megatron.config.schema import Config, ModelConfig, pad_vocab_size
 from megatron.errors import UserError
+from megatron.hf.hf_state import read_hf_state  # noqa: F401  (re-exported: sharded safetensors too)
 from megatron.model.gpt_model import GPTModel
 
 SUPPORTED = "GPT-2 family (model_type gpt2: GPT2LMHeadModel / GPT2Model, e.g. gpt2, distilgpt2, DialoGPT)"
@@ -36,22 +37,6 @@ def read_hf_config(src: str) -> dict:
     if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"--load {src}: activation_function {act!r} is not supported (GeLU only)")
     return hf
-
-
-def read_hf_state(src: str) -> dict:
-    st, pt = os.path.join(src, "model.safetensors"), os.path.join(src, "pytorch_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file  # optional dependency: only a model.safetensors needs it
-
-        return load_file(st)
-    if os.path.isfile(pt):
-        try:
-            return torch.load(pt, map_location="cpu", weights_only=True)  # refuses pickled code
-        except Exception as e:
-            raise UserError(f"--load {pt}: refused or unreadable as plain tensors ({type(e).__name__}); it may be "
-                            f"unsafe or corrupt - convert it to model.safetensors") from None
-    raise UserError(f"--load {src}: no model.safetensors or pytorch_model.bin there (sharded checkpoints are not "
-                    f"supported)")
 
 
 def gpt2_model_config(hf: dict, vocab_size: int):

@@ -1,4 +1,6 @@
-"""GPT model: learned positions, pre-LN transformer, tied input/output embeddings, MoE per layer.
+"""GPT model: learned positions, pre-LN transformer, tied input/output embeddings, MoE per layer; the block
+specification of ModelConfig makes it Llama-style instead (RoPE, RMSNorm, SwiGLU, GQA, qk-norm, no biases,
+an untied output layer ``output_layer.weight`` [V, H]).
 
 Entry points (one shared trunk): ``model(tokens, labels)`` = :meth:`GPTModel.forward`, the training
 loss; :meth:`GPTModel.distill` (loss against labels and a teacher's logits); :meth:`GPTModel.logits`
@@ -17,14 +19,15 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.model import init_rng
 from megatron.model.cross_entropy import linear_cross_entropy
-from megatron.model.fused import layer_norm
+from megatron.model.fused import is_norm, norm
 from megatron.model.kd_loss import cross_entropy_and_kd, linear_cross_entropy_kd
 from megatron.model.kv_cache import KVCache, padding_attention_mask
 from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
 from megatron.model.moe.metrics import MoEStats
 from megatron.model.param_tags import is_output_layer, is_tp_sharded, tp_local_layout
-from megatron.model.transformer import MLP, DenseMLPBlock, TransformerLayer
+from megatron.model.rope import RotaryTables, rotary_tables
+from megatron.model.transformer import DenseMLPBlock, TransformerLayer, mlp_from_config, rotary_dim
 
 
 class LossOutput(NamedTuple):
@@ -56,6 +59,15 @@ class TiedOutputLayer(nn.Module):
         return F.linear(h, weight)  # [B, T, V]
 
 
+class UntiedOutputLayer(TiedOutputLayer):
+    """--untie-embeddings-and-output-weights: logits from a weight of its own, [V, H] (vocab-parallel under TP).
+    The model passes it its own ``weight`` (see :meth:`GPTModel.output_weight`)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+
+
 class CrossEntropy(nn.Module):
     """Per-token cross-entropy in fp32. Tensor parallelism swaps in the vocab-parallel one."""
 
@@ -71,7 +83,8 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         H = cfg.hidden_size
         self.word_embeddings = nn.Embedding(cfg.vocab_size, H)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H)
+        # None with RoPE or --no-position-embedding
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H) if cfg.learned_positions else None
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         layers = []
         for i, num_experts in enumerate(cfg.moe.experts_per_layer(cfg.num_layers)):
@@ -79,18 +92,29 @@ class GPTModel(nn.Module):
                 layer_ep = min(ep_size, num_experts)  # PR-MoE: fewer experts than EP ranks -> EP = E here
                 mlp = MoELayer(cfg.moe, H, cfg.ffn_hidden_size, num_experts, layer_number=i,
                                ep_rank=ep_rank % layer_ep, ep_size=layer_ep,
-                               dense_mlp_factory=lambda: MLP(H, cfg.ffn_hidden_size))
+                               dense_mlp_factory=lambda: mlp_from_config(cfg), gated=cfg.swiglu,
+                               bias=cfg.add_bias_linear)
             else:
-                mlp = DenseMLPBlock(H, cfg.ffn_hidden_size)
+                mlp = DenseMLPBlock(H, cfg.ffn_hidden_size, swiglu=cfg.swiglu, bias=cfg.add_bias_linear)
             layers.append(TransformerLayer(cfg, i, mlp))
         self.layers = nn.ModuleList(layers)
-        self.final_layernorm = layer_norm(H, cfg.layernorm_epsilon)
-        self.output_layer = TiedOutputLayer()  # no parameters of its own
+        self.final_layernorm = norm(cfg.normalization, H, cfg.layernorm_epsilon)
+        if cfg.untie_embeddings_and_output_weights:
+            self.output_layer = UntiedOutputLayer(cfg.vocab_size, H)  # output_layer.weight [V, H]
+        else:
+            self.output_layer = TiedOutputLayer()  # no parameters of its own
         self.loss_fn = CrossEntropy()
 
     def _fused_output_loss(self) -> bool:
-        """The tied projection and the loss fuse into one step unless tensor parallelism swapped them out."""
-        return type(self.output_layer) is TiedOutputLayer and type(self.loss_fn) is CrossEntropy
+        """The output projection and the loss fuse into one step unless tensor parallelism swapped them out."""
+        return type(self.output_layer) in (TiedOutputLayer, UntiedOutputLayer) and type(self.loss_fn) is CrossEntropy
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight [V, H] (this rank's rows under TP): its own when untied, else the word
+        embeddings'."""
+        if self.cfg.untie_embeddings_and_output_weights:
+            return self.output_layer.weight
+        return self.word_embeddings.weight
 
     def layer_modules(self) -> list[TransformerLayer]:
         """The transformer layers this model holds, in order (a pipeline stage holds some, see
@@ -109,8 +133,9 @@ class GPTModel(nn.Module):
         takes its values by position in its full tensor from a stream named by (seed, parameter name), so
         it may run on a model already sharded by tensor parallelism (each rank fills its shard; nothing
         full is made) and a TP=T model holds the slices of the TP=1 one. Experts: per global expert id
-        (:meth:`StackedExperts.init_weights`). Layer norms: weight 1, bias 0; every other parameter
-        (biases, the aux-free router's expert bias) and buffer (its pending load) starts at 0.
+        (:meth:`StackedExperts.init_weights`). Norms (LayerNorm, RMSNorm, the q/k norms): weight 1, bias 0;
+        every other parameter (biases, the aux-free router's expert bias) and buffer (its pending load) starts
+        at 0. The untied output layer (``output_layer.weight``) is a matrix like the word embeddings (std).
         """
         std = self.cfg.init_method_std
         out_std = init_std_for_output(std, self.cfg.num_layers)
@@ -121,9 +146,9 @@ class GPTModel(nn.Module):
         for module_name, module in self.named_modules():
             if module in experts:
                 continue
-            norm = isinstance(module, nn.LayerNorm) or type(module).__name__ == "FusedLayerNorm"
+            is_a_norm = is_norm(module)
             for name, p in module.named_parameters(prefix=module_name, recurse=False):
-                if norm:
+                if is_a_norm:
                     p.fill_(1.0 if name.endswith("weight") else 0.0)
                 elif name.rsplit(".", 1)[-1] == "weight" and p.dim() >= 2:
                     if is_tp_sharded(p) and tp_local_layout(p) is None:
@@ -180,8 +205,8 @@ class GPTModel(nn.Module):
         """Hidden states [B, T, H] before the final layer norm, labels [B, T] -> per-token cross-entropy [B, T] fp32."""
         h = self.final_layernorm(h)  # [B, T, H]
         if self._fused_output_loss():
-            return linear_cross_entropy(h, self.word_embeddings.weight, labels)  # no [B, T, V] kept
-        logits = self.output_layer(h, self.word_embeddings.weight, gather=False)  # [B, T, V] (this rank's slice)
+            return linear_cross_entropy(h, self.output_weight(), labels)  # no [B, T, V] kept
+        logits = self.output_layer(h, self.output_weight(), gather=False)  # [B, T, V] (this rank's slice)
         return self.loss_fn(logits, labels)
 
     def head_distill(self, h: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
@@ -189,21 +214,32 @@ class GPTModel(nn.Module):
         """Hidden states [B, T, H], labels [B, T], teacher_logits [B, T, V] -> (cross-entropy, T^2 * KL), [B, T] fp32."""
         h = self.final_layernorm(h)  # [B, T, H]
         if self._fused_output_loss():
-            return linear_cross_entropy_kd(h, self.word_embeddings.weight, labels, teacher_logits, temperature)
-        logits = self.output_layer(h, self.word_embeddings.weight, gather=True)  # [B, T, V]
+            return linear_cross_entropy_kd(h, self.output_weight(), labels, teacher_logits, temperature)
+        logits = self.output_layer(h, self.output_weight(), gather=True)  # [B, T, V]
         return cross_entropy_and_kd(logits, labels, teacher_logits, temperature)
 
     # ---- shared parts
 
     def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """tokens, position_ids [B, T] / [1, T] -> [B, T, H] (word + position embeddings, dropout)."""
-        return self.embedding_dropout(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
+        """tokens, position_ids [B, T] / [1, T] -> [B, T, H] (word + learned position embeddings, dropout)."""
+        h = self.word_embeddings(tokens)  # [B, T, H]
+        if self.position_embeddings is not None:
+            h = h + self.position_embeddings(position_ids)
+        return self.embedding_dropout(h)
 
-    def run_layer(self, layer: TransformerLayer, h: torch.Tensor, token_mask=None, layer_cache=None, attn_mask=None):
-        """One transformer layer, under activation checkpointing when --checkpoint-activations (training)."""
+    def rotary(self, position_ids: torch.Tensor) -> Optional[RotaryTables]:
+        """position_ids [B or 1, T] -> the RoPE cos / sin tables every layer shares (None without RoPE)."""
+        if not self.cfg.rope:
+            return None
+        return rotary_tables(position_ids, rotary_dim(self.cfg), self.cfg.rotary_base)
+
+    def run_layer(self, layer: TransformerLayer, h: torch.Tensor, token_mask=None, layer_cache=None, attn_mask=None,
+                  rope: Optional[RotaryTables] = None):
+        """One transformer layer, under activation checkpointing when --checkpoint-activations (training).
+        ``rope``: :meth:`rotary` of the tokens' positions (None: positions 0.. after the layer's cache)."""
         if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, h, token_mask, layer_cache, attn_mask, use_reentrant=False)
-        return layer(h, token_mask, layer_cache, attn_mask)
+            return checkpoint(layer, h, token_mask, layer_cache, attn_mask, rope, use_reentrant=False)
+        return layer(h, token_mask, layer_cache, attn_mask, rope)
 
     def _trunk(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                token_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
@@ -213,16 +249,17 @@ class GPTModel(nn.Module):
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + T, device=tokens.device)[None, :]  # [1, T]
         h = self.embed(tokens, position_ids)  # [B, T, H]
+        rope = self.rotary(position_ids)  # cos / sin [B or 1, 1, T, rot] or None
         attn_mask = None  # [B, 1, T, L + T] bool or None (causal attention alone is exact)
         if token_mask is not None or cache is not None:
             attn_mask = padding_attention_mask(token_mask, cache, B, T, tokens.device)
         stats = []
         for i, layer in enumerate(self.layers):
-            h, s = self.run_layer(layer, h, token_mask, cache[i] if cache is not None else None, attn_mask)
+            h, s = self.run_layer(layer, h, token_mask, cache[i] if cache is not None else None, attn_mask, rope)
             if s is not None:
                 stats.append(s)
         return h, stats
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, H] -> full-vocabulary logits [B, T, V] (final layer norm, tied projection)."""
-        return self.output_layer(self.final_layernorm(h), self.word_embeddings.weight, gather=True)
+        """Hidden states [B, T, H] -> full-vocabulary logits [B, T, V] (final layer norm, output projection)."""
+        return self.output_layer(self.final_layernorm(h), self.output_weight(), gather=True)

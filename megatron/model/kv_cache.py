@@ -1,9 +1,11 @@
 """The attention KV cache of a whole model, for generation and continuous batching.
 
-Shapes: B rows, T new tokens, L cached keys, nh heads, hd head dim.
+Shapes: B rows, T new tokens, L cached keys, ng key/value heads (the query heads nh, or the
+--num-query-groups with grouped-query attention: the cache holds the grouped heads, not their
+repeats), hd head dim. With RoPE the cached keys are stored rotated (by their own positions).
 
 A :class:`KVCache` holds one :class:`LayerKV` per transformer layer (keys and values
-[B, nh, L, hd], appended to by each layer's attention) and one key-validity mask ``valid``
+[B, ng, L, hd], appended to by each layer's attention) and one key-validity mask ``valid``
 [B, L] shared by every layer: None while nothing cached is padding (the decoding fast path),
 else False at padded keys, which :meth:`KVCache.attention_mask` keeps out of attention.
 
@@ -35,7 +37,7 @@ def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 
 class LayerKV:
-    """One attention layer's cached keys and values: k, v [B, nh, L, hd], None before the first append."""
+    """One attention layer's cached keys and values: k, v [B, ng, L, hd], None before the first append."""
 
     def __init__(self):
         self.k: Optional[torch.Tensor] = None
@@ -46,7 +48,7 @@ class LayerKV:
         return 0 if self.k is None else self.k.shape[2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the new keys / values k, v [B, nh, T, hd] -> all of them, [B, nh, L + T, hd] each."""
+        """Add the new keys / values k, v [B, ng, T, hd] -> all of them, [B, ng, L + T, hd] each."""
         if self.k is not None:
             k = torch.cat([self.k, k], dim=2)  # [B, nh, L + T, hd]
             v = torch.cat([self.v, v], dim=2)
@@ -86,7 +88,7 @@ class KVCache:
         L_old, L_new = mine.shape[1], other_valid.shape[1]
         L = max(L_old, L_new)
         self.valid = torch.cat([_left_pad(mine, L - L_old, 1), _left_pad(other_valid, L - L_new, 1)])  # [B + B', L]
-        for old, new in zip(self.layers, other.layers):  # k, v [B + B', nh, L, hd]
+        for old, new in zip(self.layers, other.layers):  # k, v [B + B', ng, L, hd]
             old.k = torch.cat([_left_pad(old.k, L - L_old, 2), _left_pad(new.k, L - L_new, 2)])
             old.v = torch.cat([_left_pad(old.v, L - L_old, 2), _left_pad(new.v, L - L_new, 2)])
 
@@ -100,7 +102,7 @@ class KVCache:
         used = valid.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else valid.shape[1]
         self.valid = valid[:, start:]  # [B', L']
-        for layer in self.layers:  # k, v [B', nh, L', hd]
+        for layer in self.layers:  # k, v [B', ng, L', hd]
             layer.k = layer.k.index_select(0, idx)[:, :, start:]
             layer.v = layer.v.index_select(0, idx)[:, :, start:]
 

@@ -1,6 +1,14 @@
-"""GPT-3 style transformer layer: pre-LayerNorm, causal SDPA attention, GeLU MLP (or MoE).
+"""Transformer layer built from the block specification (GPT-3 by default, Llama-style by flags).
 
-Shapes: B batch, T sequence, H hidden, nh heads, hd head dim.
+Pre-norm (LayerNorm or RMSNorm), causal SDPA self-attention (multi-head or grouped-query, optional
+q/k norm per head, learned positions outside or RoPE on q and k inside), GeLU or SwiGLU MLP (or MoE).
+
+Parameter layouts (what tensor parallelism, the HF conversion and ``init_rng`` rely on):
+- ``attention.qkv.weight`` [(nh + 2 ng) hd, H]: the q rows of every head, then the k rows of every
+  key/value group, then the v rows (ng = nh without GQA: GPT's [3H, H]);
+- ``mlp.fc1.weight`` [F, H] (GeLU) or [2F, H] (SwiGLU: the gate rows, then the up rows).
+
+Shapes: B batch, T sequence, H hidden, nh heads, ng key/value groups, hd head dim, F MLP width.
 """
 from __future__ import annotations
 
@@ -10,77 +18,127 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.model.fused import layer_norm
+from megatron.model.fused import norm
 from megatron.model.kv_cache import LayerKV
 from megatron.model.param_tags import mark_output_layer
+from megatron.model.rope import RotaryTables, apply_rotary, rotary_tables
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float):
+    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, *, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, qkv_bias: bool = True, proj_bias: bool = True,
+                 qk_norm: Optional[str] = None, norm_eps: float = 1e-5, rotary_dim: int = 0,
+                 rotary_base: float = 10000.0):
+        """``qk_norm``: None or the norm kind applied per head to q and k; ``rotary_dim`` > 0: RoPE on that many
+        leading dims of each head."""
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        hd = self.head_dim
+        self.qkv = nn.Linear(hidden_size, (num_heads + 2 * self.num_kv_heads) * hd, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * hd, hidden_size, bias=proj_bias)
         mark_output_layer(self.proj)
+        if qk_norm is not None:
+            self.q_layernorm = norm(qk_norm, hd, norm_eps)
+            self.k_layernorm = norm(qk_norm, hd, norm_eps)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+        self.rotary_dim, self.rotary_base = rotary_dim, rotary_base
         self.attention_dropout = attention_dropout
 
     def forward(self, x: torch.Tensor, kv_cache: Optional[LayerKV] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # x: [B, T, H]; kv_cache: this layer's keys / values so far, [B, nh, T_past, hd] each (appended to);
-        # attn_mask: [B, 1, T, T_past + T] bool from padding_attention_mask, or None for plain causal attention.
-        B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, nh, T, hd]
+                attn_mask: Optional[torch.Tensor] = None, rope: Optional[RotaryTables] = None) -> torch.Tensor:
+        # x: [B, T, H]; kv_cache: this layer's keys / values so far, [B, ng, T_past, hd] each (appended to);
+        # attn_mask: [B, 1, T, T_past + T] bool from padding_attention_mask, or None for plain causal attention;
+        # rope: cos / sin tables of the tokens' positions (None: positions count on from the cache length)
+        B, T, _ = x.shape
+        nh, ng, hd = self.num_heads, self.num_kv_heads, self.head_dim  # this rank's heads under TP
+        q, k, v = self.qkv(x).split([nh * hd, ng * hd, ng * hd], dim=-1)
+        q = q.view(B, T, nh, hd)
+        k = k.view(B, T, ng, hd)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, T, hd], [B, ng, T, hd]
+        v = v.view(B, T, ng, hd).transpose(1, 2)  # [B, ng, T, hd]
+        if self.rotary_dim:
+            if rope is None:
+                start = kv_cache.length if kv_cache is not None else 0
+                rope = rotary_tables(torch.arange(start, start + T, device=x.device)[None], self.rotary_dim,
+                                     self.rotary_base)
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # [B, nh, T_past + T, hd] each
+            k, v = kv_cache.append(k, v)  # [B, ng, T_past + T, hd] each (the grouped heads are cached)
+        gqa = {"enable_gqa": True} if ng != nh else {}  # key/value group j serves query heads j nh/ng ...
         dropout = self.attention_dropout if self.training else 0.0
         if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, **gqa)
         else:
             T_k = k.shape[2]
             if T_k != T and T > 1:
                 raise NotImplementedError("multi-token append to a non-empty KV cache")
             # no cache / first chunk: causal; one new token after the cache: it attends to everything
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T_k == T)  # [B, nh, T, hd]
-        return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, nh*hd] -> [B, T, H]
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T_k == T, **gqa)  # [B, nh, T, hd]
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))  # [B, T, nh*hd] -> [B, T, H]
 
 
 class MLP(nn.Module):
-    """Dense GeLU MLP H -> F -> H. Returns (output, None) like the MoE layer returns (output, stats)."""
+    """Dense MLP H -> F -> H: GeLU, or SwiGLU (``fc1`` [2F, H] = gate rows then up rows; silu(gate) * up)."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, swiglu: bool = False, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
-        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+        self.swiglu = swiglu
+        self.fc1 = nn.Linear(hidden_size, 2 * ffn_hidden_size if swiglu else ffn_hidden_size, bias=bias)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
         mark_output_layer(self.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)  # [..., F] or [..., 2F] (under TP: this rank's gate and up columns)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(h))
+
+
+def mlp_from_config(cfg, ffn_hidden_size: Optional[int] = None) -> MLP:
+    """The dense MLP the block specification of ModelConfig ``cfg`` names (width ``ffn_hidden_size`` or cfg's)."""
+    return MLP(cfg.hidden_size, ffn_hidden_size or cfg.ffn_hidden_size, swiglu=cfg.swiglu, bias=cfg.add_bias_linear)
 
 
 class DenseMLPBlock(nn.Module):
     """The MLP slot of a dense layer: same (output, stats) interface as :class:`MoELayer`."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, swiglu: bool = False, bias: bool = True):
         super().__init__()
-        self.mlp = MLP(hidden_size, ffn_hidden_size)
+        self.mlp = MLP(hidden_size, ffn_hidden_size, swiglu=swiglu, bias=bias)
 
     def forward(self, x: torch.Tensor, token_mask=None):
         return self.mlp(x), None
+
+
+def rotary_dim(cfg) -> int:
+    """Dims of each head RoPE rotates (0: no RoPE)."""
+    return int(cfg.head_dim * cfg.rotary_percent) if cfg.rope else 0
 
 
 class TransformerLayer(nn.Module):
     def __init__(self, cfg, layer_number: int, mlp: nn.Module):
         super().__init__()
         self.layer_number = layer_number
-        self.input_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
-        self.attention = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout)
-        self.post_attention_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+        eps = cfg.layernorm_epsilon
+        self.input_layernorm = norm(cfg.normalization, cfg.hidden_size, eps)
+        self.attention = SelfAttention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, proj_bias=cfg.add_bias_linear,
+            qk_norm=cfg.normalization if cfg.qk_layernorm else None, norm_eps=eps, rotary_dim=rotary_dim(cfg),
+            rotary_base=cfg.rotary_base)
+        self.post_attention_layernorm = norm(cfg.normalization, cfg.hidden_size, eps)
         self.mlp = mlp  # DenseMLPBlock or MoELayer: forward(x, token_mask) -> (y, stats | None)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, kv_cache: Optional[LayerKV] = None,
-                attn_mask: Optional[torch.Tensor] = None):
+                attn_mask: Optional[torch.Tensor] = None, rope: Optional[RotaryTables] = None):
         # x: [B, T, H]; token_mask [B, T] bool or None -> ([B, T, H], moe stats or None)
-        x = x + self.hidden_dropout(self.attention(self.input_layernorm(x), kv_cache, attn_mask))
+        x = x + self.hidden_dropout(self.attention(self.input_layernorm(x), kv_cache, attn_mask, rope))
         y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
         return x + self.hidden_dropout(y), stats

@@ -6,11 +6,15 @@ on the meta device (nothing is copied; each rank then gets storage for its shard
 ``init_weights`` fills it by full-tensor position, ``megatron.model.init_rng``), so a model built at
 TP=1 and at TP=T starts from the same weights; on a model with values the swap copies the shard out:
 
-- attention: ``qkv`` column-parallel by heads (q, k, v rows of this rank's heads), ``proj``
-  row-parallel (its input columns; output all-reduced, bias added once);
-- dense MLP: ``fc1`` column-parallel, ``fc2`` row-parallel;
+- attention: ``qkv`` column-parallel by heads (the q rows of this rank's query heads, the k and v rows
+  of its key/value groups: grouped-query attention splits the groups, --num-query-groups % TP == 0),
+  ``proj`` row-parallel (its input columns; output all-reduced, bias added once); the per-head q/k
+  norms (--qk-layernorm) are replicated and sum their gradient over TP (each rank norms its own heads);
+- dense MLP: ``fc1`` column-parallel (SwiGLU: this rank's gate rows and the same up rows), ``fc2``
+  row-parallel; no-bias linears (--disable-bias-linear) stay bias-free;
 - word embedding: vocab-parallel rows (lookup masked to this rank's range, then all-reduced); the
-  tied output layer gives [B, T, V/T] logits; the cross-entropy is vocab-parallel (max, sum-exp and
+  output layer (tied, or its own untied weight split by vocabulary rows like the embedding) gives
+  [B, T, V/T] logits; the cross-entropy is vocab-parallel (max, sum-exp and
   target logit all-reduced), so full logits exist only when asked for (generation, KD);
 - replicated on every TP rank: layer norms, position embeddings, row-parallel biases, and the MoE
   layers (router, experts, Residual-MoE MLP): every TP rank runs the MoE layer on the same tokens
@@ -30,6 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.errors import UserError
+from megatron.model.fused import RMSNorm
 from megatron.model.param_tags import is_output_layer, is_tp_sharded, mark_output_layer, mark_tp_shard
 from megatron.model.transformer import DenseMLPBlock
 from megatron.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
@@ -63,7 +69,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.group = ps.tp_group
         self.weight = _shard(linear.weight, 0, indices, ps.tp_rank)  # [out/T, in]
-        self.bias = _shard(linear.bias, 0, indices, ps.tp_rank)  # [out/T]
+        self.bias = _shard(linear.bias, 0, indices, ps.tp_rank) if linear.bias is not None else None  # [out/T]
         _keep_output_tag(self, linear)
 
     def forward(self, x):
@@ -75,11 +81,44 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = ps.tp_group
         self.weight = _shard(linear.weight, 1, indices, ps.tp_rank)  # [out, in/T]
-        self.bias = nn.Parameter(linear.bias.detach().clone())  # replicated, added after the reduction
+        # replicated, added after the reduction
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         _keep_output_tag(self, linear)
 
     def forward(self, x):
-        return reduce_from_tp(F.linear(x, self.weight), self.group) + self.bias
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class TPRMSNorm(RMSNorm):
+    """A per-head RMSNorm (q/k norm) replicated over TP ranks that each norm their own heads: the weight's
+    gradient is summed over TP (Megatron's f on the weight). Same parameter name and values."""
+
+    def __init__(self, old: nn.Module, ps):
+        nn.Module.__init__(self)
+        self.weight, self.eps, self.group = old.weight, old.eps, ps.tp_group
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return copy_to_tp(self.weight, self.group) * y.to(x.dtype)
+
+
+class TPLayerNorm(nn.LayerNorm):
+    """:class:`TPRMSNorm` for a LayerNorm q/k norm (weight and bias gradients summed over TP)."""
+
+    def __init__(self, old: nn.Module, ps):
+        nn.Module.__init__(self)
+        self.normalized_shape, self.eps, self.elementwise_affine = tuple(old.weight.shape), old.eps, True
+        self.weight, self.bias, self.group = old.weight, old.bias, ps.tp_group
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, copy_to_tp(self.weight, self.group),
+                            copy_to_tp(self.bias, self.group), self.eps)
+
+
+def _head_norm(old: nn.Module, ps) -> nn.Module:
+    return TPRMSNorm(old, ps) if isinstance(old, RMSNorm) else TPLayerNorm(old, ps)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -99,9 +138,14 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelOutputLayer(nn.Module):
-    def __init__(self, ps):
+    """[B, T, V/T] logits from this rank's rows of the output weight: the (tied) word embeddings' shard the
+    model passes, or (``untied``: --untie-embeddings-and-output-weights) this module's own ``weight`` [V/T, H]."""
+
+    def __init__(self, ps, untied: nn.Module = None):
         super().__init__()
         self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
+        if untied is not None:
+            self.weight = _shard(untied.weight, 0, _blocks(untied.weight.shape[0], ps.tp_size), ps.tp_rank)
 
     def forward(self, h, weight, gather: bool = True):
         logits = F.linear(copy_to_tp(h, self.group), weight)  # [B, T, V/T]
@@ -134,21 +178,31 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
     if ps.tp_size == 1:
         return
     T = ps.tp_size
-    for layer in model.layers:
+    for layer in model.layer_modules():
         att = layer.attention
-        H = att.qkv.weight.shape[1]
-        qkv_idx = [torch.cat([blk + j * H for j in range(3)]) for blk in _blocks(H, T)]  # this rank's q, k, v rows
+        nh, ng, hd = att.num_heads, att.num_kv_heads, att.head_dim
+        if ng % T:
+            raise UserError(f"--num-query-groups {ng} is not divisible by --tensor-model-parallel-size {T}")
+        q_rows, kv_rows = nh * hd, ng * hd
+        # this rank's q rows (its heads), then its k and v rows (its key/value groups)
+        qkv_idx = [torch.cat([q, q_rows + kv, q_rows + kv_rows + kv])
+                   for q, kv in zip(_blocks(q_rows, T), _blocks(kv_rows, T))]
         att.qkv = ColumnParallelLinear(att.qkv, qkv_idx, ps)
-        att.proj = RowParallelLinear(att.proj, _blocks(H, T), ps)
+        att.proj = RowParallelLinear(att.proj, _blocks(q_rows, T), ps)
         att.num_heads //= T
+        att.num_kv_heads //= T
+        if att.q_layernorm is not None:
+            att.q_layernorm, att.k_layernorm = _head_norm(att.q_layernorm, ps), _head_norm(att.k_layernorm, ps)
         if isinstance(layer.mlp, DenseMLPBlock):
             mlp = layer.mlp.mlp
-            F_ = mlp.fc1.weight.shape[0]
-            mlp.fc1 = ColumnParallelLinear(mlp.fc1, _blocks(F_, T), ps)
+            F_ = mlp.fc2.weight.shape[1]
+            fc1_idx = [torch.cat([blk, F_ + blk]) for blk in _blocks(F_, T)] if mlp.swiglu else _blocks(F_, T)
+            mlp.fc1 = ColumnParallelLinear(mlp.fc1, fc1_idx, ps)  # SwiGLU: [gate rows; up rows] of this rank
             mlp.fc2 = RowParallelLinear(mlp.fc2, _blocks(F_, T), ps)
     emb = VocabParallelEmbedding(model.word_embeddings, ps)
     model.word_embeddings = emb
-    model.output_layer = VocabParallelOutputLayer(ps)
+    untied = model.output_layer if getattr(model.output_layer, "weight", None) is not None else None
+    model.output_layer = VocabParallelOutputLayer(ps, untied)
     model.loss_fn = VocabParallelCrossEntropy(ps, emb.start)
 
 

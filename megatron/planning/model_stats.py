@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron.model.moe.experts import StackedExperts
 from megatron.model.moe.routers import router_class
+from megatron.model.moe.shared_experts import SharedExpertMLP
 
 
 @dataclass
@@ -22,15 +24,44 @@ class ParamCounts:
         return self.total - self.expert
 
 
+def norm_parameters(cfg, n: int) -> int:
+    """Parameters of one norm over ``n`` features: LayerNorm weight and bias, RMSNorm weight."""
+    return n if cfg.normalization == "RMSNorm" else 2 * n
+
+
+def attention_parameters(cfg) -> int:
+    """One self-attention block: qkv (GQA: nh query, ng key/value heads of hd), proj, biases, q/k norms."""
+    H, hd, nh, ng = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_kv_heads
+    qkv = (nh + 2 * ng) * hd
+    n = H * qkv + nh * hd * H
+    n += qkv if cfg.qkv_bias else 0
+    n += H if cfg.add_bias_linear else 0
+    n += 2 * norm_parameters(cfg, hd) if cfg.qk_layernorm else 0
+    return n
+
+
+def mlp_parameters(cfg, ffn_hidden_size=None) -> int:
+    """One dense MLP of width F (default --ffn-hidden-size): GeLU H*F + F*H, SwiGLU 2 H*F + F*H, + biases."""
+    H, F = cfg.hidden_size, ffn_hidden_size or cfg.ffn_hidden_size
+    f1 = 2 * F if cfg.swiglu else F
+    return H * f1 + F * H + ((f1 + H) if cfg.add_bias_linear else 0)
+
+
 def count_parameters(cfg) -> ParamCounts:
-    H, F, V, P, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.max_position_embeddings, cfg.num_layers
-    ln = 2 * H
-    attn = 3 * H * H + 3 * H + H * H + H
-    mlp = H * F + F + F * H + H
-    embedding = V * H + P * H
+    H, V, P, L = cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings, cfg.num_layers
+    ln = norm_parameters(cfg, H)
+    attn = attention_parameters(cfg)
+    mlp = mlp_parameters(cfg)
+    # word embeddings, learned positions (if any), the untied output layer (if any)
+    embedding = V * H + (P * H if cfg.learned_positions else 0) + (V * H if cfg.untie_embeddings_and_output_weights else 0)
     total = embedding + ln  # final layernorm
     active = embedding + ln
     expert = 0
+    expert_ffn = getattr(cfg.moe, "moe_ffn_hidden_size", None) or cfg.ffn_hidden_size
+    one_expert = StackedExperts.num_parameters(H, expert_ffn, gated=cfg.swiglu, bias=cfg.add_bias_linear)
+    shared_size = getattr(cfg.moe, "shared_expert_intermediate_size", None)
+    shared = SharedExpertMLP.num_parameters(H, shared_size, gated=cfg.swiglu, bias=cfg.add_bias_linear,
+                                            gate=getattr(cfg.moe, "shared_expert_gate", False)) if shared_size else 0
     for i, e in enumerate(cfg.moe.experts_per_layer(L)):
         base = 2 * ln + attn
         if not cfg.moe.is_moe_layer(i, e):
@@ -38,10 +69,11 @@ def count_parameters(cfg) -> ParamCounts:
             active += base + mlp
             continue
         router = router_class(cfg.moe.router_type).num_parameters(H, e)  # wg, + aux_free's balancing bias
-        layer_expert = e * mlp
+        layer_expert = e * one_expert
         residual = (mlp + 2 * H + 2) if cfg.moe.mlp_type == "residual" else 0
+        residual += shared  # dense like the Residual-MoE MLP: every token runs it
         total += base + router + layer_expert + residual
-        active += base + router + min(cfg.moe.topk, e) * mlp + residual
+        active += base + router + min(cfg.moe.topk, e) * one_expert + residual
         expert += layer_expert
     return ParamCounts(total=total, active=active, expert=expert, embedding=embedding)
 
@@ -50,7 +82,8 @@ def flops_per_token(cfg, training: bool = True) -> float:
     """Model FLOPs per token: 2 x active matmul params (+ output layer) + attention scores, x3 for training."""
     counts = count_parameters(cfg)
     matmul_params = counts.active - counts.embedding + cfg.vocab_size * cfg.hidden_size
-    attention = 2 * 2 * cfg.num_layers * cfg.seq_length * cfg.hidden_size  # QK^T and AV, causal not discounted
+    # QK^T and AV over nh heads of hd (GQA shares k / v, not the score FLOPs), causal not discounted
+    attention = 2 * 2 * cfg.num_layers * cfg.seq_length * cfg.num_attention_heads * cfg.head_dim
     fwd = 2 * matmul_params + attention
     return 3.0 * fwd if training else float(fwd)
 
@@ -101,10 +134,12 @@ def local_sizes(cfg, tp: int = 1, ep: int = 1) -> LocalSizes:
     """The largest parameter, layer and the embedding block on one rank, in elements (TP-sharded matrices
     divided by ``tp``, expert stacks by ``ep``; approximate for the small replicated vectors)."""
     H, F, V, P, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.max_position_embeddings, cfg.num_layers
-    attn = (3 * H * H + 3 * H + H * H) // tp + H
-    mlp = (H * F + F + F * H) // tp + H
-    embedding = V * H // tp + P * H + 2 * H
-    largest_param = max(V * H // tp, H * F // tp, 3 * H * H // tp)
+    qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    attn = attention_parameters(cfg) // tp + H
+    mlp = mlp_parameters(cfg) // tp + H
+    embedding = (V * H // tp + (P * H if cfg.learned_positions else 0) + 2 * H
+                 + (V * H // tp if cfg.untie_embeddings_and_output_weights else 0))
+    largest_param = max(V * H // tp, H * F * (2 if cfg.swiglu else 1) // tp, qkv_rows * H // tp)
     largest_layer = 0
     for i, e in enumerate(cfg.moe.experts_per_layer(L)):
         layer = 4 * H + attn

@@ -167,7 +167,8 @@ class PipelineRunner:
 
     def sum_tied_gradients(self) -> None:
         """First stage's word-embedding gradient + last stage's (the tied output layer), on both."""
-        if self.ps.embedding_group is None or self.has_first == self.has_last:
+        if (self.ps.embedding_group is None or self.has_first == self.has_last
+                or self.model_cfg.untie_embeddings_and_output_weights):  # an untied output layer: nothing shared
             return
         for p in self.model.word_embeddings.parameters():
             if p.grad is None:

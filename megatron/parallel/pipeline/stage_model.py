@@ -1,8 +1,10 @@
 """A pipeline rank's share of the GPT model, and the forward of each of its stages.
 
 :func:`keep_stage_parts` prunes a GPTModel (built on the meta device, before it gets storage) to the
-parts pipeline rank ``p`` runs: the layers of its stages, the embeddings when it holds the first stage,
-the final layer norm and a tied copy of the word embeddings (the output layer) when it holds the last.
+parts pipeline rank ``p`` runs: the layers of its stages, the embeddings (word, and learned positions
+if any) when it holds the first stage, the final layer norm and the output layer when it holds the
+last: a tied copy of the word embeddings, or with --untie-embeddings-and-output-weights its own
+``output_layer.weight`` (then no copy of the word embeddings, and nothing to sum between the stages).
 Parameter names do not change (``layers.<global index>...`` in a ModuleDict, ``word_embeddings.weight``),
 so checkpoints, initialisation (by name and position) and the optimizer see the same names at every
 pipeline layout. The last stage's copy of the word embeddings is tagged
@@ -36,14 +38,17 @@ def keep_stage_parts(model: nn.Module, layout: PipelineLayout, pp_rank: int) -> 
     kept = layout.layers_of(pp_rank)
     layers = model.layer_modules()
     model.layers = nn.ModuleDict({str(i): layers[i] for i in kept})
+    untied = model.cfg.untie_embeddings_and_output_weights
     if not first:
         model.position_embeddings = None
         model.embedding_dropout = None
-        if not last:
+        if not last or untied:
             model.word_embeddings = None
     if not last:
         model.final_layernorm = None
-    if last and not first:
+        if untied:
+            model.output_layer = None
+    if last and not first and not untied:
         for p in model.word_embeddings.parameters():
             mark_pipeline_tied_copy(p)
 
@@ -62,13 +67,15 @@ class StageForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
+        T = x.shape[1]
+        positions = torch.arange(T, device=x.device)[None, :]  # [1, T]
         if self.is_first:  # x: tokens [B, T]
-            T = x.shape[1]
-            h = m.embed(x, torch.arange(T, device=x.device)[None, :])  # [B, T, H]
+            h = m.embed(x, positions)  # [B, T, H]
         else:
             h = x  # [B, T, H]
+        rope = m.rotary(positions)  # RoPE cos / sin tables, or None
         for i in self.layer_ids:
-            h, stats = m.run_layer(m.layers[str(i)], h)
+            h, stats = m.run_layer(m.layers[str(i)], h, rope=rope)
             if stats is not None:
                 aux = moe_loss([stats], self.moe_cfg)  # [] in the graph
                 self.record(stats, aux)
