@@ -155,3 +155,22 @@ def test_unsupported_combinations_are_refused_before_training(flags, message):
 
     with pytest.raises(UserError, match=message):
         parse_args(mock_args(PP2 + flags))
+
+
+def test_dry_run_plans_each_stage(capsys):
+    """--dry-run with PP: every stage's parameters (the last one's tied copy of the embeddings included) and the
+    micro-batches its schedule keeps in flight (1F1B: P - p)."""
+    from megatron.planning.dry_run import dry_run, pipeline_in_flight
+    from megatron.training.arguments import parse_args
+
+    cfg = parse_args(mock_args(["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size", "16",
+                                "--train-iters", "1", "--num-layers", "6"] + ["--pipeline-model-parallel-size", "3"]))
+    out = dry_run(cfg, 3)
+    stages = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  stage ")]
+    assert len(stages) == 3 and "embeddings" in stages[0] and "head + loss" in stages[2]
+    params = [int(line.split(", ")[1].split()[0]) for line in stages]
+    tied_copy = 128 * 32  # vocab x hidden, on the last stage
+    assert sum(params) - tied_copy == out["total"]  # every parameter on exactly one stage, plus the copy
+    assert [pipeline_in_flight("1F1B", 3, p, 8) for p in range(3)] == [3, 2, 1]
+    assert pipeline_in_flight("GPipe", 3, 0, 8) == 8
+    assert pipeline_in_flight("Interleaved1F1B", 2, 0, 8, virtual=2) == (2 + 2 + 1) / 2

@@ -76,8 +76,10 @@ def built_counts(model_cfg) -> tuple[int, int]:
     return total, expert
 
 
-def activation_bytes(cfg, checkpointing: bool) -> int:
-    """Activation memory of one micro-batch on one GPU (see the module docstring)."""
+def activation_bytes(cfg, checkpointing: bool, layers=None, in_flight: float = 1, logits_too: bool = True) -> int:
+    """Activation memory of one micro-batch on one GPU (see the module docstring). Pipeline stages: only
+    ``layers`` (0-based indices; default all), for ``in_flight`` micro-batches held at once by the schedule
+    (:func:`pipeline_in_flight`), the logits only on the last stage (``logits_too``)."""
     m, moe = cfg.model, cfg.model.moe
     s, b, h, V = m.seq_length, cfg.train.micro_batch_size, m.hidden_size, m.vocab_size
     tp = cfg.parallel.tensor_model_parallel_size
@@ -90,19 +92,57 @@ def activation_bytes(cfg, checkpointing: bool) -> int:
     split_moe = tp if getattr(cfg.parallel, "moe_tp_token_split", True) else 1
     dense_mlp = (3 + 16 / tp) * ffn_ratio
     per_layer = []
-    for e in moe.experts_per_layer(m.num_layers):
+    for i, e in enumerate(moe.experts_per_layer(m.num_layers)):
+        if layers is not None and i not in layers:
+            continue
         mlp = dense_mlp
         if e > 1:
             k_cf = min(moe.topk, e) * (moe.train_capacity_factor if moe.token_dropping else 1.0)
             mlp = (19 * ffn_ratio * k_cf + 4 * k_cf) / split_moe + (dense_mlp if moe.mlp_type == "residual" else 0)
         per_layer.append(s * b * h * (7 + 8 / tp + mlp) * scale)
     elem = 2 if half else 4
-    logits = s * b * V / tp * (elem + 4 + 4)
+    logits = s * b * V / tp * (elem + 4 + 4) if logits_too else 0
     if checkpointing:
-        kept = len(per_layer) * s * b * h * elem + max(per_layer)
+        kept = in_flight * len(per_layer) * s * b * h * elem + max(per_layer, default=0)
     else:
-        kept = sum(per_layer)
+        kept = in_flight * sum(per_layer)
     return int(kept + logits)
+
+
+def pipeline_in_flight(schedule: str, pp: int, pp_rank: int, micro: int, virtual: int = 1) -> float:
+    """Micro-batches whose activations pipeline rank ``pp_rank`` holds at its peak, in units of all its layers:
+    1F1B min(m, P - p) (the first stage holds P), GPipe m (every forward before any backward), interleaved
+    1F1B torch's warm-up count (v - 1) P + 2 (P - 1 - p) + 1 chunk micro-batches (at most m v), each a 1/v of
+    the rank's layers."""
+    if pp == 1:
+        return 1
+    if schedule == "GPipe":
+        return micro
+    if virtual > 1:
+        return min(micro * virtual, (virtual - 1) * pp + 2 * (pp - 1 - pp_rank) + 1) / virtual
+    return min(micro, pp - pp_rank)
+
+
+def pipeline_schedule_name(cfg, micro: int) -> str:
+    """The schedule the runner picks (megatron.parallel.pipeline.runner)."""
+    par = cfg.parallel
+    layout = cfg.pipeline_layout()
+    kind = par.pipeline_schedule or ("Interleaved1F1B" if layout.virtual > 1 else "1F1B")
+    if kind == "1F1B" and micro < layout.pp:
+        return "GPipe"
+    if kind == "Interleaved1F1B" and micro % max(1, micro // layout.pp):
+        return "GPipe"
+    return kind
+
+
+def stage_parameters(cfg, pp_rank: int) -> tuple[int, int]:
+    """(dense, expert) parameters of pipeline rank ``pp_rank``'s stages with every expert local (TP 1, EP 1): the
+    meta model pruned as training prunes it (the last stage's tied copy of the embeddings included)."""
+    layout = cfg.pipeline_layout()
+    ps = ParallelState(device=torch.device("meta"), pp_size=layout.pp, pp_rank=pp_rank)
+    model = build_model(cfg.model, ps, pipeline=layout)
+    expert = sum(p.numel() for p in model.parameters() if is_expert(p))
+    return sum(p.numel() for p in model.parameters()) - expert, expert
 
 
 def teacher_config(cfg):
@@ -147,16 +187,37 @@ def _fold(cfg) -> int:
     return tp if getattr(cfg.parallel, "moe_tp_token_split", True) else 1
 
 
-def memory_plan(cfg, world_size: int, teacher_cfg=None) -> dict:
-    """Per-GPU bytes of weights, gradients, optimizer state and activations for this layout."""
-    counts = count_parameters(cfg.model)
+def _stage(cfg, world_size: int, pp_rank: int) -> dict:
+    """What pipeline rank ``pp_rank`` holds and runs: ``dense`` parameters (full, before TP), its ``layers``,
+    ``in_flight`` micro-batches of activations, whether it computes the logits (``last``), the ``schedule``."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if pp == 1:
+        return {"dense": count_parameters(cfg.model).dense, "layers": None, "in_flight": 1, "last": True,
+                "schedule": None, "pp_rank": 0}
+    layout = cfg.pipeline_layout()
+    dp = max(world_size // (tp * pp), 1)
+    micro = max(cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp), 1)
+    schedule = pipeline_schedule_name(cfg, micro)
+    return {"dense": stage_parameters(cfg, pp_rank)[0], "layers": set(layout.layers_of(pp_rank)),
+            "in_flight": pipeline_in_flight(schedule, pp, pp_rank, micro, layout.virtual),
+            "last": layout.num_stages - 1 in layout.stages_of(pp_rank), "schedule": schedule, "pp_rank": pp_rank,
+            "micro": micro}
+
+
+def memory_plan(cfg, world_size: int, teacher_cfg=None, pp_rank: int = 0) -> dict:
+    """Per-GPU bytes of weights, gradients, optimizer state and activations for this layout (under pipeline
+    parallelism: for a rank of pipeline stage ``pp_rank``)."""
     tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
     ep = cfg.model.moe.expert_parallel_size
-    dp = max(world_size // tp, 1)
+    dp = max(world_size // (tp * pp), 1)
+    stage = _stage(cfg, world_size, pp_rank)
     # experts are replicated over TP too; with the TP token split their optimizer state is sharded over it
     edp = max(dp // ep, 1) * _fold(cfg)
     layout = expert_layout(cfg.model, ep, dp, _fold(cfg))  # each MoE layer at its own EP degree (PR-MoE)
-    dense_local = counts.dense / tp
+    if stage["layers"] is not None:
+        layout = [x for x in layout if x["layer"] in stage["layers"]]
+    dense_local = stage["dense"] / tp
     expert_local = expert_elements(layout)
     expert_sharded = expert_elements(layout, sharded=True)
     params = dense_local + expert_local
@@ -166,8 +227,9 @@ def memory_plan(cfg, world_size: int, teacher_cfg=None) -> dict:
         m = cfg.model
         teacher_experts = expert_elements(expert_layout(teacher_cfg, ep, dp))
         teacher = 4 * (tc.dense / tp + teacher_experts) + 8 * m.seq_length * cfg.train.micro_batch_size * m.vocab_size / tp
+    act = {ck: activation_bytes(cfg, ck, stage["layers"], stage["in_flight"], stage["last"]) for ck in (False, True)}
     return {
-        "world": world_size, "tp": tp, "ep": ep, "dp": dp, "edp": edp,
+        "world": world_size, "tp": tp, "pp": pp, "ep": ep, "dp": dp, "edp": edp, "stage": stage,
         "params": int(params),
         "weights": int(4 * params),
         "grads": int(4 * params),
@@ -175,8 +237,8 @@ def memory_plan(cfg, world_size: int, teacher_cfg=None) -> dict:
         "optimizer": int(8 * params),
         "optimizer_sharded": int(8 * (dense_local / dp + expert_sharded)),
         "expert_layout": layout,
-        "activations": activation_bytes(cfg, checkpointing=False),
-        "activations_ckpt": activation_bytes(cfg, checkpointing=True),
+        "activations": act[False],
+        "activations_ckpt": act[True],
         "teacher": int(teacher),
     }
 
@@ -263,13 +325,17 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
     ``runtime_bytes`` is the process's baseline before the model exists (a named line in every phase);
     default :data:`RUNTIME_BYTES_CPU` with ``--use-cpu``, else :data:`RUNTIME_BYTES_GPU`.
     """
-    counts = count_parameters(cfg.model)
     m = cfg.model
     tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
     ep = m.moe.expert_parallel_size
-    dp = max(world_size // tp, 1)
+    dp = max(world_size // (tp * pp), 1)
     edp = max(dp // ep, 1) * _fold(cfg)
+    stage = _stage(cfg, world_size, rank // (tp * dp))  # pipeline stage blocks of TP x DP ranks
+    rank = rank % (tp * dp)
     layout = expert_layout(m, ep, dp, _fold(cfg))  # each MoE layer at its own EP degree (PR-MoE)
+    if stage["layers"] is not None:
+        layout = [x for x in layout if x["layer"] in stage["layers"]]
     mode = optimizer_mode(cfg)
     fmt = _checkpoint_format(cfg)
     full_format = fmt is full_tensor_format  # the one format that gathers full tensors onto writing ranks
@@ -281,7 +347,7 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
     sizes = local_sizes(m, tp, ep)
     one_expert = 2 * m.hidden_size * m.ffn_hidden_size + m.ffn_hidden_size + m.hidden_size
 
-    dense_full = counts.dense
+    dense_full = stage["dense"]
     dense_l, expert_l = dense_full / tp, expert_elements(layout)  # on this rank, unsharded
     params_l = dense_l + expert_l
     params_s = dense_l / dp + expert_elements(layout, sharded=True)  # its shard of the DP / expert-DP domains
@@ -298,7 +364,7 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
     # unsharded gradient and the reduce-scatter's flat input copy of it exist before its gradient shard is made
     fsdp_units = [("FSDP2 root block unsharded (params + grad)", 2 * 4 * sizes.embedding),
                   ("FSDP2 layers unsharded (two gathered + one's grad + reduce-scatter input)", 4 * 4 * sizes.largest_layer)]
-    act = activation_bytes(cfg, checkpointing=m.checkpoint_activations)
+    act = activation_bytes(cfg, m.checkpoint_activations, stage["layers"], stage["in_flight"], stage["last"])
     runtime = ("runtime (python + torch, before the model)", runtime_bytes)
 
     if mode in ("plain", "zero1"):
@@ -325,7 +391,8 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
     else:
         fwd = [runtime] + resident
     largest_local = sizes.largest_param / (dp if mode == "fsdp2" else 1)
-    fwd = fwd + [("activations (one micro-batch)", act),
+    fwd = fwd + [("activations (one micro-batch)" if pp == 1 else
+                  f"activations ({stage['in_flight']:g} micro-batches in flight, {stage['schedule']})", act),
                  ("backward: a new gradient before it is added into .grad (the largest)", 4 * largest_local)]
     if mode == "fsdp2":
         fwd += fsdp_units
@@ -396,7 +463,8 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
         load.append(("stored tensors deserialised one by one, copied in place (DCP's read loop still holds the "
                      "previous one: two of the largest)", 2 * 4 * largest_local))
     plan["load"] = load
-    out = {"mode": mode, "format": fmt.VERSION, "rank": rank, "dp": dp, "tp": tp, "ep": ep, "edp": edp,
+    out = {"mode": mode, "format": fmt.VERSION, "rank": rank + stage["pp_rank"] * tp * dp, "dp": dp, "tp": tp,
+           "pp": pp, "pp_rank": stage["pp_rank"], "ep": ep, "edp": edp,
            "expert_layout": layout,
            "runtime": runtime_bytes, "save_parts": {"replica_check": int(check), "format_staging": int(staged)}}
     for k, lines in plan.items():
@@ -418,17 +486,15 @@ def dry_run(cfg, world_size: int) -> dict:
     if (total, expert) != (counts.total, counts.expert):  # a bug, not a user mistake
         raise AssertionError(f"built model has {total} / {expert} parameters, analytical count {counts.total} / {counts.expert}")
     tcfg = teacher_config(cfg) if cfg.kd.enabled else None
-    plan = memory_plan(cfg, world_size, tcfg)
+    pp = cfg.parallel.pipeline_model_parallel_size
+    plans = [memory_plan(cfg, world_size, tcfg, p) for p in range(pp)]  # one per pipeline stage
+    plan = max(plans, key=lambda pl: sum(_plan_totals(cfg, pl)[:2]))  # the fullest stage
     m = cfg.model
     fpt = flops_per_token(m)
     fsdp2 = optimizer_mode(cfg) == "fsdp2"
     sharded_optim = cfg.optimizer.use_distributed_optimizer or cfg.optimizer.zero_stage in (1, 2) or fsdp2
     zero2 = cfg.optimizer.zero_stage == 2 or fsdp2
-    optim = plan["optimizer_sharded"] if sharded_optim else plan["optimizer"]
-    grads = plan["grads_sharded"] if zero2 else plan["grads"]
-    weights = plan["optimizer_sharded"] // 2 if fsdp2 else plan["weights"]
-    steady = weights + grads + optim + plan["teacher"]
-    act = plan["activations_ckpt"] if m.checkpoint_activations else plan["activations"]
+    steady, act, weights, grads, optim = _plan_totals(cfg, plan)
     lines = [
         f"> dry run: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, ffn {m.ffn_hidden_size}, "
         f"seq {m.seq_length}, vocab {m.vocab_size}, experts per layer {m.moe.experts_per_layer(m.num_layers)}, "
@@ -438,8 +504,11 @@ def dry_run(cfg, world_size: int) -> dict:
         f"expert parameters: {counts.expert}",
         f"dense parameters: {counts.dense}",
         f"training FLOPs per token: {fpt:.4e} (forward {fpt / 3:.4e})",
-        f"> memory plan per GPU: world {world_size} = TP {plan['tp']} x DP {plan['dp']} (EP {plan['ep']}, "
-        f"expert-DP {plan['edp']}), micro batch {cfg.train.micro_batch_size}",
+        f"> memory plan per GPU: world {world_size} = TP {plan['tp']} x "
+        f"{f'PP {pp} x ' if pp > 1 else ''}DP {plan['dp']} (EP {plan['ep']}, "
+        f"expert-DP {plan['edp']}), micro batch {cfg.train.micro_batch_size}"
+        + (f"; pipeline stage {plan['stage']['pp_rank']} (the fullest)" if pp > 1 else ""),
+        *_stage_lines(cfg, plans),
         f"  parameters on one GPU:      {plan['params']}",
         *expert_layout_lines(plan["expert_layout"], plan["ep"]),
         f"  weights (fp32):             {_gib(plan['weights'])}",
@@ -447,7 +516,8 @@ def dry_run(cfg, world_size: int) -> dict:
         f"(sharded over DP / expert-DP with --zero-stage 2: {_gib(plan['grads_sharded'])})",
         f"  Adam state (fp32 m, v):     {_gib(plan['optimizer'])} "
         f"(sharded over DP / expert-DP: {_gib(plan['optimizer_sharded'])})",
-        f"  activations per micro-batch: {_gib(plan['activations'])} without checkpointing, "
+        f"  activations {'per micro-batch' if pp == 1 else 'in flight'}: {_gib(plan['activations'])} without "
+        f"checkpointing, "
         f"{_gib(plan['activations_ckpt'])} with --checkpoint-activations",
     ]
     if tcfg is not None:
@@ -463,11 +533,41 @@ def dry_run(cfg, world_size: int) -> dict:
         f"ZeRO-1 {_gib(steady - weights - optim - grads + plan['weights'] + plan['optimizer_sharded'] + plan['grads'] + act)}, "
         f"ZeRO-2 {_gib(steady - weights - optim - grads + plan['weights'] + plan['optimizer_sharded'] + plan['grads_sharded'] + act)})",
     ]
-    phases = phase_plan(cfg, world_size)
+    phases = phase_plan(cfg, world_size, rank=plan["stage"]["pp_rank"] * plan["tp"] * plan["dp"])
     lines += phase_lines(phases)
     print("\n".join(lines), flush=True)
     return {"total": counts.total, "active": counts.active, "expert": counts.expert, "flops_per_token": fpt,
             "memory": plan, "memory_total": steady + act, "phases": phases}
+
+
+def _plan_totals(cfg, plan: dict) -> tuple[int, int, int, int, int]:
+    """(steady state, activations, weights, gradients, optimizer) bytes of a memory plan under this config's
+    optimizer and checkpointing."""
+    fsdp2 = optimizer_mode(cfg) == "fsdp2"
+    sharded_optim = cfg.optimizer.use_distributed_optimizer or cfg.optimizer.zero_stage in (1, 2) or fsdp2
+    zero2 = cfg.optimizer.zero_stage == 2 or fsdp2
+    optim = plan["optimizer_sharded"] if sharded_optim else plan["optimizer"]
+    grads = plan["grads_sharded"] if zero2 else plan["grads"]
+    weights = plan["optimizer_sharded"] // 2 if fsdp2 else plan["weights"]
+    act = plan["activations_ckpt"] if cfg.model.checkpoint_activations else plan["activations"]
+    return weights + grads + optim + plan["teacher"], act, weights, grads, optim
+
+
+def _stage_lines(cfg, plans: list[dict]) -> list[str]:
+    """One line per pipeline stage (nothing without pipelining)."""
+    if len(plans) == 1:
+        return []
+    layout = cfg.pipeline_layout()
+    out = [f"  pipeline: {plans[0]['stage']['schedule']} schedule, {plans[0]['stage']['micro']} micro-batches per step; "
+           f"{layout.describe()}"]
+    for pl in plans:
+        st = pl["stage"]
+        extra = [w for w, on in (("embeddings", 0 in layout.stages_of(st["pp_rank"])), ("head + loss", st["last"])) if on]
+        steady, act = _plan_totals(cfg, pl)[:2]
+        out.append(f"  stage {st['pp_rank']}: {len(st['layers'])} layers{' + ' + ', '.join(extra) if extra else ''}, "
+                   f"{pl['params']} parameters on one GPU, {st['in_flight']:g} micro-batches in flight, "
+                   f"total {_gib(steady + act)}")
+    return out
 
 
 def expert_layout_lines(layout: list[dict], ep: int) -> list[str]:
