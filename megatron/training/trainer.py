@@ -26,11 +26,10 @@ import torch.distributed as dist
 from megatron.checkpoint.async_save import PendingSave
 from megatron.checkpoint.atomic import recover_and_clean
 from megatron.checkpoint.formats import FORMAT_NAMES
-from megatron.checkpoint.layout import TRACKER
+from megatron.checkpoint.layout import TRACKER, locate_checkpoint
 from megatron.checkpoint.load import load_checkpoint
 from megatron.checkpoint.save import save_checkpoint
-from megatron.checkpoint.teacher_config import teacher_model_config
-from megatron.config.schema import pad_vocab_size
+from megatron.config.schema import ModelConfig, pad_vocab_size
 from megatron.errors import UserError
 from megatron.model.gpt_model import GPTModel
 from megatron.model.param_tags import is_expert
@@ -583,8 +582,9 @@ def _layer_ep_sizes(cfg) -> list[int]:
     """The EP degrees of the run's MoE layers (PR-MoE: a layer with fewer experts than EP runs at EP = E), the
     KD / MoS teacher's included (it is built at the student's EP size)."""
     sizes = set(cfg.model.moe.layer_ep_sizes(cfg.model.num_layers))
-    if cfg.kd.enabled and cfg.kd.load_teacher and not cfg.train.skip_train:
-        teacher = teacher_model_config(cfg.kd, cfg.model)
+    found = locate_checkpoint(cfg.kd.load_teacher, "--load-teacher") if cfg.kd.enabled and cfg.kd.load_teacher else None
+    if found is not None and not cfg.train.skip_train:  # (a missing teacher is reported when it is built)
+        teacher = ModelConfig.from_dict(found[1]["config"]["model"])
         ep = cfg.model.moe.expert_parallel_size
         sizes |= {min(ep, e) for i, e in enumerate(teacher.moe.experts_per_layer(teacher.num_layers))
                   if teacher.moe.is_moe_layer(i, e)}
