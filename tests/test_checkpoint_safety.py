@@ -109,3 +109,17 @@ def test_the_start_up_file_size_estimate_covers_the_real_largest_file(tmp_path, 
     total, largest = checkpoint_bytes(parse_args(argv).model, True, sharded_over=1 if fmt == "torch_dist" else None)
     assert max(sizes) <= largest <= 1.3 * max(sizes), (max(sizes), largest)
     assert sum(sizes) <= total * 1.05
+
+
+def test_adam_state_of_the_wrong_shape_is_one_line(tmp_path):
+    """A cut exp_avg in format 1's optim_dense.pt: one line naming the file and the fix at load (was a traceback
+    inside torch's Adam at the first step)."""
+    ck = str(tmp_path / "ck")
+    pretrain_gpt_moe.main(mock_args(BASE + ["--train-iters", "2", "--save", ck, "--ckpt-format", "torch"]))
+    optim_file = os.path.join(ck, "iter_0000002", "optim_dense.pt")
+    optim = torch.load(optim_file, weights_only=True)
+    name = next(iter(optim))
+    optim[name]["exp_avg"] = optim[name]["exp_avg"].reshape(-1)[:3].clone()
+    torch.save(optim, optim_file)
+    refused(mock_args(BASE + ["--train-iters", "4", "--save", ck, "--load", ck, "--ckpt-format", "torch"]),
+            f"optim_dense.pt holds Adam exp_avg of shape (3,) for {name}", ck)

@@ -131,6 +131,12 @@ def _read(path: str, model, ps, want_optim: bool, flag: str) -> dict:
             p.copy_(local(dense[n]))
             if n in optim_dense:
                 st = optim_dense[n]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    got = tuple(st[key].shape) if isinstance(st.get(key), torch.Tensor) else None
+                    if got != full_shape(p):
+                        raise UserError(f"{flag}: {os.path.join(path, DENSE_OPTIM_FILE)} holds Adam {key} of shape "
+                                        f"{got} for {n}, whose shape is {full_shape(p)}: the file is damaged or from "
+                                        f"another model; load with --no-load-optim to keep the weights only")
                 new_state[p] = {"exp_avg": local(st["exp_avg"]), "exp_avg_sq": local(st["exp_avg_sq"]), "step": st["step"]}
         for layer, experts in expert_stacks(model):
             params = dict(experts.named_parameters(recurse=False))
@@ -145,6 +151,12 @@ def _read(path: str, model, ps, want_optim: bool, flag: str) -> dict:
                                         f"{tuple(p[i].shape)}; pass the flags the checkpoint was trained with")
                     p[i].copy_(blob[k])
                     if f"optim.{k}.exp_avg" in blob:
+                        for key in ("exp_avg", "exp_avg_sq"):
+                            if tuple(blob[f"optim.{k}.{key}"].shape) != tuple(p[i].shape):
+                                raise UserError(f"{flag}: {file} holds Adam {key} of shape "
+                                                f"{tuple(blob[f'optim.{k}.{key}'].shape)} for {k}, whose shape is "
+                                                f"{tuple(p[i].shape)}: the file is damaged or from another model; load "
+                                                f"with --no-load-optim to keep the weights only")
                         slices[k]["exp_avg"].append(blob[f"optim.{k}.exp_avg"])
                         slices[k]["exp_avg_sq"].append(blob[f"optim.{k}.exp_avg_sq"])
                         slices[k]["step"] = float(blob[f"optim.{k}.step"])
