@@ -96,6 +96,12 @@ def test_checkpoints_move_between_pipeline_layouts(tmp_path):
     close(run_distributed(train, 2, str(tmp_path / "r4"), argv + PP2 + ["--load", b])[0]["losses"], full[3:])  # 1 -> 2
     shards = sorted(f for f in os.listdir(os.path.join(a, "iter_0000003", "shards")) if f.endswith(".distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each stage wrote its own layers
+    # evaluation / generation / serving load a PP-trained checkpoint in one process: the same weights as a PP 1 save
+    from megatron.inference.load import load_model
+
+    tokens = torch.arange(16)[None]
+    pp_logits = load_model(a, "cpu").model.logits(tokens).logits
+    assert torch.allclose(pp_logits, load_model(b, "cpu").model.logits(tokens).logits, atol=1e-5)  # b: PP 1, iter 3
 
 
 def test_distillation_under_pipeline_parallelism(tmp_path):
