@@ -74,6 +74,36 @@ class ModelConfig:
                                 "(Qwen3, OLMoE)")
     kv_channels: Optional[int] = option("--kv-channels", None, "head dim (default --hidden-size / "
                                         "--num-attention-heads)", type=int, check=(positive, "must be >= 1"))
+    # ---- multi-latent attention (DeepSeek-V2 / V3; Megatron-LM's names), megatron/model/mla.py
+    multi_latent_attention: bool = option("--multi-latent-attention", False, "multi-latent attention (DeepSeek-V3) "
+                                          "instead of multi-head / grouped-query attention (needs --position-"
+                                          "embedding-type rope)")
+    q_lora_rank: Optional[int] = option("--q-lora-rank", None, "MLA: rank of the query compression (default: no "
+                                        "compression, one q projection)", type=int, check=(positive, "must be >= 1"))
+    kv_lora_rank: int = option("--kv-lora-rank", 32, "MLA: rank of the key/value compression (the latent)",
+                               check=(positive, "must be >= 1"))
+    qk_head_dim: int = option("--qk-head-dim", 128, "MLA: per-head q / k dims without RoPE (the nope part)",
+                              check=(positive, "must be >= 1"))
+    qk_pos_emb_head_dim: int = option("--qk-pos-emb-head-dim", 64, "MLA: per-head q / k dims with RoPE (the "
+                                      "rotary part; the key's is one head shared by all)",
+                                      check=(positive, "must be >= 1"))
+    v_head_dim: int = option("--v-head-dim", 128, "MLA: per-head value dims", check=(positive, "must be >= 1"))
+    rope_type: Optional[str] = option("--rope-type", None, "MLA: RoPE frequencies, rope or yarn (YaRN, DeepSeek-V3's "
+                                      "context extension; default rope)", type=str, choices=["rope", "yarn"])
+    rotary_scaling_factor: float = option("--rotary-scaling-factor", 1.0, "YaRN: context extension factor (DeepSeek-V3: "
+                                          "40)", type=float, check=(positive, "must be > 0"))
+    mscale: float = option("--mscale", 1.0, "YaRN: mscale of the attention factor on cos / sin", type=float,
+                           check=(non_negative, "must be >= 0"))
+    mscale_all_dim: float = option("--mscale-all-dim", 0.0, "YaRN: mscale_all_dim (the softmax scale is multiplied by "
+                                   "(0.1 mscale_all_dim ln factor + 1)^2; 0: not)", type=float,
+                                   check=(non_negative, "must be >= 0"))
+    beta_fast: float = option("--beta-fast", 32.0, "YaRN: rotations above which a dim keeps its frequency",
+                              type=float, check=(positive, "must be > 0"))
+    beta_slow: float = option("--beta-slow", 1.0, "YaRN: rotations below which a dim is interpolated", type=float,
+                              check=(positive, "must be > 0"))
+    original_max_position_embeddings: Optional[int] = option(
+        "--original-max-position-embeddings", None, "YaRN: the pre-training context the factor extends (DeepSeek-V3: "
+        "4096)", type=int, check=(positive, "must be >= 1"))
     untie_embeddings_and_output_weights: bool = option("--untie-embeddings-and-output-weights", False, "a separate "
                                                        "output layer [V, H] instead of the word embeddings")
     checkpoint_activations: bool = option("--checkpoint-activations", False, "recompute each layer's activations in "
@@ -114,7 +144,7 @@ class ModelConfig:
     def validate(self) -> None:
         check_options(self)
         check(
-            self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
+            self.kv_channels is not None or self.multi_latent_attention or self.hidden_size % self.num_attention_heads == 0,
             f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {self.num_attention_heads}: "
             f"choose a head count that divides the hidden size (or set --kv-channels)",
         )
@@ -125,14 +155,35 @@ class ModelConfig:
         check(self.num_attention_heads % self.num_kv_heads == 0,
               f"--num-query-groups {self.num_kv_heads} does not divide --num-attention-heads "
               f"{self.num_attention_heads}")
-        check(int(self.head_dim * self.rotary_percent) % 2 == 0 or not self.rope,
+        check(int(self.head_dim * self.rotary_percent) % 2 == 0 or not self.rope or self.multi_latent_attention,
               f"--rotary-percent {self.rotary_percent} of head dim {self.head_dim} is not an even number of dims")
         check(
             self.seq_length <= self.max_position_embeddings,
             f"--seq-length {self.seq_length} exceeds --max-position-embeddings {self.max_position_embeddings}: "
             f"raise --max-position-embeddings or shorten --seq-length",
         )
+        if self.multi_latent_attention:
+            self.validate_mla()
+        check(self.rope_type != "yarn" or self.multi_latent_attention,
+              "--rope-type yarn is implemented with --multi-latent-attention only: drop it (or add MLA)")
         self.moe.validate(self.num_layers)
+
+    def validate_mla(self) -> None:
+        """--multi-latent-attention's cross-option checks (one line each)."""
+        check(self.rope, "--multi-latent-attention needs --position-embedding-type rope (RoPE on its "
+              "--qk-pos-emb-head-dim part)")
+        for flag, used in (("--group-query-attention", self.group_query_attention),
+                           ("--qk-layernorm", self.qk_layernorm), ("--add-qkv-bias", self.add_qkv_bias),
+                           ("--kv-channels", self.kv_channels is not None),
+                           ("--rotary-percent", self.rotary_percent != 1.0)):
+            check(not used, f"{flag} does not combine with --multi-latent-attention (MLA sets its head dims with "
+                  f"--qk-head-dim, --qk-pos-emb-head-dim, --v-head-dim): drop it")
+        check(self.rope_type != "yarn" or self.rotary_scaling_factor <= 1
+              or self.original_max_position_embeddings is not None,
+              "--rope-type yarn with --rotary-scaling-factor > 1 needs --original-max-position-embeddings (the "
+              "pre-training context, DeepSeek-V3: 4096)")
+        check(self.qk_pos_emb_head_dim % 2 == 0,
+              f"--qk-pos-emb-head-dim {self.qk_pos_emb_head_dim} must be even (RoPE rotates pairs of dims)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -147,7 +198,16 @@ class ModelConfig:
         return {"learned_positions": self.learned_positions, "rope": self.rope, "normalization": self.normalization,
                 "swiglu": self.swiglu, "add_bias_linear": self.add_bias_linear, "qkv_bias": self.qkv_bias,
                 "num_kv_heads": self.num_kv_heads, "qk_layernorm": self.qk_layernorm, "head_dim": self.head_dim,
-                "untie_embeddings_and_output_weights": self.untie_embeddings_and_output_weights}
+                "untie_embeddings_and_output_weights": self.untie_embeddings_and_output_weights,
+                **self.mla_spec()}
+
+    def mla_spec(self) -> dict:
+        """The MLA shape fields ({} without --multi-latent-attention, so other block specs stay as they were)."""
+        if not self.multi_latent_attention:
+            return {}
+        return {"multi_latent_attention": True, "q_lora_rank": self.q_lora_rank, "kv_lora_rank": self.kv_lora_rank,
+                "qk_head_dim": self.qk_head_dim, "qk_pos_emb_head_dim": self.qk_pos_emb_head_dim,
+                "v_head_dim": self.v_head_dim}
 
     def architecture(self) -> dict:
         """Fields that must match for a checkpoint to load into this model."""
@@ -668,6 +728,8 @@ class Config:
         m = self.model
         check(m.num_attention_heads % tp == 0,
               f"--num-attention-heads {m.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+        check(not m.multi_latent_attention or tp == 1, f"--multi-latent-attention does not combine with "
+              f"--tensor-model-parallel-size {tp} yet: use expert / data / pipeline parallelism (TP 1)")
         check(m.num_kv_heads % tp == 0,
               f"--num-query-groups {m.num_kv_heads} is not divisible by --tensor-model-parallel-size {tp}")
         check(m.ffn_hidden_size % tp == 0,

@@ -26,8 +26,8 @@ from megatron.model.moe.experts import init_std_for_output
 from megatron.model.moe.layer import MoELayer
 from megatron.model.moe.metrics import MoEStats
 from megatron.model.param_tags import is_output_layer, is_tp_sharded, tp_local_layout
-from megatron.model.rope import RotaryTables, rotary_tables
-from megatron.model.transformer import DenseMLPBlock, TransformerLayer, mlp_from_config, rotary_dim
+from megatron.model.rope import RotaryTables
+from megatron.model.transformer import DenseMLPBlock, TransformerLayer, mlp_from_config, rope_tables
 
 
 class LossOutput(NamedTuple):
@@ -231,7 +231,7 @@ class GPTModel(nn.Module):
         """position_ids [B or 1, T] -> the RoPE cos / sin tables every layer shares (None without RoPE)."""
         if not self.cfg.rope:
             return None
-        return rotary_tables(position_ids, rotary_dim(self.cfg), self.cfg.rotary_base)
+        return rope_tables(self.cfg, position_ids)
 
     def run_layer(self, layer: TransformerLayer, h: torch.Tensor, token_mask=None, layer_cache=None, attn_mask=None,
                   rope: Optional[RotaryTables] = None):

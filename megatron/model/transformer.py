@@ -6,7 +6,8 @@ q/k norm per head, learned positions outside or RoPE on q and k inside), GeLU or
 Parameter layouts (what tensor parallelism, the HF conversion and ``init_rng`` rely on):
 - ``attention.qkv.weight`` [(nh + 2 ng) hd, H]: the q rows of every head, then the k rows of every
   key/value group, then the v rows (ng = nh without GQA: GPT's [3H, H]);
-- ``mlp.fc1.weight`` [F, H] (GeLU) or [2F, H] (SwiGLU: the gate rows, then the up rows).
+- ``mlp.fc1.weight`` [F, H] (GeLU) or [2F, H] (SwiGLU: the gate rows, then the up rows);
+- with --multi-latent-attention the attention is :class:`megatron.model.mla.MultiLatentAttention` (its own names).
 
 Shapes: B batch, T sequence, H hidden, nh heads, ng key/value groups, hd head dim, F MLP width.
 """
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 
 from megatron.model.fused import norm
 from megatron.model.kv_cache import LayerKV
+from megatron.model.mla import mla_from_config
 from megatron.model.param_tags import mark_output_layer
-from megatron.model.rope import RotaryTables, apply_rotary, rotary_tables
+from megatron.model.rope import RotaryTables, YarnParams, apply_rotary, rotary_tables
 
 
 class SelfAttention(nn.Module):
@@ -117,8 +119,23 @@ class DenseMLPBlock(nn.Module):
 
 
 def rotary_dim(cfg) -> int:
-    """Dims of each head RoPE rotates (0: no RoPE)."""
+    """Dims of each head RoPE rotates (0: no RoPE; multi-latent attention: its --qk-pos-emb-head-dim)."""
+    if cfg.rope and getattr(cfg, "multi_latent_attention", False):
+        return cfg.qk_pos_emb_head_dim
     return int(cfg.head_dim * cfg.rotary_percent) if cfg.rope else 0
+
+
+def yarn_params(cfg) -> Optional[YarnParams]:
+    """The YaRN parameters of --rope-type yarn (None: plain RoPE)."""
+    if getattr(cfg, "rope_type", None) != "yarn" or cfg.rotary_scaling_factor <= 1:
+        return None
+    return YarnParams(cfg.rotary_scaling_factor, cfg.original_max_position_embeddings, cfg.beta_fast, cfg.beta_slow,
+                      cfg.mscale, cfg.mscale_all_dim)
+
+
+def rope_tables(cfg, position_ids: torch.Tensor) -> RotaryTables:
+    """position_ids [B or 1, T] -> the RoPE cos / sin tables of ModelConfig ``cfg`` (its rotary dims, base, YaRN)."""
+    return rotary_tables(position_ids, rotary_dim(cfg), cfg.rotary_base, yarn_params(cfg))
 
 
 class TransformerLayer(nn.Module):
@@ -127,11 +144,14 @@ class TransformerLayer(nn.Module):
         self.layer_number = layer_number
         eps = cfg.layernorm_epsilon
         self.input_layernorm = norm(cfg.normalization, cfg.hidden_size, eps)
-        self.attention = SelfAttention(
-            cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, proj_bias=cfg.add_bias_linear,
-            qk_norm=cfg.normalization if cfg.qk_layernorm else None, norm_eps=eps, rotary_dim=rotary_dim(cfg),
-            rotary_base=cfg.rotary_base)
+        if getattr(cfg, "multi_latent_attention", False):  # DeepSeek-V3's MLA (megatron/model/mla.py)
+            self.attention = mla_from_config(cfg, yarn_params(cfg))
+        else:
+            self.attention = SelfAttention(
+                cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout, num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, proj_bias=cfg.add_bias_linear,
+                qk_norm=cfg.normalization if cfg.qk_layernorm else None, norm_eps=eps, rotary_dim=rotary_dim(cfg),
+                rotary_base=cfg.rotary_base)
         self.post_attention_layernorm = norm(cfg.normalization, cfg.hidden_size, eps)
         self.mlp = mlp  # DenseMLPBlock or MoELayer: forward(x, token_mask) -> (y, stats | None)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)

@@ -180,6 +180,9 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
     T = ps.tp_size
     for layer in model.layer_modules():
         att = layer.attention
+        if not hasattr(att, "qkv"):  # multi-latent attention (megatron/model/mla.py): no head-sharded layout yet
+            raise UserError(f"--multi-latent-attention does not combine with --tensor-model-parallel-size {T} yet: "
+                            f"use expert / data / pipeline parallelism (TP 1)")
         nh, ng, hd = att.num_heads, att.num_kv_heads, att.head_dim
         if ng % T:
             raise UserError(f"--num-query-groups {ng} is not divisible by --tensor-model-parallel-size {T}")

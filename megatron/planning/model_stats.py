@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron.model.mla import MultiLatentAttention
 from megatron.model.moe.experts import StackedExperts
 from megatron.model.moe.routers import router_class
 from megatron.model.moe.shared_experts import SharedExpertMLP
@@ -30,7 +31,12 @@ def norm_parameters(cfg, n: int) -> int:
 
 
 def attention_parameters(cfg) -> int:
-    """One self-attention block: qkv (GQA: nh query, ng key/value heads of hd), proj, biases, q/k norms."""
+    """One self-attention block: qkv (GQA: nh query, ng key/value heads of hd), proj, biases, q/k norms;
+    multi-latent attention: its down / up projections, latent norms, proj (MultiLatentAttention.num_parameters)."""
+    if getattr(cfg, "multi_latent_attention", False):
+        return MultiLatentAttention.num_parameters(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_head_dim,
+            cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.add_bias_linear)
     H, hd, nh, ng = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_kv_heads
     qkv = (nh + 2 * ng) * hd
     n = H * qkv + nh * hd * H
@@ -84,6 +90,9 @@ def flops_per_token(cfg, training: bool = True) -> float:
     matmul_params = counts.active - counts.embedding + cfg.vocab_size * cfg.hidden_size
     # QK^T and AV over nh heads of hd (GQA shares k / v, not the score FLOPs), causal not discounted
     attention = 2 * 2 * cfg.num_layers * cfg.seq_length * cfg.num_attention_heads * cfg.head_dim
+    if getattr(cfg, "multi_latent_attention", False):  # QK^T over dn + dr dims per head, AV over dv
+        attention = (2 * cfg.num_layers * cfg.seq_length * cfg.num_attention_heads
+                     * (cfg.qk_head_dim + cfg.qk_pos_emb_head_dim + cfg.v_head_dim))
     fwd = 2 * matmul_params + attention
     return 3.0 * fwd if training else float(fwd)
 
@@ -139,6 +148,10 @@ def local_sizes(cfg, tp: int = 1, ep: int = 1) -> LocalSizes:
     mlp = mlp_parameters(cfg) // tp + H
     embedding = (V * H // tp + (P * H if cfg.learned_positions else 0) + 2 * H
                  + (V * H // tp if cfg.untie_embeddings_and_output_weights else 0))
+    if getattr(cfg, "multi_latent_attention", False):  # the largest MLA matrix (TP is refused with MLA)
+        nh, dq = cfg.num_attention_heads, cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
+        qkv_rows = max(nh * dq * (cfg.q_lora_rank or H) // H, cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim,
+                       cfg.kv_lora_rank * nh * (cfg.qk_head_dim + cfg.v_head_dim) // H, nh * cfg.v_head_dim)
     largest_param = max(V * H // tp, H * F * (2 if cfg.swiglu else 1) // tp, qkv_rows * H // tp)
     largest_layer = 0
     for i, e in enumerate(cfg.moe.experts_per_layer(L)):
