@@ -66,3 +66,32 @@ def test_upcycle_errors(dense, tmp_path):
     checkpoint_util.main(["upcycle", "--load", dense, "--save", up, "--num-experts", "2"])
     with pytest.raises(UserError, match="already has MoE layers"):
         checkpoint_util.main(["upcycle", "--load", up, "--save", str(tmp_path / "c"), "--num-experts", "2"])
+
+
+LLAMA = ["--position-embedding-type", "rope", "--no-position-embedding", "--normalization", "RMSNorm", "--swiglu",
+         "--disable-bias-linear", "--group-query-attention", "--num-query-groups", "2",
+         "--untie-embeddings-and-output-weights"]
+
+
+def test_llama_style_dense_upcycles_into_swiglu_experts_and_exports_as_mixtral(tmp_path):
+    """A Llama-style dense checkpoint (SwiGLU, no biases) -> top-2 SwiGLU experts, each the dense MLP, the router
+    randomly initialised: the dense function at step 0; the result exports as MixtralForCausalLM."""
+    dense, up = str(tmp_path / "dense"), str(tmp_path / "up")
+    pretrain_gpt_moe.main(mock_args(RUN + LLAMA + ["--train-iters", "2", "--save", dense]))
+    checkpoint_util.main(["upcycle", "--load", dense, "--save", up, "--num-experts", "4", "--topk", "2",
+                          "--expert-interval", "1"])
+    tokens = torch.randint(0, 127, (4, 33), generator=torch.Generator().manual_seed(1))
+    a, b = mean_loss(dense, tokens), mean_loss(up, tokens)
+    assert abs(a - b) < 1e-5, (a, b)
+    lm = load_model(up, "cpu")
+    router = lm.model.layers[0].mlp.router.wg.weight
+    assert lm.model.layers[0].mlp.experts.b1 is None and router.abs().sum() > 0  # random, not zero
+    transformers = pytest.importorskip("transformers")
+    from megatron.hf.export import write_export
+
+    out = tmp_path / "export"
+    out.mkdir()
+    assert write_export(lm, str(out))["kind"] == "transformers MixtralForCausalLM"
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, lm.model.logits(tokens).logits, rtol=1e-4, atol=1e-4)

@@ -72,6 +72,9 @@ class ModelConfig:
                                              check=(positive, "must be >= 1"))
     qk_layernorm: bool = option("--qk-layernorm", False, "normalise q and k per head (over the head dim) before RoPE "
                                 "(Qwen3, OLMoE)")
+    qk_layernorm_full: bool = option("--qk-layernorm-full", False, "with --qk-layernorm: normalise the whole q and "
+                                     "k projections (q over all heads, k over all key/value heads) instead of each "
+                                     "head (OLMoE's q_norm / k_norm)")
     kv_channels: Optional[int] = option("--kv-channels", None, "head dim (default --hidden-size / "
                                         "--num-attention-heads)", type=int, check=(positive, "must be >= 1"))
     # ---- multi-latent attention (DeepSeek-V2 / V3; Megatron-LM's names), megatron/model/mla.py
@@ -148,6 +151,7 @@ class ModelConfig:
             f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {self.num_attention_heads}: "
             f"choose a head count that divides the hidden size (or set --kv-channels)",
         )
+        check(self.qk_layernorm or not self.qk_layernorm_full, "--qk-layernorm-full needs --qk-layernorm")
         check(not self.group_query_attention or self.num_query_groups is not None,
               "--group-query-attention needs --num-query-groups N (the key/value heads)")
         check(self.group_query_attention or self.num_query_groups is None,

@@ -88,13 +88,58 @@ def model_flags(cfg: ModelConfig) -> list:
     flags += ["--norm-epsilon", cfg.layernorm_epsilon]
     switches = [(cfg.swiglu, "--swiglu"), (not cfg.add_bias_linear, "--disable-bias-linear"),
                 (cfg.add_qkv_bias, "--add-qkv-bias"), (cfg.qk_layernorm, "--qk-layernorm"),
+                (getattr(cfg, "qk_layernorm_full", False), "--qk-layernorm-full"),
                 (cfg.untie_embeddings_and_output_weights, "--untie-embeddings-and-output-weights")]
     flags += [flag for on, flag in switches if on]
     if cfg.group_query_attention:
         flags += ["--group-query-attention", "--num-query-groups", cfg.num_query_groups]
     if cfg.kv_channels is not None:
         flags += ["--kv-channels", cfg.kv_channels]
+    if cfg.multi_latent_attention:
+        flags += ["--multi-latent-attention", "--kv-lora-rank", cfg.kv_lora_rank, "--qk-head-dim", cfg.qk_head_dim,
+                  "--qk-pos-emb-head-dim", cfg.qk_pos_emb_head_dim, "--v-head-dim", cfg.v_head_dim]
+        if cfg.q_lora_rank is not None:
+            flags += ["--q-lora-rank", cfg.q_lora_rank]
+        if cfg.rope_type == "yarn":
+            flags += ["--rope-type", "yarn", "--rotary-scaling-factor", cfg.rotary_scaling_factor, "--mscale", cfg.mscale,
+                      "--mscale-all-dim", cfg.mscale_all_dim, "--beta-fast", cfg.beta_fast, "--beta-slow", cfg.beta_slow,
+                      "--original-max-position-embeddings", cfg.original_max_position_embeddings]
+    if cfg.moe.enabled:
+        flags += moe_flags(cfg)
     return [str(f) for f in flags]
+
+
+def moe_flags(cfg: ModelConfig) -> list:
+    """The MoE flags of an imported sparse family (the MoEConfig fields hf_layouts.moe_options_from_hf_config
+    sets): experts, top-k, widths, which layers, routing, shared expert, no token dropping."""
+    m = cfg.moe
+    flags = ["--num-experts", *m.num_experts, "--moe-router-topk", m.topk]
+    if m.moe_ffn_hidden_size is not None:
+        flags += ["--moe-ffn-hidden-size", m.moe_ffn_hidden_size]
+    if m.layer_freq is not None:
+        flags += ["--moe-layer-freq", m.layer_freq]
+    if not m.token_dropping:
+        flags += ["--disable-moe-token-dropping"]
+    if m.router_load_balancing_type is not None:
+        flags += ["--moe-router-load-balancing-type", m.router_load_balancing_type]
+    flags += ["--moe-aux-loss-coeff", repr(float(m.loss_coeff))]
+    if m.router_score_function != "softmax":
+        flags += ["--moe-router-score-function", m.router_score_function]
+    if m.router_pre_softmax:
+        flags += ["--moe-router-pre-softmax"]
+    if m.router_norm_topk_prob is not None:
+        flags += ["--moe-router-norm-topk-prob", "true" if m.router_norm_topk_prob else "false"]
+    if m.router_topk_scaling_factor is not None:
+        flags += ["--moe-router-topk-scaling-factor", m.router_topk_scaling_factor]
+    if m.router_num_groups is not None:
+        flags += ["--moe-router-num-groups", m.router_num_groups, "--moe-router-group-topk", m.router_group_topk]
+    if m.router_enable_expert_bias:
+        flags += ["--moe-router-enable-expert-bias"]
+    if m.shared_expert_intermediate_size is not None:
+        flags += ["--moe-shared-expert-intermediate-size", m.shared_expert_intermediate_size]
+        if m.shared_expert_gate:
+            flags += ["--moe-shared-expert-gate"]
+    return flags
 
 
 def export_native(model, cfg: ModelConfig, out_dir: str, *, eod: int, data_cfg: Optional[dict] = None,

@@ -1,11 +1,14 @@
 """Sparse upcycling (Komatsuzaki et al., 2022): a dense checkpoint becomes an MoE checkpoint whose model
 computes the dense model's function at step 0.
 
-Every expert of an MoE layer is a copy of that layer's dense MLP, and the router weights are zero, so the
-router's softmax is uniform (1/E for each expert) and, in evaluation routing, every token picks expert 0.
-The combine weight then decides the output scale:
+Every expert of an MoE layer is a copy of that layer's dense MLP (GeLU or SwiGLU, with or without biases:
+a Llama / Qwen dense checkpoint becomes a Mixtral / Qwen-MoE shape). The combine weight decides the output
+scale:
 
-- top-2 renormalises the two chosen probabilities to sum to 1: the output is the dense MLP's, unchanged;
+- top-2 renormalises the two chosen probabilities to sum to 1: the output is the dense MLP's, unchanged,
+  whatever the router says, so the router keeps its random initialisation (as Megatron-LM's upcycling);
+- otherwise the router weights are zero, so its softmax is uniform (1/E for each expert) and, in evaluation
+  routing, every token picks expert 0:
 - top-1 scales the chosen expert's output by its probability 1/E (DeepSpeed does not renormalise top-1),
   so each expert's output projection (w2, b2) is multiplied by E: (1/E) * E * mlp(x) = mlp(x);
 - Residual-MoE mixes the expert output and a dense MLP with softmax(coefficient(x)): the residual MLP is
@@ -42,11 +45,17 @@ def upcycle_model(dense, moe) -> None:
                 continue
             mlp = layer_dense.mlp.mlp
             scale = float(m.num_experts) if m.topk == 1 else 1.0
+            # SwiGLU: fc1 [2F, H] is [gate; up] rows and w1 [E, H, 2F] gate columns then up, so the same copy
             m.experts.w1.copy_(mlp.fc1.weight.t()[None].expand_as(m.experts.w1))  # [E, H, F]
-            m.experts.b1.copy_(mlp.fc1.bias[None].expand_as(m.experts.b1))
             m.experts.w2.copy_(scale * mlp.fc2.weight.t()[None].expand_as(m.experts.w2))  # [E, F, H]
-            m.experts.b2.copy_(scale * mlp.fc2.bias[None].expand_as(m.experts.b2))
-            m.router.wg.weight.zero_()
+            if getattr(m.experts, "b1", None) is not None:  # none under --disable-bias-linear (Llama-style)
+                m.experts.b1.copy_(mlp.fc1.bias[None].expand_as(m.experts.b1))
+            if getattr(m.experts, "b2", None) is not None:
+                m.experts.b2.copy_(scale * mlp.fc2.bias[None].expand_as(m.experts.b2))
+            if m.topk != 2:
+                m.router.wg.weight.zero_()
+            # top-2 renormalises the two chosen weights: with equal experts any router gives the dense function,
+            # so the router keeps its random initialisation (Megatron-LM's upcycling) and breaks the symmetry
             if m.residual:
                 m.residual_mlp.load_state_dict(mlp.state_dict())
                 m.coefficient.weight.zero_()

@@ -30,7 +30,7 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, qkv_bias: bool = True, proj_bias: bool = True,
                  qk_norm: Optional[str] = None, norm_eps: float = 1e-5, rotary_dim: int = 0,
-                 rotary_base: float = 10000.0):
+                 rotary_base: float = 10000.0, qk_norm_full: bool = False):
         """``qk_norm``: None or the norm kind applied per head to q and k; ``rotary_dim`` > 0: RoPE on that many
         leading dims of each head."""
         super().__init__()
@@ -41,9 +41,10 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, (num_heads + 2 * self.num_kv_heads) * hd, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * hd, hidden_size, bias=proj_bias)
         mark_output_layer(self.proj)
+        self.qk_norm_full = qk_norm_full  # OLMoE: over the whole q / k projection, not per head
         if qk_norm is not None:
-            self.q_layernorm = norm(qk_norm, hd, norm_eps)
-            self.k_layernorm = norm(qk_norm, hd, norm_eps)
+            self.q_layernorm = norm(qk_norm, num_heads * hd if qk_norm_full else hd, norm_eps)
+            self.k_layernorm = norm(qk_norm, self.num_kv_heads * hd if qk_norm_full else hd, norm_eps)
         else:
             self.q_layernorm = self.k_layernorm = None
         self.rotary_dim, self.rotary_base = rotary_dim, rotary_base
@@ -57,9 +58,11 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         nh, ng, hd = self.num_heads, self.num_kv_heads, self.head_dim  # this rank's heads under TP
         q, k, v = self.qkv(x).split([nh * hd, ng * hd, ng * hd], dim=-1)
+        if self.q_layernorm is not None and self.qk_norm_full:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         q = q.view(B, T, nh, hd)
         k = k.view(B, T, ng, hd)
-        if self.q_layernorm is not None:
+        if self.q_layernorm is not None and not self.qk_norm_full:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, T, hd], [B, ng, T, hd]
         v = v.view(B, T, ng, hd).transpose(1, 2)  # [B, ng, T, hd]
@@ -151,7 +154,7 @@ class TransformerLayer(nn.Module):
                 cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout, num_kv_heads=cfg.num_kv_heads,
                 head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, proj_bias=cfg.add_bias_linear,
                 qk_norm=cfg.normalization if cfg.qk_layernorm else None, norm_eps=eps, rotary_dim=rotary_dim(cfg),
-                rotary_base=cfg.rotary_base)
+                rotary_base=cfg.rotary_base, qk_norm_full=getattr(cfg, "qk_layernorm_full", False))
         self.post_attention_layernorm = norm(cfg.normalization, cfg.hidden_size, eps)
         self.mlp = mlp  # DenseMLPBlock or MoELayer: forward(x, token_mask) -> (y, stats | None)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)

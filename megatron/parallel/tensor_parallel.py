@@ -186,6 +186,9 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
         nh, ng, hd = att.num_heads, att.num_kv_heads, att.head_dim
         if ng % T:
             raise UserError(f"--num-query-groups {ng} is not divisible by --tensor-model-parallel-size {T}")
+        if getattr(att, "qk_norm_full", False) and att.q_layernorm is not None:
+            raise UserError(f"--qk-layernorm-full normalises q and k over all heads, which "
+                            f"--tensor-model-parallel-size {T} splits: use expert / data / pipeline parallelism (TP 1)")
         q_rows, kv_rows = nh * hd, ng * hd
         # this rank's q rows (its heads), then its k and v rows (its key/value groups)
         qkv_idx = [torch.cat([q, q_rows + kv, q_rows + kv_rows + kv])

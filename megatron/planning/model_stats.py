@@ -42,7 +42,9 @@ def attention_parameters(cfg) -> int:
     n = H * qkv + nh * hd * H
     n += qkv if cfg.qkv_bias else 0
     n += H if cfg.add_bias_linear else 0
-    n += 2 * norm_parameters(cfg, hd) if cfg.qk_layernorm else 0
+    if cfg.qk_layernorm:
+        n += (norm_parameters(cfg, nh * hd) + norm_parameters(cfg, ng * hd) if getattr(cfg, "qk_layernorm_full", False)
+              else 2 * norm_parameters(cfg, hd))
     return n
 
 

@@ -10,18 +10,22 @@ from typing import Optional
 
 from megatron.errors import UserError
 from megatron.hf.families.base import HFFamily
+from megatron.hf.families.deepseek_v3 import DeepseekV3Family
 from megatron.hf.families.llama import LlamaFamily, Qwen2Family, Qwen3Family
+from megatron.hf.families.moe_families import MixtralFamily, OlmoeFamily, Qwen2MoeFamily, Qwen3MoeFamily
 
-FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (LlamaFamily(), Qwen2Family(), Qwen3Family())}
+FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (
+    LlamaFamily(), Qwen2Family(), Qwen3Family(), MixtralFamily(), Qwen2MoeFamily(), Qwen3MoeFamily(), OlmoeFamily(),
+    DeepseekV3Family())}
 # export: the first family (in this order) whose transformers class reproduces a checkpoint's blocks
-EXPORT_ORDER: list[str] = ["qwen3", "qwen2", "llama"]
+EXPORT_ORDER: list[str] = ["deepseek_v3", "qwen3", "qwen2", "llama", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
 OTHER_SUPPORTED = {"gpt2": "GPT2LMHeadModel"}  # imported elsewhere (megatron/hf/import_gpt2.py)
 
 
 def supported() -> str:
     """The supported model types and classes, for messages."""
-    names = {**OTHER_SUPPORTED, **{k: f.architecture for k, f in FAMILIES.items()}}
-    return ", ".join(f"{k} ({v})" for k, v in sorted(names.items()))
+    names = {**OTHER_SUPPORTED, **{k: f.architecture for k, f in FAMILIES.items()}}  # registry order
+    return ", ".join(f"{k} ({v})" for k, v in names.items())
 
 
 def family_for_model_type(model_type, src: str, arch=None) -> HFFamily:

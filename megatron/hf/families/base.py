@@ -139,6 +139,11 @@ class HFFamily:
             out += self.attention_rules(cfg, i) + self.mlp_rules(cfg, i, cfg.moe.is_moe_layer(i, n_experts))
         return out
 
+    def rules_for_state(self, cfg: ModelConfig, hf_vocab: int, state: dict) -> list:
+        """The rules that read ``state`` (a family whose checkpoints come in more than one layout, e.g. per-expert
+        or fused expert tensors, picks the one ``state`` has); default :meth:`rules`."""
+        return self.rules(cfg, hf_vocab)
+
     def tied_tensors(self, cfg: ModelConfig) -> tuple:
         """transformers tensors that repeat another one (skipped on import, not written on export)."""
         return () if cfg.untie_embeddings_and_output_weights else ("lm_head.weight",)
@@ -184,7 +189,7 @@ class HFFamily:
         used = set(self.tied_tensors(cfg))
         made = set()
         with torch.no_grad():
-            for rule in self.rules(cfg, hf_vocab):
+            for rule in self.rules_for_state(cfg, hf_vocab, state):
                 missing = [n for n in rule.theirs if n not in state]
                 if missing:
                     raise UserError(f"--load {src}: tensor {missing[0]} is missing from the weights")

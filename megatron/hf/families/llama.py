@@ -45,6 +45,7 @@ class LlamaFamily(HFFamily):
     model_type = "llama"
     architecture = "LlamaForCausalLM"
     qk_norm = False
+    qk_norm_full = False  # OLMoE: q/k norms over the whole projections (--qk-layernorm-full)
 
     def fields(self) -> dict:
         return {
@@ -100,9 +101,12 @@ class LlamaFamily(HFFamily):
 
     def export_refusal(self, cfg: ModelConfig) -> Optional[str]:
         wrong = [(cfg.moe.enabled, "MoE layers"), (not cfg.rope, "learned positions (not RoPE)"),
+                 (cfg.multi_latent_attention, "multi-latent attention"),
                  (cfg.learned_positions, "learned positions"), (cfg.rotary_percent != 1.0, "partial rotary"),
                  (cfg.normalization != "RMSNorm", "LayerNorm"), (not cfg.swiglu, "a GeLU MLP"),
-                 (cfg.qk_layernorm != self.qk_norm, "qk-norm" if cfg.qk_layernorm else "no qk-norm")]
+                 (cfg.qk_layernorm != self.qk_norm, "qk-norm" if cfg.qk_layernorm else "no qk-norm"),
+                 (cfg.qk_layernorm and getattr(cfg, "qk_layernorm_full", False) != self.qk_norm_full,
+                  "per-head qk-norm" if self.qk_norm_full else "whole-projection qk-norm")]
         if self.qkv_bias_only:
             wrong += [(cfg.add_bias_linear or not cfg.add_qkv_bias, "not exactly q/k/v biases")]
         else:
