@@ -12,6 +12,18 @@ from megatron.errors import UserError
 INDEX = "model.safetensors.index.json"
 
 
+def read_config(src: str) -> dict:
+    """config.json of the transformers directory ``src``; a missing or malformed file is one line."""
+    path = os.path.join(src, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--load {src}: no config.json there; give a transformers model directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--load {path}: not valid JSON ({e})") from None
+
+
 def read_hf_state(src: str) -> dict:
     """{tensor name: tensor} of the directory ``src``; a missing shard, an unreadable file: one line naming it."""
     st, idx, pt = (os.path.join(src, n) for n in ("model.safetensors", INDEX, "pytorch_model.bin"))

@@ -2,7 +2,6 @@
 optionally vocab.json + merges.txt) as our dense GPT checkpoint at iteration 0 with the same logits."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -11,21 +10,14 @@ import torch
 from megatron.checkpoint.weights_only import write_weights_checkpoint
 from megatron.config.schema import Config, ModelConfig, pad_vocab_size
 from megatron.errors import UserError
-from megatron.hf.hf_state import read_hf_state  # noqa: F401  (re-exported: sharded safetensors too)
+from megatron.hf.hf_state import read_config, read_hf_state  # noqa: F401  (read_hf_state re-exported)
 from megatron.model.gpt_model import GPTModel
 
 SUPPORTED = "GPT-2 family (model_type gpt2: GPT2LMHeadModel / GPT2Model, e.g. gpt2, distilgpt2, DialoGPT)"
 
 
 def read_hf_config(src: str) -> dict:
-    path = os.path.join(src, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"--load {src}: no config.json there; give a transformers model directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"--load {path}: not valid JSON ({e})") from None
+    hf = read_config(src)
     if hf.get("model_type") != "gpt2":
         arch = hf.get("architectures") or [hf.get("model_type")]
         raise UserError(f"--load {src}: architecture {arch[0]!r} is not supported; import-hf supports the {SUPPORTED}")

@@ -19,22 +19,11 @@ from megatron.checkpoint.weights_only import write_weights_checkpoint
 from megatron.config.schema import Config, ModelConfig, pad_vocab_size
 from megatron.errors import UserError
 from megatron.hf.families import FAMILIES, export_refusal, family_for_config, family_for_model_type
-from megatron.hf.hf_state import read_hf_state
+from megatron.hf.hf_state import read_config, read_hf_state
 from megatron.model.gpt_model import GPTModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
-
-
-def read_config(src: str) -> dict:
-    path = os.path.join(src, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"--load {src}: no config.json there; give a transformers model directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"--load {path}: not valid JSON ({e})") from None
 
 
 def import_hf_checkpoint(src: str, save_dir: str, final_dir: str, divisible_by: int = 128) -> dict:
