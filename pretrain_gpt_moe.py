@@ -30,7 +30,9 @@ def model_provider(cfg, ps):
 
 
 def train_valid_test_datasets_provider(cfg, num_samples):
-    return build_datasets(cfg.data, cfg.model.seq_length, cfg.train.seed, num_samples, cfg.model.vocab_size)
+    # token ids lie below the real vocabulary (--true-vocab-size: the padding ids have no probability)
+    vocab = cfg.model.true_vocab_size or cfg.model.vocab_size
+    return build_datasets(cfg.data, cfg.model.seq_length, cfg.train.seed, num_samples, vocab)
 
 
 def get_batch(data_iterator, device):

@@ -11,7 +11,7 @@
 # Context 4K with plain RoPE, as the report's pre-training; its YaRN extension (the published config.json) is
 # --rope-type yarn --rotary-scaling-factor 40 --mscale 1 --mscale-all-dim 1 --original-max-position-embeddings 4096
 # --max-position-embeddings 163840.
-# Parallelism as the report's pre-training: PP 16, EP 64, ZeRO-1 DP over 2048 GPUs; TP 1 (MLA refuses TP > 1).
+# Parallelism as the report's pre-training: PP 16, EP 64, ZeRO-1 DP over 2048 GPUs; TP 1 (MLA splits its heads under TP, as Megatron-LM).
 # Hyperparameters (report section 4.2): init std 0.006, peak lr 2.2e-4 to 2.2e-5, batch 15360 sequences (the
 # report ramps it up from 3072), 14.8T tokens; bf16 here (the report trains in FP8).
 # Continue from the weights: tools/checkpoint_util.py import-hf, then LOAD=<it>.

@@ -102,7 +102,7 @@ def test_mla_block_equals_transformers_attention_and_its_kv_cache_decode(over):
         assert cache.k.shape == (B, 4, T, 24) and cache.v.shape == (B, 4, T, 16)
 
 
-def test_mla_flags_checks_counts_and_tp_refusal():
+def test_mla_flags_checks_counts_and_heads_over_tp():
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, position_embedding_type="rope",
                 add_position_embedding=False, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
                 multi_latent_attention=True, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16,
@@ -120,10 +120,37 @@ def test_mla_flags_checks_counts_and_tp_refusal():
         with pytest.raises(UserError, match=message) as e:
             ModelConfig(**{**base, **bad}).validate()
         assert "\n" not in str(e.value)
-    full = Config(model=ModelConfig(**base))
+    full = Config(model=ModelConfig(**{**base, "num_attention_heads": 3}))
     full.parallel.tensor_model_parallel_size = 2
-    with pytest.raises(UserError, match="--multi-latent-attention does not combine with --tensor-model-parallel"):
+    with pytest.raises(UserError, match="--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"):
         full.validate_world(2)
+
+
+# tiny DeepSeek-V3 blocks (MLA with and without q compression, a dense layer then sigmoid group-limited routing
+# with the expert bias and a shared expert) for the TP 2 = TP 1 check
+MLA_RUN = ["--hidden-dropout", "0", "--attention-dropout", "0", "--use-cpu", "--clip-grad", "0", "--micro-batch-size",
+           "2", "--global-batch-size", "4", "--train-iters", "3", "--num-layers", "2", "--hidden-size", "32",
+           "--num-attention-heads", "4", "--position-embedding-type", "rope", "--no-position-embedding",
+           "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+           "--multi-latent-attention", "--kv-lora-rank", "16", "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "4",
+           "--v-head-dim", "8", "--num-experts", "8", "--moe-layer-freq", "([0]*1+[1]*1)", "--moe-ffn-hidden-size", "16",
+           "--moe-shared-expert-intermediate-size", "16", "--moe-router-topk", "2", "--moe-router-score-function",
+           "sigmoid", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+           "--moe-router-enable-expert-bias", "--disable-moe-token-dropping"]
+
+
+@pytest.mark.parametrize("q_lora", [["--q-lora-rank", "16"], []], ids=["q-lora", "no-q-lora"])
+def test_mla_tp2_equals_tp1(tmp_path, q_lora):
+    """Heads split over 2 TP ranks: the replicated down projections, the latent norms and the shared rotary key
+    get complete gradients (the losses and grad norms of 3 steps equal TP 1's)."""
+    from tests.dist_utils import run_distributed
+    from tests.runs import close, mock_args, train
+
+    argv = mock_args(MLA_RUN + q_lora)
+    single = train(0, argv)
+    for r in run_distributed(train, 2, str(tmp_path), argv + ["--tensor-model-parallel-size", "2"]):
+        close(r["losses"], single["losses"])
+        close(r["grad_norms"], single["grad_norms"])
 
 
 # ---- the DeepSeek-V3 family: import, generation, export (registered for the test)

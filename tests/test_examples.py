@@ -165,10 +165,81 @@ def test_hf_family_dry_run_counts_match_the_published_sizes(script):
     assert f"{total:,}" in text or f"{total / 1e9:.2f}B" in text  # the script's comment is current
 
 
-def test_tiny_cpu_qwen3_moe_trains_on_mock_data(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "ITERS": "3", "OUTPUT_DIR": str(tmp_path / "out"),
-           "OMP_NUM_THREADS": "2"}
-    r = subprocess.run(["bash", os.path.join(ROOT, "examples_moe", "tiny_cpu_qwen3_moe.sh")], capture_output=True,
-                       text=True, cwd=str(tmp_path), env=env)
+# Tiny CPU variants of the families (examples_moe/tiny_cpu_<name>.sh sourcing tiny_family_common.sh): name ->
+# (layers that are MoE, routed experts, top-k, expert width, checkpoint tensors that must have a shape (None: must be
+# absent), stored config entries (model and model.moe merged)). Hidden size 64 in all.
+TINY_FAMILIES = {
+    "mixtral": ([0, 1], 8, 2, 224, {"model.layers.0.attention.qkv.weight": (128, 64),  # GQA: 4 heads of 16, 2 groups
+                                    "model.layers.0.attention.q_layernorm.weight": None},
+                {"num_query_groups": 2, "rotary_base": 1e6, "router_pre_softmax": False}),
+    "qwen3_moe": ([0, 1], 16, 8, 32, {"model.layers.0.attention.q_layernorm.weight": (32,)},  # per head
+                  {"num_query_groups": 2, "qk_layernorm_full": False, "router_pre_softmax": False}),
+    "olmoe": ([0, 1], 64, 8, 32, {"model.layers.0.attention.q_layernorm.weight": (64,),  # the whole projection
+                                  "model.layers.0.attention.k_layernorm.weight": (64,)},
+              {"qk_layernorm_full": True, "router_pre_softmax": True, "z_loss_coeff": 0.001}),
+    "qwen2_moe": ([0, 1], 64, 8, 48, {"model.layers.0.attention.qkv.bias": (128,),
+                                      "model.layers.1.mlp.shared_experts.fc2.weight": (64, 384),
+                                      "model.layers.1.mlp.shared_experts.gate.weight": (1, 64)},
+                  {"router_pre_softmax": True, "shared_expert_gate": True}),
+    "deepseek_v3": ([1, 2], 32, 8, 32, {"model.layers.0.mlp.router.wg.weight": None,  # the dense first layer
+                                        "model.layers.0.mlp.mlp.fc2.weight": (64, 160),
+                                        "model.layers.1.attention.linear_kv_down_proj.weight": (24, 64),  # 16 + 8
+                                        "model.layers.1.attention.qkv.weight": None,
+                                        "model.layers.2.mlp.router.expert_bias": (32,),
+                                        "model.layers.2.mlp.shared_experts.fc2.weight": (64, 32)},
+                    {"multi_latent_attention": True, "router_score_function": "sigmoid", "router_num_groups": 8,
+                     "router_group_topk": 4, "router_topk_scaling_factor": 2.5, "router_enable_expert_bias": True,
+                     "router_load_balancing_type": "seq_aux_loss"}),
+}
+
+
+def test_every_tiny_family_script_is_in_the_table():
+    found = sorted(os.path.basename(p)[len("tiny_cpu_"):-3]
+                   for p in glob.glob(os.path.join(ROOT, "examples_moe", "tiny_cpu_*.sh"))
+                   if "tiny_family_common.sh" in open(p).read())
+    assert found == sorted(TINY_FAMILIES)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_FAMILIES))
+def test_tiny_cpu_family_trains_on_mock_data(tmp_path, name):
+    """4 iterations, checkpoints at 2 and 4: the family's blocks are built (parameter counts, MoE layers, tensors),
+    the loss is finite and every weight moves. The mock tokens are uniform over the vocabulary, so the loss sits at
+    ln(512) from the first step on: there is nothing to learn, and a falling loss cannot be asked for."""
+    import math
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    moe_layers, experts, topk, width, tensors, stored = TINY_FAMILIES[name]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "ITERS": "4", "OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "2"}
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples_moe", f"tiny_cpu_{name}.sh"), "--log-interval", "1",
+                        "--save-interval", "2"], capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert os.path.isfile(os.path.join(str(tmp_path / "out"), "checkpoints", "iter_0000003", "common.pt"))
+    log = r.stdout
+    steps = re.findall(r"^ iteration +(\d+)/ +4 \|.*\| lm loss: (\S+) \|.*\| grad norm: (\S+) \| "
+                       r"number of skipped iterations: +(\d+)", log, re.M)
+    assert [int(s[0]) for s in steps] == [1, 2, 3, 4], log[-2000:]
+    for _, loss, grad_norm, skipped in steps:
+        assert abs(float(loss) - math.log(512)) < 0.1 and 0 < float(grad_norm) < 10 and skipped == "0", steps
+    # every MoE layer routes (the load line names them), the experts are SwiGLU of the family's count and width
+    assert re.findall(r"\| L(\d+): cv", log.split(" moe load ")[-1].splitlines()[0]) == [str(i) for i in moe_layers]
+    count = {k: int(v) for k, v in re.findall(r"^(total|active|expert) parameters: (\d+)$", log, re.M)}
+    one_expert = 3 * 64 * width
+    assert count["expert"] == len(moe_layers) * experts * one_expert, count
+    assert count["active"] == count["total"] - count["expert"] + len(moe_layers) * topk * one_expert, count
+    ckpt = out / "checkpoints"
+    common = torch.load(str(ckpt / "iter_0000004" / "common.pt"), weights_only=False)
+    assert common["iteration"] == 4 and common["consumed_samples"] == 32
+    cfg = {**common["config"]["model"], **common["config"]["model"]["moe"]}
+    assert {k: cfg[k] for k in stored} == stored
+    weights = []
+    for it in (2, 4):
+        dcp_to_torch_save(str(ckpt / f"iter_{it:07d}" / "shards"), str(tmp_path / f"{it}.pt"))
+        state = torch.load(str(tmp_path / f"{it}.pt"), weights_only=False)
+        weights.append({k: v for k, v in state.items() if k.startswith("model.")})
+    for key, shape in tensors.items():
+        assert (tuple(weights[1][key].shape) if key in weights[1] else None) == shape, key
+    # the optimizer moved every weight from iteration 2 to 4 (experts, router, shared expert, expert bias too)
+    assert sorted(weights[0]) == sorted(weights[1])
+    assert [k for k in weights[0] if torch.equal(weights[0][k], weights[1][k])] == []

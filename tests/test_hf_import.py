@@ -48,15 +48,23 @@ def test_import_gives_the_same_logits_and_trains_on(tmp_path, safetensors):
     assert len(out["losses"]) == 3 and all(x == x for x in out["losses"])
 
 
-def test_padded_vocabulary_keeps_the_real_logits(tmp_path):
-    src, ck = str(tmp_path / "hf"), str(tmp_path / "ck")
+def test_padded_vocabulary_keeps_the_real_distribution_and_exports_unpadded(tmp_path):
+    src, ck, out = str(tmp_path / "hf"), str(tmp_path / "ck"), str(tmp_path / "export")
     hf = tiny_gpt2(src)
     checkpoint_util.main(["import-hf", "--load", src, "--save", ck, "--make-vocab-size-divisible-by", "96"])
     lm = load_model(ck, "cpu")
-    assert lm.cfg.vocab_size == 192
+    assert (lm.cfg.vocab_size, lm.cfg.true_vocab_size) == (192, 128)
     tokens = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(lm.model.logits(tokens)[0][..., :128], hf(tokens).logits, rtol=1e-5, atol=1e-5)
+        ours, theirs = lm.model.logits(tokens)[0], hf(tokens).logits
+    torch.testing.assert_close(ours[..., :128], theirs, rtol=1e-5, atol=1e-5)
+    # the 64 zero padding rows take no probability: the log-probabilities are transformers'
+    torch.testing.assert_close(ours.log_softmax(-1)[..., :128], theirs.log_softmax(-1), rtol=1e-5, atol=1e-5)
+    checkpoint_util.main(["export-hf", "--load", ck, "--save", out])
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert back.config.vocab_size == 128
+    for name, t in hf.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], t, rtol=0, atol=0, msg=name)
 
 
 def test_unsupported_architecture_is_one_line(tmp_path):

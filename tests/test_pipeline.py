@@ -72,8 +72,9 @@ def test_schedules_and_uneven_stages_equal_one_process(tmp_path, layout):
     _agree(run_distributed(train, 2, str(tmp_path), argv + PP2 + layout), single)
 
 
-@pytest.mark.parametrize("layout", [["--moe-expert-parallel-size", "2", "--use-distributed-optimizer"],
-                                    ["--tensor-model-parallel-size", "2"]], ids=["pp2-ep2-dp2-zero1", "pp2-tp2"])
+@pytest.mark.parametrize("layout", [["--moe-expert-parallel-size", "2", "--use-distributed-optimizer",
+                                     "--overlap-grad-reduce"],
+                                    ["--tensor-model-parallel-size", "2"]], ids=["pp2-ep2-dp2-zero1-overlap", "pp2-tp2"])
 def test_pp2_with_ep_or_tp_on_four_processes_equals_one_process(tmp_path, layout):
     argv = mock_args(EXACT + RUN + MODELS["top2-no-drop"])
     single = _single(argv)

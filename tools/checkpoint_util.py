@@ -5,7 +5,7 @@
     python tools/checkpoint_util.py export-hf --load CKPT --save OUT_DIR
     python tools/checkpoint_util.py import-hf --load HF_DIR --save CKPT
     python tools/checkpoint_util.py upcycle --load DENSE --save MOE --num-experts 8 [--expert-interval 2]
-                                            [--mlp-type residual] [--topk 2]
+                                            [--mlp-type residual] [--topk 2] [--moe-upcycling-granularity G]
     python tools/checkpoint_util.py reshard --load CKPT --save OUT_DIR --target-expert-parallel-size N
 
 export-hf: a dense checkpoint becomes a Hugging Face GPT-2 model that
@@ -63,7 +63,10 @@ def parse(argv=None):
                    "one per MoE layer (PR-MoE)")
     s.add_argument("--expert-interval", type=int, default=2)
     s.add_argument("--mlp-type", choices=["standard", "residual"], default="standard")
-    s.add_argument("--topk", type=int, choices=[1, 2], default=1)
+    s.add_argument("--topk", type=int, default=None, help="experts chosen per token: 1 or 2 (default 1); with "
+                   "--moe-upcycling-granularity G the fine-grained MoE's k, a multiple of G (default G)")
+    s.add_argument("--moe-upcycling-granularity", type=int, default=1, help="granular upcycling (Megatron-LM's): "
+                   "each expert is 1/G of the dense MLP (--moe-ffn-hidden-size F/G), --num-experts E = G x copies")
     s = sub.add_parser("reshard", help="copy a checkpoint for another expert-parallel size")
     s.add_argument("--load", required=True)
     s.add_argument("--save", required=True)
@@ -159,9 +162,12 @@ def import_hf(a) -> dict:
 
 def upcycle(a) -> dict:
     summary = _write_and_publish(a.load, a.save, lambda tmp: upcycle_checkpoint(
-        a.load, tmp, a.num_experts, a.expert_interval, a.mlp_type, a.topk))
+        a.load, tmp, a.num_experts, a.expert_interval, a.mlp_type, a.topk, a.moe_upcycling_granularity))
+    granular = (f", granularity {summary['granularity']} (--moe-ffn-hidden-size {summary['expert_ffn_hidden_size']})"
+                if summary["granularity"] > 1 else "")
     print(f"> upcycled {a.load} (iteration {summary['from_iteration']}) -> {a.save}: experts per layer "
-          f"{summary['experts_per_layer']}, mlp-type {a.mlp_type}, top-{a.topk}; train on with the same MoE flags and "
+          f"{summary['experts_per_layer']}, mlp-type {a.mlp_type}, top-{summary['topk']}{granular}; train on with the "
+          f"same MoE flags and "
           f"--load {a.save} --no-load-optim --no-load-rng (data goes on) or --finetune (from iteration 0)")
     return summary
 

@@ -64,6 +64,9 @@ def _encode_batch(items):
         except UserError as e:
             where = next((w for (_, _, w), t in zip(items, texts) if t and not _tokenizes(t)), None)
             raise UserError(f"--input {where or 'a document'} (key {key!r}): {e}") from None
+        prefix = _TOKENIZER.document_prefix() if hasattr(_TOKENIZER, "document_prefix") else []
+        if prefix:  # Llama2Tokenizer: every document starts with BOS
+            ids = [prefix + list(x) if len(x) else x for x in ids]
         if _ARGS.append_eod:
             ids = [list(x) + [_TOKENIZER.eod] if len(x) else x for x in ids]
         by_key[key] = [np.asarray(x, dtype=_DTYPE) for x in ids]

@@ -40,6 +40,11 @@ class ModelConfig:
                                                     check=(positive, "must be >= 1"))
     vocab_size: int = option("--vocab-size", 0, "vocabulary size for --mock-data / NullTokenizer (a real tokenizer "
                              "sets it; the model pads it)", check=(non_negative, "must be >= 0"))
+    true_vocab_size: Optional[int] = option(
+        "--true-vocab-size", None, "the real vocabulary below the padded one (Megatron-LM's converter name): the "
+        "logits of the padding ids are masked out of the loss, scoring and generation, and an export keeps only "
+        "these rows (import-hf sets it when it pads; unset: padding rows are ordinary outputs, as in Megatron)",
+        type=int, check=(positive, "must be >= 1"))
     init_method_std: float = option("--init-method-std", 0.02, "standard deviation of the normal weight init",
                                     check=(positive, "must be > 0"))
     hidden_dropout: float = option("--hidden-dropout", 0.1, "dropout on the residual branches",
@@ -715,7 +720,6 @@ class Config:
               f"Interleaved1F1B")
         unsupported = [("--zero-stage 2", self.optimizer.zero_stage == 2),
                        ("--use-torch-fsdp2 / --zero-stage 3", self.optimizer.use_torch_fsdp2),
-                       ("--overlap-grad-reduce", par.overlap_grad_reduce),
                        ("--ckpt-format torch", self.checkpoint.ckpt_format != "torch_dist"),
                        ("--model-family " + str(self.model.model_family), self.model.model_family != "gpt")]
         for flag, used in unsupported:
@@ -732,8 +736,6 @@ class Config:
         m = self.model
         check(m.num_attention_heads % tp == 0,
               f"--num-attention-heads {m.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
-        check(not m.multi_latent_attention or tp == 1, f"--multi-latent-attention does not combine with "
-              f"--tensor-model-parallel-size {tp} yet: use expert / data / pipeline parallelism (TP 1)")
         check(m.num_kv_heads % tp == 0,
               f"--num-query-groups {m.num_kv_heads} is not divisible by --tensor-model-parallel-size {tp}")
         check(m.ffn_hidden_size % tp == 0,

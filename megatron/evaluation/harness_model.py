@@ -23,8 +23,10 @@ from megatron.inference.load import load_model
 class MegatronMoELM(TemplateLM):
     def __init__(self, load: str = None, micro_batch_size: int = 8, moe_eval_capacity_factor=None, device=None,
                  max_length: int = None, vocab_file=None, merge_file=None, tokenizer_model=None, loaded=None, dtype=None,
-                 **kwargs):
+                 add_bos_token=None, **kwargs):
         super().__init__()
+        # lm-eval's hf model's option: None = the tokenizer's own default (a Llama / Mistral tokenizer adds BOS)
+        self.add_bos_token = None if add_bos_token in (None, "", "None") else str(add_bos_token).lower() in ("1", "true")
         cf = None if moe_eval_capacity_factor in (None, "", "None") else float(moe_eval_capacity_factor)
         self.lm = loaded or load_model(load, device, cf, dtype, vocab_file, merge_file, tokenizer_model)
         self.model, self.tokenizer_ = self.lm.model, self.lm.tokenizer
@@ -38,7 +40,21 @@ class MegatronMoELM(TemplateLM):
     def eot_token_id(self) -> int:
         return self.tokenizer_.eod
 
+    @property
+    def prefix_token_id(self) -> int:
+        """The empty context's token, as lm-eval's hf model: the declared BOS, else the end of document."""
+        bos = getattr(self.tokenizer_, "bos", None)
+        return self.eot_token_id if bos is None else bos
+
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        """As lm-eval's hf model encodes: with the tokenizer's special tokens (BOS) unless told otherwise, or the
+        text already starts with the BOS text; tokenizers that add none (GPT-2 BPE, Null) just tokenize."""
+        special = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        if special is None:
+            bos = getattr(self.tokenizer_, "bos", None)
+            special = bos is None or not string.startswith(self.tokenizer_.detokenize([bos]))
+        if special and hasattr(self.tokenizer_, "encode_special"):
+            return self.tokenizer_.encode_special(string)
         return self.tokenizer_.tokenize(string)
 
     def tok_decode(self, tokens) -> str:

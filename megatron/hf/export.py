@@ -24,9 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REMOTE_CODE = ("configuration_megatron_moe.py", "modeling_megatron_moe.py")
 
 
-def hf_gpt2_state(model) -> dict:
-    """Our dense GPT -> transformers GPT2LMHeadModel state (Conv1D weights are [in, out])."""
-    sd = {"transformer.wte.weight": model.word_embeddings.weight, "transformer.wpe.weight": model.position_embeddings.weight,
+def hf_gpt2_state(model, vocab: int = None) -> dict:
+    """Our dense GPT -> transformers GPT2LMHeadModel state (Conv1D weights are [in, out]); ``vocab``: the word
+    embedding rows to keep (--true-vocab-size; default all)."""
+    sd = {"transformer.wte.weight": model.word_embeddings.weight[:vocab], "transformer.wpe.weight": model.position_embeddings.weight,
           "transformer.ln_f.weight": model.final_layernorm.weight, "transformer.ln_f.bias": model.final_layernorm.bias}
     for i, layer in enumerate(model.layers):
         h = f"transformer.h.{i}."
@@ -44,7 +45,7 @@ def hf_gpt2_state(model) -> dict:
 
 def hf_gpt2_config(cfg, eod: int) -> dict:
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.true_vocab_size or cfg.vocab_size,
         "n_positions": cfg.max_position_embeddings, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
         "n_head": cfg.num_attention_heads, "n_inner": cfg.ffn_hidden_size, "activation_function": "gelu",
         "layer_norm_epsilon": cfg.layernorm_epsilon, "initializer_range": cfg.init_method_std,
@@ -63,7 +64,7 @@ def moe_config(cfg, eod: int) -> dict:
         "architectures": ["MegatronMoEForCausalLM"], "model_type": "megatron_moe", "format": "megatron-moe",
         "auto_map": {"AutoConfig": "configuration_megatron_moe.MegatronMoEConfig",
                      "AutoModelForCausalLM": "modeling_megatron_moe.MegatronMoEForCausalLM"},
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
+        "vocab_size": cfg.true_vocab_size or cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_attention_heads, "ffn_hidden_size": cfg.ffn_hidden_size,
         "max_position_embeddings": cfg.max_position_embeddings, "layernorm_epsilon": cfg.layernorm_epsilon,
         "experts_per_layer": cfg.moe.experts_per_layer(cfg.num_layers), "mlp_type": cfg.moe.mlp_type,
@@ -90,12 +91,13 @@ def write_export(lm, out_dir: str) -> dict:
         return write_native_export(lm, out_dir)
     if cfg.moe.enabled:
         state = {n: p.detach().float().contiguous().cpu() for n, p in lm.model.named_parameters()}
+        state["word_embeddings.weight"] = state["word_embeddings.weight"][: cfg.true_vocab_size].contiguous()
         config = moe_config(cfg, lm.tokenizer.eod)
         for name in REMOTE_CODE:
             shutil.copyfile(os.path.join(HERE, name), os.path.join(out_dir, name))
         kind = "megatron_moe (AutoModelForCausalLM with trust_remote_code=True)"
     else:
-        state = hf_gpt2_state(lm.model)
+        state = hf_gpt2_state(lm.model, cfg.true_vocab_size)
         config = hf_gpt2_config(cfg, lm.tokenizer.eod)
         kind = "transformers GPT2LMHeadModel"
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

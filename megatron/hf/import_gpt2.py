@@ -84,6 +84,8 @@ def import_gpt2(src: str, save_dir: str, final_dir: str, divisible_by: int = 128
     cfg.model.validate()
     model = GPTModel(cfg.model)
     load_gpt2_into(model, state, n_vocab)
+    if cfg.model.vocab_size != n_vocab:  # the padding rows are zero: mask their logits (and drop them on export)
+        cfg.model.true_vocab_size = n_vocab
     cfg.data.make_vocab_size_divisible_by = divisible_by
     vocab, merges = os.path.join(src, "vocab.json"), os.path.join(src, "merges.txt")
     if os.path.isfile(vocab) and os.path.isfile(merges):
@@ -102,5 +104,6 @@ def import_gpt2(src: str, save_dir: str, final_dir: str, divisible_by: int = 128
     if hf.get("activation_function", "gelu_new") != "gelu":
         note = (f"; note: config.json has activation_function {hf.get('activation_function', 'gelu_new')} (tanh GeLU), "
                 f"our MLP uses the exact GeLU: logits differ by the approximation (about 1e-3)")
+    flags = "" if cfg.model.true_vocab_size is None else f"--true-vocab-size {cfg.model.true_vocab_size}"
     return {"layers": cfg.model.num_layers, "vocab": cfg.model.vocab_size, "tokenizer": cfg.data.tokenizer_type,
-            "note": note}
+            "note": note, "flags": flags}

@@ -35,7 +35,7 @@ def import_hf_checkpoint(src: str, save_dir: str, final_dir: str, divisible_by: 
     if model_type == "gpt2":
         from megatron.hf.import_gpt2 import import_gpt2
 
-        return dict(import_gpt2(src, save_dir, final_dir, divisible_by), model_type="gpt2", flags="")
+        return dict(import_gpt2(src, save_dir, final_dir, divisible_by), model_type="gpt2")
     family = family_for_model_type(model_type, src, (hf.get("architectures") or [None])[0])
     family.check_config(hf, src)
     n_vocab = hf["vocab_size"]
@@ -45,6 +45,8 @@ def import_hf_checkpoint(src: str, save_dir: str, final_dir: str, divisible_by: 
     state = read_hf_state(src)
     model = GPTModel(cfg.model)
     family.load_into(model, state, cfg.model, n_vocab, src)
+    if cfg.model.vocab_size != n_vocab:  # the padding rows are zero: mask their logits (and drop them on export)
+        cfg.model.true_vocab_size = n_vocab
     cfg.data.make_vocab_size_divisible_by = divisible_by
     if os.path.isfile(os.path.join(src, "tokenizer.json")):
         tok_dir = os.path.join(save_dir, "tokenizer")
@@ -75,6 +77,8 @@ def model_flags(cfg: ModelConfig) -> list:
     if cfg.normalization != "LayerNorm":
         flags += ["--normalization", cfg.normalization]
     flags += ["--norm-epsilon", cfg.layernorm_epsilon]
+    if cfg.true_vocab_size is not None:
+        flags += ["--true-vocab-size", cfg.true_vocab_size]
     switches = [(cfg.swiglu, "--swiglu"), (not cfg.add_bias_linear, "--disable-bias-linear"),
                 (cfg.add_qkv_bias, "--add-qkv-bias"), (cfg.qk_layernorm, "--qk-layernorm"),
                 (getattr(cfg, "qk_layernorm_full", False), "--qk-layernorm-full"),
@@ -142,7 +146,7 @@ def export_native(model, cfg: ModelConfig, out_dir: str, *, eod: int, data_cfg: 
     family = FAMILIES[model_type] if model_type is not None else family_for_config(cfg)
     if family is None or family.export_refusal(cfg) is not None:
         raise UserError(f"export-hf: no transformers class reproduces this checkpoint's blocks ({export_refusal(cfg)})")
-    vocab = vocab_size or cfg.vocab_size
+    vocab = vocab_size or cfg.true_vocab_size or cfg.vocab_size
     state = family.hf_state(model, cfg, vocab)
     for name in family.tied_tensors(cfg):
         state.pop(name, None)

@@ -52,11 +52,23 @@ class LogitsOutput(NamedTuple):
     moe_stats: list[MoEStats]
 
 
+def mask_vocab_padding(logits: torch.Tensor, limit: Optional[int], start: int = 0) -> torch.Tensor:
+    """logits [..., V'] of the vocabulary ids start .. start + V' - 1, with the ids >= ``limit`` (--true-vocab-size;
+    None: no limit) set to the dtype's lowest value / 2: a softmax gives them 0 and nothing overflows."""
+    if limit is None or start + logits.shape[-1] <= limit:
+        return logits
+    ids = torch.arange(start, start + logits.shape[-1], device=logits.device)  # [V']
+    return logits.masked_fill(ids >= limit, torch.finfo(logits.dtype).min / 2)
+
+
 class TiedOutputLayer(nn.Module):
-    """Logits from the (tied) word-embedding matrix. Tensor parallelism swaps in a vocab-parallel one."""
+    """Logits from the (tied) word-embedding matrix. Tensor parallelism swaps in a vocab-parallel one.
+    ``vocab_limit`` (--true-vocab-size) masks the padding ids' logits."""
+
+    vocab_limit: Optional[int] = None
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        return F.linear(h, weight)  # [B, T, V]
+        return mask_vocab_padding(F.linear(h, weight), self.vocab_limit)  # [B, T, V]
 
 
 class UntiedOutputLayer(TiedOutputLayer):
@@ -103,6 +115,7 @@ class GPTModel(nn.Module):
             self.output_layer = UntiedOutputLayer(cfg.vocab_size, H)  # output_layer.weight [V, H]
         else:
             self.output_layer = TiedOutputLayer()  # no parameters of its own
+        self.output_layer.vocab_limit = cfg.true_vocab_size
         self.loss_fn = CrossEntropy()
 
     def _fused_output_loss(self) -> bool:
@@ -115,6 +128,11 @@ class GPTModel(nn.Module):
         if self.cfg.untie_embeddings_and_output_weights:
             return self.output_layer.weight
         return self.word_embeddings.weight
+
+    def _fused_output_weight(self) -> torch.Tensor:
+        """The fused loss's weight: without the padding rows under --true-vocab-size (masking their logits)."""
+        w = self.output_weight()
+        return w if self.cfg.true_vocab_size is None else w[: self.cfg.true_vocab_size]
 
     def layer_modules(self) -> list[TransformerLayer]:
         """The transformer layers this model holds, in order (a pipeline stage holds some, see
@@ -205,7 +223,7 @@ class GPTModel(nn.Module):
         """Hidden states [B, T, H] before the final layer norm, labels [B, T] -> per-token cross-entropy [B, T] fp32."""
         h = self.final_layernorm(h)  # [B, T, H]
         if self._fused_output_loss():
-            return linear_cross_entropy(h, self.output_weight(), labels)  # no [B, T, V] kept
+            return linear_cross_entropy(h, self._fused_output_weight(), labels)  # no [B, T, V] kept
         logits = self.output_layer(h, self.output_weight(), gather=False)  # [B, T, V] (this rank's slice)
         return self.loss_fn(logits, labels)
 
@@ -214,7 +232,8 @@ class GPTModel(nn.Module):
         """Hidden states [B, T, H], labels [B, T], teacher_logits [B, T, V] -> (cross-entropy, T^2 * KL), [B, T] fp32."""
         h = self.final_layernorm(h)  # [B, T, H]
         if self._fused_output_loss():
-            return linear_cross_entropy_kd(h, self.output_weight(), labels, teacher_logits, temperature)
+            w = self._fused_output_weight()  # [V', H]: the teacher's padding ids drop out of its softmax too
+            return linear_cross_entropy_kd(h, w, labels, teacher_logits[..., : w.shape[0]], temperature)
         logits = self.output_layer(h, self.output_weight(), gather=True)  # [B, T, V]
         return cross_entropy_and_kd(logits, labels, teacher_logits, temperature)
 

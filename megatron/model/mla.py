@@ -14,7 +14,10 @@ kv_layernorm [kv_a_layernorm], linear_kv_up_proj [kv_b_proj], proj [o_proj]. Bia
 default, transformers' ``attention_bias``) on the down projections and proj only, as transformers.
 
 KV cache: the full per-head keys [B, nh, L, dn + dr] and values [B, nh, L, dv] (not the latent): simplest,
-and decoding equals a full forward. Tensor parallelism is refused (megatron.parallel.tensor_parallel).
+and decoding equals a full forward. Tensor parallelism (megatron.parallel.tensor_parallel) splits the heads: the
+up projections column-parallel, proj row-parallel; the down projections and latent norms stay whole on every
+rank, and ``shared_rope_key`` (identity here) becomes Megatron's f on the rotary key every head shares, so its
+gradient is summed over the ranks' heads.
 
 Shapes: B batch, T tokens, H hidden, nh heads, dn = --qk-head-dim, dr = --qk-pos-emb-head-dim,
 dv = --v-head-dim.
@@ -54,6 +57,7 @@ class MultiLatentAttention(nn.Module):
         self.linear_kv_up_proj = nn.Linear(kv_lora_rank, nh * (qk_head_dim + v_head_dim), bias=False)
         self.proj = nn.Linear(nh * v_head_dim, H, bias=bias)
         mark_output_layer(self.proj)
+        self.shared_rope_key = nn.Identity()  # tensor parallelism: the gradient sum over the ranks' heads
         self.rotary_base, self.yarn = rotary_base, yarn if yarn is not None and yarn.factor > 1 else None
         self.softmax_scale = q_dim ** -0.5 * (yarn.softmax_factor() if yarn is not None else 1.0)
         self.attention_dropout = attention_dropout
@@ -80,7 +84,7 @@ class MultiLatentAttention(nn.Module):
             raise ValueError(f"multi-latent attention with YaRN {self.yarn} was given RoPE tables of {rope.yarn}: build "
                              f"them with megatron.model.transformer.rope_tables(cfg, position_ids)")
         q_pe = apply_rotary_interleaved(q_pe, rope)
-        k_pe = apply_rotary_interleaved(k_pe[:, None], rope)  # [B, 1, T, dr]: one rotary key shared by every head
+        k_pe = apply_rotary_interleaved(self.shared_rope_key(k_pe)[:, None], rope)  # [B, 1, T, dr]: every head's
         q = torch.cat([q_nope, q_pe], dim=-1)  # [B, nh, T, dn + dr]
         k = torch.cat([k_nope, k_pe.expand(B, nh, T, dr)], dim=-1)
         v = v.contiguous()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from megatron.errors import UserError
 from megatron.model.fused import RMSNorm
+from megatron.model.gpt_model import mask_vocab_padding
 from megatron.model.param_tags import is_output_layer, is_tp_sharded, mark_output_layer, mark_tp_shard
 from megatron.model.transformer import DenseMLPBlock
 from megatron.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
@@ -90,6 +91,59 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class CopyToTP(nn.Module):
+    """Megatron's f as a module: identity forward, the gradient summed over the TP group backward (an input every
+    rank's heads share, e.g. MLA's rotary key)."""
+
+    def __init__(self, ps):
+        super().__init__()
+        self.group = ps.tp_group
+
+    def forward(self, x):
+        return copy_to_tp(x, self.group)
+
+
+def _shard_attention(att, ps) -> None:
+    """Self-attention split by heads: qkv column-parallel (this rank's q heads, then its key/value groups), proj
+    row-parallel, per-head q/k norms replicated with their gradients summed over TP."""
+    T = ps.tp_size
+    nh, ng, hd = att.num_heads, att.num_kv_heads, att.head_dim
+    if ng % T:
+        raise UserError(f"--num-query-groups {ng} is not divisible by --tensor-model-parallel-size {T}")
+    if getattr(att, "qk_norm_full", False) and att.q_layernorm is not None:
+        raise UserError(f"--qk-layernorm-full normalises q and k over all heads, which "
+                        f"--tensor-model-parallel-size {T} splits: use expert / data / pipeline parallelism (TP 1)")
+    q_rows, kv_rows = nh * hd, ng * hd
+    # this rank's q rows (its heads), then its k and v rows (its key/value groups)
+    qkv_idx = [torch.cat([q, q_rows + kv, q_rows + kv_rows + kv])
+               for q, kv in zip(_blocks(q_rows, T), _blocks(kv_rows, T))]
+    att.qkv = ColumnParallelLinear(att.qkv, qkv_idx, ps)
+    att.proj = RowParallelLinear(att.proj, _blocks(q_rows, T), ps)
+    att.num_heads //= T
+    att.num_kv_heads //= T
+    if att.q_layernorm is not None:
+        att.q_layernorm, att.k_layernorm = _head_norm(att.q_layernorm, ps), _head_norm(att.k_layernorm, ps)
+
+
+def _shard_mla(att, ps) -> None:
+    """Multi-latent attention split by heads: q (or q_up) and kv_up column-parallel (each head's rows are
+    contiguous), proj row-parallel; the down projections and latent norms are replicated, their gradients
+    complete on every rank (the column-parallel inputs and the shared rotary key sum theirs over TP)."""
+    T, nh = ps.tp_size, att.num_heads
+    if nh % T:
+        raise UserError(f"--num-attention-heads {nh} is not divisible by --tensor-model-parallel-size {T}")
+    q_rows = nh * (att.qk_head_dim + att.qk_pos_emb_head_dim)
+    if att.q_lora_rank is None:
+        att.linear_q_proj = ColumnParallelLinear(att.linear_q_proj, _blocks(q_rows, T), ps)
+    else:
+        att.linear_q_up_proj = ColumnParallelLinear(att.linear_q_up_proj, _blocks(q_rows, T), ps)
+    att.linear_kv_up_proj = ColumnParallelLinear(att.linear_kv_up_proj,
+                                                 _blocks(nh * (att.qk_head_dim + att.v_head_dim), T), ps)
+    att.proj = RowParallelLinear(att.proj, _blocks(nh * att.v_head_dim, T), ps)
+    att.shared_rope_key = CopyToTP(ps)
+    att.num_heads //= T
+
+
 class TPRMSNorm(RMSNorm):
     """A per-head RMSNorm (q/k norm) replicated over TP ranks that each norm their own heads: the weight's
     gradient is summed over TP (Megatron's f on the weight). Same parameter name and values."""
@@ -141,14 +195,16 @@ class VocabParallelOutputLayer(nn.Module):
     """[B, T, V/T] logits from this rank's rows of the output weight: the (tied) word embeddings' shard the
     model passes, or (``untied``: --untie-embeddings-and-output-weights) this module's own ``weight`` [V/T, H]."""
 
-    def __init__(self, ps, untied: nn.Module = None):
+    def __init__(self, ps, untied: nn.Module = None, vocab_limit=None):
         super().__init__()
         self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
+        self.vocab_limit = vocab_limit  # --true-vocab-size: the padding ids' logits are masked
         if untied is not None:
             self.weight = _shard(untied.weight, 0, _blocks(untied.weight.shape[0], ps.tp_size), ps.tp_rank)
 
     def forward(self, h, weight, gather: bool = True):
         logits = F.linear(copy_to_tp(h, self.group), weight)  # [B, T, V/T]
+        logits = mask_vocab_padding(logits, self.vocab_limit, self.rank * logits.shape[-1])
         return gather_from_tp(logits, -1, self.size * logits.shape[-1], self.group, self.rank, self.size) if gather else logits
 
 
@@ -179,26 +235,10 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
         return
     T = ps.tp_size
     for layer in model.layer_modules():
-        att = layer.attention
-        if not hasattr(att, "qkv"):  # multi-latent attention (megatron/model/mla.py): no head-sharded layout yet
-            raise UserError(f"--multi-latent-attention does not combine with --tensor-model-parallel-size {T} yet: "
-                            f"use expert / data / pipeline parallelism (TP 1)")
-        nh, ng, hd = att.num_heads, att.num_kv_heads, att.head_dim
-        if ng % T:
-            raise UserError(f"--num-query-groups {ng} is not divisible by --tensor-model-parallel-size {T}")
-        if getattr(att, "qk_norm_full", False) and att.q_layernorm is not None:
-            raise UserError(f"--qk-layernorm-full normalises q and k over all heads, which "
-                            f"--tensor-model-parallel-size {T} splits: use expert / data / pipeline parallelism (TP 1)")
-        q_rows, kv_rows = nh * hd, ng * hd
-        # this rank's q rows (its heads), then its k and v rows (its key/value groups)
-        qkv_idx = [torch.cat([q, q_rows + kv, q_rows + kv_rows + kv])
-                   for q, kv in zip(_blocks(q_rows, T), _blocks(kv_rows, T))]
-        att.qkv = ColumnParallelLinear(att.qkv, qkv_idx, ps)
-        att.proj = RowParallelLinear(att.proj, _blocks(q_rows, T), ps)
-        att.num_heads //= T
-        att.num_kv_heads //= T
-        if att.q_layernorm is not None:
-            att.q_layernorm, att.k_layernorm = _head_norm(att.q_layernorm, ps), _head_norm(att.k_layernorm, ps)
+        if hasattr(layer.attention, "qkv"):
+            _shard_attention(layer.attention, ps)
+        else:  # multi-latent attention (megatron/model/mla.py)
+            _shard_mla(layer.attention, ps)
         if isinstance(layer.mlp, DenseMLPBlock):
             mlp = layer.mlp.mlp
             F_ = mlp.fc2.weight.shape[1]
@@ -208,7 +248,7 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
     emb = VocabParallelEmbedding(model.word_embeddings, ps)
     model.word_embeddings = emb
     untied = model.output_layer if getattr(model.output_layer, "weight", None) is not None else None
-    model.output_layer = VocabParallelOutputLayer(ps, untied)
+    model.output_layer = VocabParallelOutputLayer(ps, untied, model.cfg.true_vocab_size)
     model.loss_fn = VocabParallelCrossEntropy(ps, emb.start)
 
 

@@ -150,7 +150,7 @@ def local_sizes(cfg, tp: int = 1, ep: int = 1) -> LocalSizes:
     mlp = mlp_parameters(cfg) // tp + H
     embedding = (V * H // tp + (P * H if cfg.learned_positions else 0) + 2 * H
                  + (V * H // tp if cfg.untie_embeddings_and_output_weights else 0))
-    if getattr(cfg, "multi_latent_attention", False):  # the largest MLA matrix (TP is refused with MLA)
+    if getattr(cfg, "multi_latent_attention", False):  # the largest MLA matrix (the down projections stay whole under TP; counted as sharded here)
         nh, dq = cfg.num_attention_heads, cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
         qkv_rows = max(nh * dq * (cfg.q_lora_rank or H) // H, cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim,
                        cfg.kv_lora_rank * nh * (cfg.qk_head_dim + cfg.v_head_dim) // H, nh * cfg.v_head_dim)

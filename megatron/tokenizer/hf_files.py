@@ -54,3 +54,18 @@ def sentencepiece(files: dict, out_dir: str, model_max_length: int) -> dict:
     tok.post_processor = None
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False, **special}
+
+
+def llama2_sentencepiece(files: dict, out_dir: str, model_max_length: int) -> dict:
+    """:func:`sentencepiece`'s files with BOS added in front of every text, as the Llama2Tokenizer started every
+    training document (transformers' Llama-2 tokenizers do the same)."""
+    config = sentencepiece(files, out_dir, model_max_length)
+    from tokenizers import Tokenizer, processors  # present: sentencepiece() needed them
+
+    path = os.path.join(out_dir, "tokenizer.json")
+    tok = Tokenizer.from_file(path)
+    bos = config["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.save(path)
+    return {**config, "add_bos_token": True}

@@ -1,8 +1,9 @@
 """``--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR`` (Megatron-LM's name): a local tokenizer
 directory's ``tokenizer.json`` read with Hugging Face ``tokenizers`` (no transformers, no download).
 
-Special tokens the tokenizer adds (BOS, ...) are not added: documents are separated by the end-of-document
-id, which is the ``eos_token`` of DIR/tokenizer_config.json, else ``<|endoftext|>`` or ``</s>``.
+Special tokens the tokenizer adds (BOS, ...) are not added by ``tokenize``: documents are separated by the
+end-of-document id, which is the ``eos_token`` of DIR/tokenizer_config.json, else ``<|endoftext|>`` or ``</s>``.
+Evaluation asks for them as transformers would (``encode_special``; ``bos``: the declared BOS token's id).
 """
 from __future__ import annotations
 
@@ -22,14 +23,21 @@ class HuggingFaceTokenizer:
                             f"directory")
         self._tok = Tokenizer.from_file(path)
         self.eod = self._eod_id(os.path.dirname(path))
+        bos = self._config_token(os.path.dirname(path), "bos_token")
+        self.bos = self._tok.token_to_id(bos) if bos else None  # None: no BOS declared (or not in the vocabulary)
+
+    @staticmethod
+    def _config_token(directory: str, key: str):
+        """tokenizer_config.json's ``key`` token text (a string or {"content": ...}), or None."""
+        cfg_path = os.path.join(directory, "tokenizer_config.json")
+        if not os.path.isfile(cfg_path):
+            return None
+        with open(cfg_path, encoding="utf-8") as f:
+            token = json.load(f).get(key)
+        return token.get("content") if isinstance(token, dict) else token
 
     def _eod_id(self, directory: str) -> int:
-        candidates = []
-        cfg_path = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                eos = json.load(f).get("eos_token")
-            candidates.append(eos.get("content") if isinstance(eos, dict) else eos)
+        candidates = [self._config_token(directory, "eos_token")]
         for token in candidates + ["<|endoftext|>", "</s>", "<eos>"]:
             i = self._tok.token_to_id(token) if token else None
             if i is not None:
@@ -43,6 +51,10 @@ class HuggingFaceTokenizer:
 
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_special(self, text: str) -> list[int]:
+        """With the special tokens the tokenizer's post-processor adds (transformers' default encoding)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def detokenize(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -16,7 +16,7 @@ from megatron.tokenizer.fast_gpt2_bpe import FastGPT2BPETokenizer, fast_bpe_avai
 from megatron.tokenizer.gpt2_bpe import GPT2BPETokenizer
 from megatron.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
 from megatron.tokenizer.null_tokenizer import NullTokenizer
-from megatron.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
+from megatron.tokenizer.sentencepiece_tokenizer import Llama2Tokenizer, SentencePieceTokenizer
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ def _sentencepiece(files, vocab_size):
     return SentencePieceTokenizer(files["tokenizer_model"])
 
 
+def _llama2(files, vocab_size):
+    return Llama2Tokenizer(files["tokenizer_model"])
+
+
 def _huggingface(files, vocab_size):
     return HuggingFaceTokenizer(files["tokenizer_model"])
 
@@ -59,6 +63,13 @@ REGISTRY: dict[str, TokenizerSpec] = {s.name: s for s in (
                   fixed_vocab_size=50257, hf_files=hf_files.gpt2_bpe),
     TokenizerSpec("SentencePieceTokenizer", _sentencepiece, (("tokenizer_model", "--tokenizer-model", "a .model file"),),
                   "SentencePiece model", sized_by_files=True, hf_files=hf_files.sentencepiece),
+    # Megatron-LM's name for the same plain SentencePiece tokenizer (EOS is the end of document)
+    TokenizerSpec("GPTSentencePieceTokenizer", _sentencepiece,
+                  (("tokenizer_model", "--tokenizer-model", "a .model file"),),
+                  "SentencePiece model", sized_by_files=True, hf_files=hf_files.sentencepiece),
+    TokenizerSpec("Llama2Tokenizer", _llama2, (("tokenizer_model", "--tokenizer-model", "a Llama-2 tokenizer.model"),),
+                  "Llama-2 SentencePiece model (documents start with BOS)", sized_by_files=True,
+                  hf_files=hf_files.llama2_sentencepiece),
     TokenizerSpec("HuggingFaceTokenizer", _huggingface,
                   (("tokenizer_model", "--tokenizer-model", "a directory with tokenizer.json"),),
                   "a local Hugging Face tokenizer directory (tokenizer.json)",

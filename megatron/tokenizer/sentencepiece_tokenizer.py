@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer (Megatron's SentencePieceTokenizer) and a trainer for small vocabularies."""
+"""SentencePiece tokenizers (Megatron's SentencePieceTokenizer / GPTSentencePieceTokenizer, and Llama2Tokenizer,
+whose documents start with BOS) and a trainer for small vocabularies."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -13,6 +14,7 @@ class SentencePieceTokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         eos = self.sp.eos_id()
         self.eod = eos if eos >= 0 else self.sp.piece_to_id("<|endoftext|>")
+        self.bos = self.sp.bos_id() if self.sp.bos_id() >= 0 else None  # the exported tokenizer's bos_token
 
     @property
     def vocab_size(self) -> int:
@@ -23,6 +25,30 @@ class SentencePieceTokenizer:
 
     def detokenize(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def document_prefix(self) -> list[int]:
+        """Ids that start every document tokenized for training (tools/preprocess_data.py): none."""
+        return []
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's ``Llama2Tokenizer``: a Llama-2 SentencePiece ``tokenizer.model`` whose training documents
+    start with BOS (Megatron-LM's tokenize adds it by default) and end with EOS under ``--append-eod``.
+    ``tokenize`` itself adds nothing, so a continuation scored by lm-eval or a prompt's suffix gets no BOS in
+    the middle."""
+
+    def __init__(self, model_file: str):
+        super().__init__(model_file)
+        if self.sp.bos_id() < 0:
+            raise UserError(f"--tokenizer-model {model_file}: this SentencePiece model has no BOS piece, which "
+                            "Llama2Tokenizer starts documents with: use --tokenizer-type SentencePieceTokenizer")
+
+    def document_prefix(self) -> list[int]:
+        return [self.bos]
+
+    def encode_special(self, text: str) -> list[int]:
+        """BOS + the text's ids: what the exported transformers tokenizer encodes by default."""
+        return [self.bos] + self.tokenize(text)
 
 
 def train_sentencepiece(inputs: Iterable[str], model_prefix: str, vocab_size: int = 8000,

@@ -167,6 +167,10 @@ class Trainer:
         tokenizer = tokenizers.build_for_data_config(cfg.data, cfg.model.vocab_size)
         cfg.model.vocab_size = pad_vocab_size(tokenizer.vocab_size, cfg.data.make_vocab_size_divisible_by,
                                               cfg.parallel.tensor_model_parallel_size)
+        limit = cfg.model.true_vocab_size
+        if limit is not None and not tokenizer.vocab_size <= limit <= cfg.model.vocab_size:
+            raise UserError(f"--true-vocab-size {limit} must lie between the tokenizer's vocabulary "
+                            f"({tokenizer.vocab_size}) and the padded one ({cfg.model.vocab_size})")
         self.tokenizer = tokenizer
         print_rank0(ps, f"> world size {ps.world_size} (TP {ps.tp_size}, {f'PP {ps.pp_size}, ' if ps.pp_size > 1 else ''}"
                         f"DP {ps.dp_size}, EP {ps.ep_size}"
@@ -220,6 +224,8 @@ class Trainer:
             self.grad_reducer = FSDPGradReducer(self.model)  # FSDP2 reduce-scatters in the backward
         else:
             self.grad_reducer = build_grad_reducer(self.model, ps, cfg.parallel.overlap_grad_reduce)
+        if self.pipeline is not None and hasattr(self.grad_reducer, "arm"):
+            self.pipeline.before_last_backward = self.grad_reducer.arm
 
     def report_parameters(self) -> None:
         counts = count_parameters(self.cfg.model)
@@ -347,6 +353,8 @@ class Trainer:
         else:
             with self.timers("grads-all-reduce"):
                 self.grad_reducer.finish()
+                if self.pipeline is not None:
+                    self.pipeline.sum_tied_gradients()
         logs = _dp_mean(sums, ps, 1)  # before the update: the spike check reads the loss
         with self.timers("optimizer"):
             found_inf, grad_norm, spike = self.optimizer_step(sharded, logs.get("lm loss"))

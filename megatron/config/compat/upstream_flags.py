@@ -26,6 +26,24 @@ class UpstreamFlag:
     ours: tuple = ()  # alias: our flag(s) receiving the value (a switch: our switch)
     why: str = ""  # accepted: why nothing needs doing; refused: what to use instead
     check: Optional[Callable[[str], Optional[str]]] = None  # value -> error text (None: fine)
+    # accepted: argv -> a warning line to print once (rank 0), or None (e.g. only at TP > 1)
+    note: Optional[Callable[[list], Optional[str]]] = None
+
+
+def _tp_above_one(argv: list) -> bool:
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--tensor-model-parallel-size=") else (
+            argv[i + 1] if a == "--tensor-model-parallel-size" and i + 1 < len(argv) else None)
+        if value is not None:
+            return value.strip() not in ("1", "")
+    return False
+
+
+def _sequence_parallel_note(argv: list) -> Optional[str]:
+    if not _tp_above_one(argv):
+        return None  # Megatron-LM turns it off at TP 1 too
+    return ("--sequence-parallel: not implemented here; each tensor-parallel rank keeps whole layer-norm and dropout "
+            "activations (more activation memory than Megatron-LM's; --dry-run counts them)")
 
 
 def _only(*allowed: str, what: str) -> Callable[[str], Optional[str]]:
@@ -50,6 +68,27 @@ UPSTREAM_FLAGS = {f.name: f for f in [
                  why="--use-checkpoint-opt_param-scheduler: on resume the learning-rate schedule always comes from the "
                      "flags (only its position from the checkpoint): drop the flag and repeat the first run's schedule "
                      "flags"),
+    # Megatron-LM implementation switches: one implementation here
+    UpstreamFlag("--use-mcore-models", "accepted", False, why="there is one model implementation (Megatron-Core's "
+                 "GPT layout); the switch chose it in Megatron-LM"),
+    UpstreamFlag("--transformer-impl", "accepted", True, why="one implementation (torch modules)",
+                 check=_only("local", "transformer_engine", what="--transformer-impl: local or transformer_engine")),
+    UpstreamFlag("--no-masked-softmax-fusion", "accepted", False,
+                 why="attention runs torch's scaled_dot_product_attention, which picks its fused kernel itself"),
+    UpstreamFlag("--use-flash-attn", "accepted", False,
+                 why="torch's scaled_dot_product_attention runs flash attention where the GPU and dtype allow"),
+    UpstreamFlag("--no-bias-dropout-fusion", "accepted", False, why="no fused bias-dropout kernel here"),
+    UpstreamFlag("--no-bias-gelu-fusion", "accepted", False, why="no fused bias-GeLU kernel here"),
+    UpstreamFlag("--no-bias-swiglu-fusion", "accepted", False, why="no fused bias-SwiGLU kernel here"),
+    UpstreamFlag("--no-rope-fusion", "accepted", False, why="RoPE is applied by torch ops (no fused kernel)"),
+    UpstreamFlag("--no-gradient-accumulation-fusion", "accepted", False,
+                 why="weight gradients accumulate through autograd (no fused wgrad kernel)"),
+    UpstreamFlag("--overlap-param-gather", "accepted", False,
+                 why="with --use-distributed-optimizer the updated parameters are all-gathered right after the "
+                     "optimizer step, not overlapped with the next forward"),
+    UpstreamFlag("--sequence-parallel", "accepted", False, why="Megatron-LM's sequence parallelism splits "
+                 "layer-norm and dropout activations over tensor-parallel ranks; it is not implemented here "
+                 "(a no-op at TP 1, as in Megatron-LM)", note=_sequence_parallel_note),
     # Megatron-LM MoE names
     UpstreamFlag("--moe-expert-capacity-factor", "alias", True,
                  ("--moe-train-capacity-factor", "--moe-eval-capacity-factor")),
@@ -143,6 +182,22 @@ def _seq_length(argv: list) -> int:
     return 1 << 30  # not typed: the parser's default applies; checked again once parsed
 
 
+# Flags only Megatron-LM's scripts use: with them, an unset MoE layer layout means Megatron-LM's default (every
+# layer an MoE layer, --moe-layer-freq 1), not Megatron-DeepSpeed's (--expert-interval 2, every other layer).
+_MEGATRON_LM_MOE = ("--moe-router-topk", "--moe-router-load-balancing-type", "--expert-model-parallel-size",
+                    "--moe-aux-loss-coeff", "--moe-grouped-gemm", "--moe-ffn-hidden-size")
+_LAYER_LAYOUT = ("--moe-layer-freq", "--expert-interval")
+
+
+def _megatron_lm_layer_default(argv: list, tr: Translation) -> list:
+    names = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if "--num-experts" not in names or names & set(_LAYER_LAYOUT) or not names & set(_MEGATRON_LM_MOE):
+        return argv
+    tr.notes.append("Megatron-LM MoE flags without --moe-layer-freq: every layer is an MoE layer (Megatron-LM's "
+                    "default; give --moe-layer-freq or --expert-interval to choose)")
+    return argv + ["--moe-layer-freq", "1"]
+
+
 def translate_argv(argv) -> Translation:
     """Upstream flags -> ours (see the module docstring); a refused flag raises a one-line UserError."""
     argv = _split_eq(list(argv))
@@ -173,6 +228,10 @@ def translate_argv(argv) -> Translation:
                 raise UserError(problem)
         if spec.kind == "refused":
             raise UserError(spec.why or f"{a} is not supported here")
+        if spec.note is not None:
+            line = spec.note(argv)
+            if line and line not in tr.notes:
+                tr.notes.append(line)
         if spec.kind == "alias":
             for target in spec.ours:
                 out += [target] if value is None else [target, value]
@@ -180,5 +239,5 @@ def translate_argv(argv) -> Translation:
         out = _apply_deepspeed(out, ds_path, tr) + ["--deepspeed_config", ds_path]
     if "--vocab-file" in out and "--merge-file" in out and "--tokenizer-type" not in out and "--mock-data" not in out:
         out = ["--tokenizer-type", "GPT2BPETokenizer"] + out  # Megatron-DeepSpeed's scripts rely on this default
-    tr.argv = out
+    tr.argv = _megatron_lm_layer_default(out, tr)
     return tr

@@ -10,8 +10,11 @@ while every MoE layer's ``moe_loss`` rides on its stage's hidden states with the
 (``StageForward``), so the gradients are those of PP = 1's ``(lm + moe) * scale / num_micro``. The
 schedule is torch's (``Schedule1F1B``, ``ScheduleInterleaved1F1B`` with virtual stages, ``ScheduleGPipe``),
 built with static shapes (no shape-inference forward) and ``scale_grads=False`` (the loss is already
-divided by the micro-batch count). After the backward the tied word-embedding gradients of the first
-and last stage are summed over the embedding group.
+divided by the micro-batch count). After the data-parallel gradient reduction the tied word-embedding
+gradients of the first and last stage are summed over the embedding group (``sum_tied_gradients``, called
+by the trainer). With one stage per rank, ``before_last_backward`` (``--overlap-grad-reduce``: the reducer's
+``arm``) runs before the stage's last micro-batch backward, which the schedule flags, so the gradient buckets
+are reduced while that backward runs; with virtual stages the reduction runs after the schedule.
 
 Logged values ("lm loss", "kd loss", "moe loss") and the MoE layers' load statistics are summed over
 the pipeline group, so every rank logs, guards and decides on the same figures.
@@ -31,6 +34,19 @@ from megatron.model.moe.metrics import MoELoad
 from megatron.model.param_tags import is_pipeline_tied_copy
 from megatron.parallel.pipeline.stage_model import StageForward
 
+
+class _Stage(PipelineStage):
+    """torch's stage, calling ``before_last_backward`` (when set) before the step's last backward."""
+
+    before_last_backward = None
+
+    def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+        if last_backward and self.before_last_backward is not None:
+            self.before_last_backward()
+        return super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward,
+                                          last_backward=last_backward)
+
+
 SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
 
@@ -48,6 +64,7 @@ class PipelineRunner:
         self.chunks = [StageForward(model, layout, s, model_cfg.moe, self._record, lambda: self._grad_scale)
                        for s in self.stage_ids]
         self._schedules: dict = {}
+        self.before_last_backward = None  # set by the trainer: the overlapped gradient reducer's arm()
         self._grad_scale = 1.0
         self._teacher = None
         self._training = True
@@ -87,8 +104,11 @@ class PipelineRunner:
                 # static shapes (no inference forward); activations carry gradients when training
                 hidden = lambda: torch.zeros(mbs, seq, H, device=dev, requires_grad=train)  # noqa: E731
                 x = torch.zeros(mbs, seq, dtype=torch.long, device=dev) if s == 0 else hidden()
-                stages.append(PipelineStage(chunk, s, self.layout.num_stages, dev, input_args=(x,),
-                                            output_args=(hidden(),), group=self.ps.pp_group))
+                stage = _Stage(chunk, s, self.layout.num_stages, dev, input_args=(x,), output_args=(hidden(),),
+                               group=self.ps.pp_group)
+                if len(self.stage_ids) == 1:  # virtual stages: each one's last backward comes at another time
+                    stage.before_last_backward = self.before_last_backward
+                stages.append(stage)
             kind, pp = self.kind, self.layout.pp
             if kind == "1F1B" and num_micro < pp:
                 kind = "GPipe"  # 1F1B needs at least one micro-batch per stage; GPipe computes the same
@@ -122,7 +142,6 @@ class PipelineRunner:
         over the pipeline; MoE loads of every MoE layer of the model, in layer order)."""
         self._grad_scale, self._teacher = grad_scale / num_micro, teacher
         self._run(data_iterator, num_micro, train=True)
-        self.sum_tied_gradients()
         moe = self._gather_moe(self._accumulate(self._moe_step))
         return self._pipeline_sums(num_micro, teacher is not None), moe
 
@@ -166,7 +185,8 @@ class PipelineRunner:
         return sorted(out, key=lambda a: a.layer)
 
     def sum_tied_gradients(self) -> None:
-        """First stage's word-embedding gradient + last stage's (the tied output layer), on both."""
+        """First stage's word-embedding gradient + last stage's (the tied output layer), on both; after the
+        data-parallel reduction (the two sums commute, and an overlapped reduction copies its result back)."""
         if (self.ps.embedding_group is None or self.has_first == self.has_last
                 or self.model_cfg.untie_embeddings_and_output_weights):  # an untied output layer: nothing shared
             return
