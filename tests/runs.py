@@ -18,7 +18,8 @@ def train(rank, argv):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = pretrain_gpt_moe.main(argv)
     return {"losses": result["losses"], "grad_norms": result.get("grad_norms"), "kd_losses": result.get("kd_losses"),
-            "valid": result.get("valid"), "rank": rank}
+            "valid": result.get("valid"), "rank": rank, "teacher_held": result.get("teacher_held"),
+            "local_parameters": result.get("local_parameters")}
 
 
 def close(a, b, rtol=1e-5):

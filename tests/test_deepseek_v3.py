@@ -146,11 +146,17 @@ def test_mla_tp2_equals_tp1(tmp_path, q_lora):
     from tests.dist_utils import run_distributed
     from tests.runs import close, mock_args, train
 
+    import pretrain_gpt_moe
+
     argv = mock_args(MLA_RUN + q_lora)
     single = train(0, argv)
-    for r in run_distributed(train, 2, str(tmp_path), argv + ["--tensor-model-parallel-size", "2"]):
+    tp2 = argv + ["--tensor-model-parallel-size", "2"]
+    plan = pretrain_gpt_moe.main(tp2 + ["--dry-run", "--dry-run-world-size", "2"])
+    for r in run_distributed(train, 2, str(tmp_path), tp2):
         close(r["losses"], single["losses"])
         close(r["grad_norms"], single["grad_norms"])
+        # the dry run counts what a TP rank holds: its head shards plus the replicated down projections and norms
+        assert r["local_parameters"] == plan["memory"]["params"] < single["local_parameters"]
 
 
 # ---- the DeepSeek-V3 family: import, generation, export (registered for the test)

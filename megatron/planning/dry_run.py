@@ -135,11 +135,13 @@ def pipeline_schedule_name(cfg, micro: int) -> str:
     return kind
 
 
-def stage_parameters(cfg, pp_rank: int) -> tuple[int, int]:
-    """(dense, expert) parameters of pipeline rank ``pp_rank``'s stages with every expert local (TP 1, EP 1): the
-    meta model pruned as training prunes it (the last stage's tied copy of the embeddings included)."""
-    layout = cfg.pipeline_layout()
-    ps = ParallelState(device=torch.device("meta"), pp_size=layout.pp, pp_rank=pp_rank)
+def stage_parameters(cfg, pp_rank: int, tp: int = 1) -> tuple[int, int]:
+    """(dense, expert) parameters of pipeline rank ``pp_rank``'s stages with every expert local (EP 1), on TP rank 0
+    of ``tp``: the meta model sharded and pruned as training does (what stays whole under TP, e.g. MLA's down
+    projections, the MoE layer's router and shared experts, counted whole; the last stage's tied copy of the
+    embeddings included)."""
+    layout = cfg.pipeline_layout() if cfg.parallel.pipeline_model_parallel_size > 1 else None
+    ps = ParallelState(device=torch.device("meta"), pp_size=layout.pp if layout else 1, pp_rank=pp_rank, tp_size=tp)
     model = build_model(cfg.model, ps, pipeline=layout)
     expert = sum(p.numel() for p in model.parameters() if is_expert(p))
     return sum(p.numel() for p in model.parameters()) - expert, expert
@@ -192,13 +194,16 @@ def _stage(cfg, world_size: int, pp_rank: int) -> dict:
     ``in_flight`` micro-batches of activations, whether it computes the logits (``last``), the ``schedule``."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     if pp == 1:
-        return {"dense": count_parameters(cfg.model).dense, "layers": None, "in_flight": 1, "last": True,
-                "schedule": None, "pp_rank": 0}
+        dense = count_parameters(cfg.model).dense
+        return {"dense": dense, "dense_local": stage_parameters(cfg, 0, tp)[0] if tp > 1 else dense, "layers": None,
+                "in_flight": 1, "last": True, "schedule": None, "pp_rank": 0}
     layout = cfg.pipeline_layout()
     dp = max(world_size // (tp * pp), 1)
     micro = max(cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp), 1)
     schedule = pipeline_schedule_name(cfg, micro)
-    return {"dense": stage_parameters(cfg, pp_rank)[0], "layers": set(layout.layers_of(pp_rank)),
+    dense = stage_parameters(cfg, pp_rank)[0]
+    return {"dense": dense, "layers": set(layout.layers_of(pp_rank)),
+            "dense_local": stage_parameters(cfg, pp_rank, tp)[0] if tp > 1 else dense,
             "in_flight": pipeline_in_flight(schedule, pp, pp_rank, micro, layout.virtual),
             "last": layout.num_stages - 1 in layout.stages_of(pp_rank), "schedule": schedule, "pp_rank": pp_rank,
             "micro": micro}
@@ -217,12 +222,13 @@ def memory_plan(cfg, world_size: int, teacher_cfg=None, pp_rank: int = 0) -> dic
     layout = expert_layout(cfg.model, ep, dp, _fold(cfg))  # each MoE layer at its own EP degree (PR-MoE)
     if stage["layers"] is not None:
         layout = [x for x in layout if x["layer"] in stage["layers"]]
-    dense_local = stage["dense"] / tp
+    dense_local = stage["dense_local"]  # this TP rank's shards plus what TP leaves whole
     expert_local = expert_elements(layout)
     expert_sharded = expert_elements(layout, sharded=True)
     params = dense_local + expert_local
     teacher = 0
-    if teacher_cfg is not None:  # frozen fp32 weights, same layout; no_grad activations: logits and log-softmax
+    if teacher_cfg is not None and stage["last"]:  # frozen fp32 weights, same layout; no_grad logits, log-softmax
+        # (under pipeline parallelism only the last stage holds the teacher: its logits are needed there)
         tc = count_parameters(teacher_cfg)
         m = cfg.model
         teacher_experts = expert_elements(expert_layout(teacher_cfg, ep, dp))
@@ -348,7 +354,7 @@ def phase_plan(cfg, world_size: int, rank: int = 0, runtime_bytes: int | None = 
     one_expert = 2 * m.hidden_size * m.ffn_hidden_size + m.ffn_hidden_size + m.hidden_size
 
     dense_full = stage["dense"]
-    dense_l, expert_l = dense_full / tp, expert_elements(layout)  # on this rank, unsharded
+    dense_l, expert_l = stage["dense_local"], expert_elements(layout)  # on this rank, unsharded
     params_l = dense_l + expert_l
     params_s = dense_l / dp + expert_elements(layout, sharded=True)  # its shard of the DP / expert-DP domains
     # the expert-DP rank 0 of each layer's degree writes that layer's experts (format 1) and gathers their Adam state

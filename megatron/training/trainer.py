@@ -111,6 +111,7 @@ class Trainer:
         self.history, self.kd_history, self.norm_history = [], [], []
         self.skipped_total = 0
         self.teacher = self.teacher_ref = None
+        self.kd_active = False  # distillation is on (every rank; under PP only the last stage holds the teacher)
         self.signal = None
         self.timers = Timers(enabled=False)  # setup_timers() decides
         self.wall_clock_breakdown = False
@@ -267,6 +268,11 @@ class Trainer:
         if kd.stop_iters is not None and self.iteration >= kd.stop_iters:
             print_rank0(ps, f"> iteration {self.iteration} is past --kd-stop-iters {kd.stop_iters}: no teacher, LM loss only")
             return
+        self.kd_active = True
+        if self.pipeline is not None and not self.pipeline.has_last:
+            print_rank0(ps, f"> {'MoS' if kd.mos else 'KD'} teacher from {kd.load_teacher} on the last pipeline stage "
+                            f"only (its logits are needed there)")
+            return
         teacher = self.teacher_provider(cfg, ps)
         n = sum(p.numel() for p in teacher.parameters())
         tc = teacher.cfg
@@ -277,7 +283,7 @@ class Trainer:
         self.teacher, self.teacher_ref = teacher, weakref.ref(teacher)
 
     def release_teacher(self) -> None:
-        self.teacher = None
+        self.teacher, self.kd_active = None, False
         gc.collect()
         if self.ps.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -326,7 +332,8 @@ class Trainer:
             data_iterator = timers.timed_iterator("batch-generator", data_iterator)
         if self.pipeline is not None:  # the schedule runs the micro-batches (the built-in GPT step)
             with timers("forward-backward"), self.autocast():
-                return self.pipeline.forward_backward(data_iterator, num_micro, self.scaler.scale, self.teacher)
+                return self.pipeline.forward_backward(data_iterator, num_micro, self.scaler.scale, self.teacher,
+                                                      kd=self.kd_active)
         timers("forward-backward").start()
         for micro in range(num_micro):
             if micro == num_micro - 1:
@@ -526,7 +533,7 @@ class Trainer:
             self.history.append(res.logs.get("lm loss", float("nan")))
             self.kd_history.append(res.logs.get("kd loss"))
             self.norm_history.append(res.grad_norm)
-            if self.teacher is not None and cfg.kd.stop_iters is not None and self.iteration >= cfg.kd.stop_iters:
+            if self.kd_active and cfg.kd.stop_iters is not None and self.iteration >= cfg.kd.stop_iters:
                 self.release_teacher()  # staged KD: LM loss only from here on
                 print_rank0(ps, f"> knowledge distillation stopped at iteration {self.iteration} (--kd-stop-iters); "
                                 f"teacher freed, training on the LM loss only")
@@ -554,7 +561,8 @@ class Trainer:
 
     def result(self) -> dict:
         return {"iteration": self.iteration, "losses": self.history, "kd_losses": self.kd_history,
-                "grad_norms": self.norm_history, "tokens_trained": self.tokens}
+                "grad_norms": self.norm_history, "tokens_trained": self.tokens,
+                "local_parameters": sum(p.numel() for p in self.model.parameters())}  # this rank's (dry run: per GPU)
 
     def run(self) -> dict:
         self.setup()
@@ -568,7 +576,8 @@ class Trainer:
             self.release_teacher()
             result = {**self.result(), "train_time": train_time, "skipped": self.skipped_total,
                       "loss_scale": self.scaler.scale,
-                      "teacher_released": self.teacher_ref is not None and self.teacher_ref() is None}
+                      "teacher_released": self.teacher_ref is not None and self.teacher_ref() is None,
+                      "teacher_held": self.teacher_ref is not None}  # built on this rank (PP: the last stage)
             cfg, ck = self.cfg, self.cfg.checkpoint
             if self.valid_ds is not None and cfg.train.eval_iters > 0:
                 result["valid"] = self.evaluate("valid", self.valid_ds)

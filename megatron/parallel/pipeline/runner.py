@@ -137,13 +137,14 @@ class PipelineRunner:
         else:
             sched.eval(*args, target=target, return_outputs=False)
 
-    def forward_backward(self, data_iterator, num_micro: int, grad_scale: float, teacher=None):
+    def forward_backward(self, data_iterator, num_micro: int, grad_scale: float, teacher=None, kd=None):
         """One step's micro-batches through the pipeline. Returns (log sums averaged over micro-batches, summed
-        over the pipeline; MoE loads of every MoE layer of the model, in layer order)."""
+        over the pipeline; MoE loads of every MoE layer of the model, in layer order). ``teacher``: the KD
+        teacher on the last stage (None elsewhere); ``kd``: distillation is on (default: a teacher is given)."""
         self._grad_scale, self._teacher = grad_scale / num_micro, teacher
         self._run(data_iterator, num_micro, train=True)
         moe = self._gather_moe(self._accumulate(self._moe_step))
-        return self._pipeline_sums(num_micro, teacher is not None), moe
+        return self._pipeline_sums(num_micro, teacher is not None if kd is None else kd), moe
 
     @torch.no_grad()
     def evaluate(self, data_iterator, batches: int, num_micro: int) -> dict:
