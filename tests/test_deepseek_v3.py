@@ -143,10 +143,9 @@ MLA_RUN = ["--hidden-dropout", "0", "--attention-dropout", "0", "--use-cpu", "--
 def test_mla_tp2_equals_tp1(tmp_path, q_lora):
     """Heads split over 2 TP ranks: the replicated down projections, the latent norms and the shared rotary key
     get complete gradients (the losses and grad norms of 3 steps equal TP 1's)."""
+    import pretrain_gpt_moe
     from tests.dist_utils import run_distributed
     from tests.runs import close, mock_args, train
-
-    import pretrain_gpt_moe
 
     argv = mock_args(MLA_RUN + q_lora)
     single = train(0, argv)
