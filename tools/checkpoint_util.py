@@ -74,9 +74,11 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def _prepare_out(path: str, force: bool = False) -> str:
+def _prepare_out(path: str, force=None) -> str:
+    """``force``: None where the command has no --force (then the refusal does not offer it)."""
     if os.path.exists(path) and os.listdir(path) and not force:
-        raise UserError(f"--save {path} exists and is not empty: choose a new directory (or --force)")
+        raise UserError(f"--save {path} exists and is not empty: choose a new directory"
+                        f"{'' if force is None else ' (or --force to replace it)'}; nothing was written")
     parent = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(parent, "." + os.path.basename(os.path.abspath(path)) + ".tmp")
     try:
@@ -95,7 +97,7 @@ def _publish(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_and_publish(load: str, save: str, write, force: bool = False):
+def _write_and_publish(load: str, save: str, write, force=None):
     """``write(tmp_dir)`` fills a temporary folder that replaces ``save`` only when complete; returns its result."""
     _refuse_overlap(load, save)
     tmp = _prepare_out(save, force)

@@ -34,3 +34,7 @@ def check_architecture(stored_model_cfg: dict, model_cfg, what: str = "--load") 
     if diffs:
         raise UserError(f"{what}: the checkpoint's architecture differs from the flags ({'; '.join(diffs)}); "
                         f"pass the flags it was trained with")
+    if stored.true_vocab_size is not None and model_cfg.true_vocab_size != stored.true_vocab_size:
+        raise UserError(f"{what}: the checkpoint masks its padded vocabulary with --true-vocab-size "
+                        f"{stored.true_vocab_size} but the flags give {model_cfg.true_vocab_size or 'none'}; pass "
+                        f"--true-vocab-size {stored.true_vocab_size} (its padding rows would otherwise take probability)")

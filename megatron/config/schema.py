@@ -239,6 +239,9 @@ class ParallelConfig:
     moe_tp_token_split: bool = option("--disable-moe-tp-token-split", True, "under TP, run every MoE layer's experts "
                                       "and all-to-all on all routed tokens on every TP rank instead of 1/TP of them on "
                                       "each (the split's expert-gradient all-reduce over TP is then not needed)")
+    sequence_parallel: bool = option("--sequence-parallel", False, "with --tensor-model-parallel-size > 1: split the "
+                                     "residual stream (norms, dropout, MoE layers) along the sequence over the TP "
+                                     "ranks (Megatron-LM's; 1/TP of those activations); a no-op at TP 1")
     pipeline_model_parallel_size: int = option(
         "--pipeline-model-parallel-size", 1, "pipeline stages: the layers are split into this many stages on "
         "different ranks (torch.distributed.pipelining, 1F1B schedule)", check=(positive, "must be >= 1"))
@@ -688,6 +691,7 @@ class Config:
         self.parallel.validate()
         self.optimizer.validate()
         self.validate_pipeline()
+        self.validate_sequence_parallel()
         if self.optimizer.use_torch_fsdp2:
             check(not self.parallel.overlap_grad_reduce, "--overlap-grad-reduce does not combine with "
                   "--use-torch-fsdp2 (ZeRO-3): FSDP2 reduce-scatters during the backward itself; drop one of the two")
@@ -707,6 +711,21 @@ class Config:
         return build_layout(self.model.num_layers, par.pipeline_model_parallel_size,
                             par.num_layers_per_virtual_pipeline_stage, par.decoder_first_pipeline_num_layers,
                             par.decoder_last_pipeline_num_layers)
+
+    def validate_sequence_parallel(self) -> None:
+        par, tp = self.parallel, self.parallel.tensor_model_parallel_size
+        if not par.sequence_parallel or tp == 1:
+            return
+        check(self.model.seq_length % tp == 0, f"--sequence-parallel: --seq-length {self.model.seq_length} is not "
+              f"divisible by --tensor-model-parallel-size {tp}: choose a multiple of {tp}")
+        unsupported = [("--pipeline-model-parallel-size > 1", par.pipeline_model_parallel_size > 1),
+                       ("--multi-latent-attention", self.model.multi_latent_attention),
+                       ("--zero-stage 2", self.optimizer.zero_stage == 2),
+                       ("--use-torch-fsdp2 / --zero-stage 3", self.optimizer.use_torch_fsdp2),
+                       ("--model-family " + str(self.model.model_family), self.model.model_family != "gpt")]
+        for flag, used in unsupported:
+            check(not used, f"--sequence-parallel does not combine with {flag} yet: drop one of the two (without "
+                  f"--sequence-parallel each TP rank keeps whole layer-norm and dropout activations)")
 
     def validate_pipeline(self) -> None:
         par = self.parallel

@@ -15,8 +15,23 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from megatron.errors import UserError
 from megatron.inference.generate import generate, generate_greedy_batch
 from megatron.inference.load import load_model
+
+
+def _bool_arg(name: str, value):
+    """An lm-eval model argument that is a switch: None / "" / "None" (unset), a bool, or "true" / "false" (any
+    case, also 1 / 0) as ``--model_args`` gives it; anything else is one line naming it."""
+    if value in (None, "", "None") or isinstance(value, bool):
+        return None if value in ("", "None") else value
+    text = str(value).strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise UserError(f"--model_args {name}={value}: not a switch; give {name}=True or {name}=False (or leave it out "
+                     f"for the tokenizer's default)")
 
 
 @register_model("megatron-moe")
@@ -26,7 +41,7 @@ class MegatronMoELM(TemplateLM):
                  add_bos_token=None, **kwargs):
         super().__init__()
         # lm-eval's hf model's option: None = the tokenizer's own default (a Llama / Mistral tokenizer adds BOS)
-        self.add_bos_token = None if add_bos_token in (None, "", "None") else str(add_bos_token).lower() in ("1", "true")
+        self.add_bos_token = _bool_arg("add_bos_token", add_bos_token)
         cf = None if moe_eval_capacity_factor in (None, "", "None") else float(moe_eval_capacity_factor)
         self.lm = loaded or load_model(load, device, cf, dtype, vocab_file, merge_file, tokenizer_model)
         self.model, self.tokenizer_ = self.lm.model, self.lm.tokenizer
@@ -46,14 +61,20 @@ class MegatronMoELM(TemplateLM):
         bos = getattr(self.tokenizer_, "bos", None)
         return self.eot_token_id if bos is None else bos
 
+    def _prefix_text(self) -> str:
+        """The prefix token's text as transformers decodes it ("<s>"; SentencePiece's own decode gives "")."""
+        tok, i = self.tokenizer_, self.prefix_token_id
+        return tok.special_text(i) if hasattr(tok, "special_text") else tok.detokenize([i])
+
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-        """As lm-eval's hf model encodes: with the tokenizer's special tokens (BOS) unless told otherwise, or the
-        text already starts with the BOS text; tokenizers that add none (GPT-2 BPE, Null) just tokenize."""
+        """As lm-eval's hf model encodes: with the tokenizer's special tokens (BOS) unless told otherwise
+        (``add_special_tokens``, else ``add_bos_token``), and without them when the text already starts with the
+        prefix token's text ("<s>..."); tokenizers that add none (GPT-2 BPE, Null) just tokenize."""
         special = add_special_tokens if add_special_tokens is not None else self.add_bos_token
-        if special is None:
-            bos = getattr(self.tokenizer_, "bos", None)
-            special = bos is None or not string.startswith(self.tokenizer_.detokenize([bos]))
-        if special and hasattr(self.tokenizer_, "encode_special"):
+        prefix = self._prefix_text() if add_special_tokens is None else ""
+        if prefix and string.startswith(prefix):
+            return self.tokenizer_.tokenize(string)
+        if special is not False and hasattr(self.tokenizer_, "encode_special"):
             return self.tokenizer_.encode_special(string)
         return self.tokenizer_.tokenize(string)
 

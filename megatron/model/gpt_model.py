@@ -98,6 +98,8 @@ class GPTModel(nn.Module):
         # None with RoPE or --no-position-embedding
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H) if cfg.learned_positions else None
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        # sequence parallelism (megatron/parallel) swaps in the split of [B, T, H] into this rank's [B, T/TP, H]
+        self.sequence_split = nn.Identity()
         layers = []
         for i, num_experts in enumerate(cfg.moe.experts_per_layer(cfg.num_layers)):
             if cfg.moe.is_moe_layer(i, num_experts):
@@ -235,7 +237,8 @@ class GPTModel(nn.Module):
             w = self._fused_output_weight()  # [V', H]: the teacher's padding ids drop out of its softmax too
             return linear_cross_entropy_kd(h, w, labels, teacher_logits[..., : w.shape[0]], temperature)
         logits = self.output_layer(h, self.output_weight(), gather=True)  # [B, T, V]
-        return cross_entropy_and_kd(logits, labels, teacher_logits, temperature)
+        limit = self.cfg.true_vocab_size  # the padding ids drop out of both softmaxes, as in the fused path
+        return cross_entropy_and_kd(logits[..., :limit], labels, teacher_logits[..., :limit], temperature)
 
     # ---- shared parts
 
@@ -244,7 +247,7 @@ class GPTModel(nn.Module):
         h = self.word_embeddings(tokens)  # [B, T, H]
         if self.position_embeddings is not None:
             h = h + self.position_embeddings(position_ids)
-        return self.embedding_dropout(h)
+        return self.embedding_dropout(self.sequence_split(h))
 
     def rotary(self, position_ids: torch.Tensor) -> Optional[RotaryTables]:
         """position_ids [B or 1, T] -> the RoPE cos / sin tables every layer shares (None without RoPE)."""

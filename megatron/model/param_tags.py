@@ -6,6 +6,9 @@
   the rows ``indices[r]`` (and, where the sharding said which rank this is, ``tp_local_layout`` gives the
   full shape and this shard's indices: shard-local initialisation reads it);
 - output layer: a Linear whose weight is initialised with the smaller std / sqrt(2 L);
+- sequence-parallel replica: replicated over the TP ranks but computed on this rank's sequence shard
+  (norms, row-parallel biases, the MoE layer's router / shared / residual parts under --sequence-parallel):
+  its gradient is summed over the TP group;
 - pipeline tied copy: the last pipeline stage's copy of the word embeddings (the tied output layer); its
   gradient is summed with the first stage's, and it is counted once, on the first stage, in the gradient norm.
 
@@ -49,6 +52,14 @@ def mark_output_layer(module: torch.nn.Module) -> None:
 
 def is_output_layer(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "is_output_layer", False))
+
+
+def mark_sequence_parallel(p: torch.Tensor) -> None:
+    p.sequence_parallel = True
+
+
+def is_sequence_parallel(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "sequence_parallel", False))
 
 
 def mark_pipeline_tied_copy(p: torch.Tensor) -> None:

@@ -55,9 +55,10 @@ class SelfAttention(nn.Module):
         # x: [B, T, H]; kv_cache: this layer's keys / values so far, [B, ng, T_past, hd] each (appended to);
         # attn_mask: [B, 1, T, T_past + T] bool from padding_attention_mask, or None for plain causal attention;
         # rope: cos / sin tables of the tokens' positions (None: positions count on from the cache length)
-        B, T, _ = x.shape
         nh, ng, hd = self.num_heads, self.num_kv_heads, self.head_dim  # this rank's heads under TP
-        q, k, v = self.qkv(x).split([nh * hd, ng * hd, ng * hd], dim=-1)
+        qkv = self.qkv(x)  # [B, T, (nh + 2 ng) hd] (sequence parallelism: x is [B, T/TP, H], gathered by qkv)
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([nh * hd, ng * hd, ng * hd], dim=-1)
         if self.q_layernorm is not None and self.qk_norm_full:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q = q.view(B, T, nh, hd)

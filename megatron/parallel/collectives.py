@@ -7,7 +7,10 @@ the TP group:
 - :func:`copy_to_tp` / :func:`reduce_from_tp`: Megatron's f and g around column- and row-parallel ops;
 - :func:`split_to_tp` / :func:`gather_from_tp`: one dimension cut into equal chunks (zero-padded to a
   multiple of TP) and put back together, used for the vocab-parallel logits and for the MoE layer's
-  routed tokens under TP (``token_split.py``).
+  routed tokens under TP (``token_split.py``);
+- :func:`gather_sequence` / :func:`reduce_scatter_sequence`: sequence parallelism's all-gather of the
+  sequence shards before a column-parallel op (backward: the gradient summed over TP and cut to this
+  rank's shard) and its adjoint after a row-parallel op (Megatron's g-bar and its transpose).
 
 And those of expert parallelism's token dispatchers (``expert_parallel.py``, ``allgather_dispatcher.py``),
 along dim 0 over the EP group, each run (forward and backward) inside an optional timer:
@@ -144,6 +147,56 @@ class _GatherFromTP(torch.autograd.Function):
     def backward(ctx, grad):
         full = _pad_along(grad, ctx.dim, ctx.c * ctx.size)
         return full.narrow(ctx.dim, ctx.rank * ctx.c, ctx.c).contiguous(), None, None, None, None, None
+
+
+def _reduce_scatter_along(x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch.Tensor:
+    """x (identical shape on every TP rank, ``dim`` divisible by size) -> this rank's chunk of the sum over TP."""
+    if dist.get_backend(group) == "gloo":  # no reduce_scatter in gloo: the sum, then this rank's chunk
+        total = x.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total.chunk(size, dim)[rank].contiguous()
+    parts = list(x.movedim(dim, 0).contiguous().chunk(size, 0))
+    out = torch.empty_like(parts[rank])
+    dist.reduce_scatter(out, parts, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather of the sequence shards forward; the gradient summed over TP and cut to this shard backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, rank, size):
+        ctx.dim, ctx.group, ctx.rank, ctx.size = dim, group, rank, size
+        return _all_gather_along(x, dim, group, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_along(grad, ctx.dim, ctx.group, ctx.rank, ctx.size), None, None, None, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """This shard of the sum over TP forward (after a row-parallel op); the gradient all-gathered backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, rank, size):
+        ctx.dim, ctx.group, ctx.size = dim, group, size
+        return _reduce_scatter_along(x, dim, group, rank, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_along(grad, ctx.dim, ctx.group, ctx.size), None, None, None, None
+
+
+def gather_sequence(x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch.Tensor:
+    """Sequence parallelism: [.., T/TP, ..] shards -> the whole [.., T, ..] on every TP rank (entry of a
+    column-parallel op; backward: reduce-scatter)."""
+    return _GatherSequence.apply(x, dim % x.dim(), group, rank, size)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch.Tensor:
+    """Sequence parallelism: a row-parallel op's partial [.., T, ..] -> this rank's shard of the sum over TP
+    (backward: all-gather)."""
+    return _ReduceScatterSequence.apply(x, dim % x.dim(), group, rank, size)
 
 
 def split_to_tp(x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch.Tensor:

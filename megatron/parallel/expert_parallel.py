@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from megatron.errors import UserError
-from megatron.model.moe.dispatchers import ExpertBatch, LocalDispatchMetadata, scatter_to_capacity, weighted_combine
+from megatron.model.moe.dispatchers import (
+    ExpertBatch,
+    LocalDispatchMetadata,
+    local_dispatcher,
+    scatter_to_capacity,
+    weighted_combine,
+)
 from megatron.model.moe.layer import MoELayer
 from megatron.parallel.allgather_dispatcher import AllGatherDispatcher
 from megatron.parallel.collectives import all_to_all, chunk_length, gather_from_tp, split_to_tp
@@ -122,21 +128,25 @@ def apply_expert_parallel(model: torch.nn.Module, ps) -> None:
     (``module.ep_size``: ``min(--moe-expert-parallel-size, E)``, :meth:`ParallelState.expert_groups`) that its
     ``--moe-token-dispatcher-type`` names (:data:`TOKEN_DISPATCHERS`), splitting the routed tokens over the
     TP ranks when ``ps.tp_token_split`` (TP > 1; with EP = 1: the split alone). A layer at EP degree 1
-    without the TP split keeps its local dispatcher (no exchange; its other ranks are EDP replicas)."""
+    without the TP split keeps a local dispatcher (no exchange; its other ranks are EDP replicas). Under
+    sequence parallelism every dispatcher weighs its balancing losses 1/TP (``TokenDispatcher.loss_share``)."""
     tp = TPSplit(ps.tp_group, ps.tp_rank, ps.tp_size) if ps.tp_token_split else None
-    if ps.ep_size == 1 and tp is None:
+    share = 1.0 / ps.tp_size if ps.sequence_parallel else 1.0  # each TP rank routes its own sequence shard
+    if ps.ep_size == 1 and tp is None and share == 1.0:
         return
     for module in model.modules():
         if isinstance(module, MoELayer):
+            if ps.expert_groups(module.ep_size).ep_size == 1 and tp is None:
+                module.set_dispatcher(local_dispatcher(module.num_experts, module.cfg.token_dropping, share))
+                continue
             name = module.cfg.token_dispatcher_type
             if name not in TOKEN_DISPATCHERS:
                 raise UserError(f"--moe-token-dispatcher-type must be one of {', '.join(TOKEN_DISPATCHERS)} "
                                 f"(got {name!r})")
             g = ps.expert_groups(module.ep_size)  # this layer's EP degree (PR-MoE: E < EP runs at EP = E)
-            if g.ep_size == 1 and tp is None:
-                continue
-            module.set_dispatcher(TOKEN_DISPATCHERS[name](g.ep_group, g.ep_size, module.num_experts, ps.device,
-                                                          tp=tp))
+            dispatcher = TOKEN_DISPATCHERS[name](g.ep_group, g.ep_size, module.num_experts, ps.device, tp=tp)
+            dispatcher.loss_share = share
+            module.set_dispatcher(dispatcher)
 
 
 def time_exchanges(model: torch.nn.Module, timer: Optional[ContextManager]) -> int:

@@ -21,7 +21,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
 from megatron.model.moe.layer import MoELayer
-from megatron.model.param_tags import is_expert, is_pipeline_tied_copy, is_tp_sharded
+from megatron.model.param_tags import is_expert, is_pipeline_tied_copy, is_sequence_parallel, is_tp_sharded
 
 BUCKET_BYTES = 32 * 1024 * 1024
 NORM_CHUNK = 4 * 1024 * 1024  # elements: the float64 temporaries of a squared norm, chunk by chunk (32 MiB)
@@ -122,6 +122,21 @@ class BlockingGradReducer(GradReducer):
 
     def finish(self) -> None:
         allreduce_gradients(self.model, self.ps)
+
+
+def sum_sequence_parallel_grads(model: torch.nn.Module, ps) -> None:
+    """Under --sequence-parallel: the gradients of parameters replicated over TP but fed by one sequence shard
+    (``param_tags.is_sequence_parallel``) summed over the TP group (one flat all-reduce); a no-op otherwise."""
+    if not ps.sequence_parallel:
+        return
+    params = [p for p in model.parameters() if is_sequence_parallel(p)]
+    _ensure_grads(params)
+    grads = [p.grad for p in params]
+    if grads:
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=ps.tp_group)
+        for g, t in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(t)
 
 
 def sum_of_squares(t: torch.Tensor) -> torch.Tensor:

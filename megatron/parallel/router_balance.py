@@ -6,7 +6,8 @@ keeps a ``pending_load`` [E] buffer and applies ``update_bias(load)``.
 Every data-parallel replica of a router must apply the same update, so the per-expert loads each
 rank saw since the last step are summed over ``ps.dp_group`` (the ranks that hold a replica of the
 router's dense weights; expert-parallel peers route different tokens and are in it, tensor-parallel
-peers route the same tokens and are not) before the update.
+peers route the same tokens and are not) before the update; under sequence parallelism the tensor-parallel
+peers route their own sequence shards, so the loads are summed over ``ps.tp_group`` too.
 """
 from __future__ import annotations
 
@@ -28,5 +29,7 @@ def update_router_biases(model: torch.nn.Module, ps) -> None:
     loads = torch.cat([r.pending_load for r in routers])  # [sum of E]
     if ps.distributed and ps.dp_size > 1:
         dist.all_reduce(loads, group=ps.dp_group)
+    if ps.sequence_parallel:
+        dist.all_reduce(loads, group=ps.tp_group)
     for r, load in zip(routers, torch.split(loads, [r.pending_load.numel() for r in routers])):
         r.update_bias(load)

@@ -65,6 +65,7 @@ class ParallelState:
     tp_rank: int = 0
     tp_group: Optional[Any] = None
     tp_token_split: bool = False  # MoE layers split their routed tokens over the TP ranks (token_split.py)
+    sequence_parallel: bool = False  # --sequence-parallel at TP > 1: the residual stream split along the sequence
     pp_size: int = 1
     pp_rank: int = 0
     pp_group: Optional[Any] = None  # the ranks with this rank's (TP, DP) coordinates, one per stage
@@ -117,7 +118,8 @@ def _ep_coordinates(d: int, t: int, dp_size: int, tp_size: int, ep_size: int, fo
 
 
 def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device, tp_size: int = 1,
-                 tp_token_split: bool = True, pp_size: int = 1, layer_ep_sizes=()) -> ParallelState:
+                 tp_token_split: bool = True, pp_size: int = 1, layer_ep_sizes=(),
+                 sequence_parallel: bool = False) -> ParallelState:
     """Create the TP, DP, EP, EDP and PP groups (every rank calls new_group for every group, in one order).
 
     Rank layout (Megatron-LM's tp-dp-pp order): rank = p * (TP * DP) + d * TP + t, so each pipeline
@@ -126,7 +128,9 @@ def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device,
     run below ``ep_size`` (PR-MoE layers with fewer experts); each gets its EP / EDP groups
     (:meth:`ParallelState.expert_groups`).
     ``tp_token_split`` False (``--disable-moe-tp-token-split``): every TP rank runs the MoE layer on all its
-    tokens, so expert gradients are identical over TP and the EDP groups stay within one TP rank."""
+    tokens, so expert gradients are identical over TP and the EDP groups stay within one TP rank.
+    ``sequence_parallel`` (TP > 1): each TP rank's MoE layers route their own sequence shard (no TP token split),
+    and the EDP groups hold the TP ranks as with the split."""
     if world_size % (tp_size * pp_size):
         raise UserError(f"world size {world_size} is not divisible by --tensor-model-parallel-size × "
                         f"--pipeline-model-parallel-size ({tp_size} × {pp_size} = {tp_size * pp_size}): launch a "
@@ -135,11 +139,14 @@ def build_groups(rank: int, world_size: int, ep_size: int, device: torch.device,
     stage_size = tp_size * dp_size
     p, within = rank // stage_size, rank % stage_size
     t, d = within % tp_size, within // tp_size
-    fold = tp_size if tp_token_split else 1  # TP ranks in each EDP group
+    sequence_parallel = sequence_parallel and tp_size > 1
+    tp_token_split = tp_token_split and not sequence_parallel  # the shards are already different tokens
+    fold = tp_size if tp_token_split or sequence_parallel else 1  # TP ranks in each EDP group
     ep_rank, edp_size, edp_rank = _ep_coordinates(d, t, dp_size, tp_size, ep_size, fold)
     ps = ParallelState(rank=rank, world_size=world_size, device=device, dp_size=dp_size, dp_rank=d,
                        ep_size=ep_size, ep_rank=ep_rank, edp_size=edp_size, edp_rank=edp_rank,
                        tp_size=tp_size, tp_rank=t, tp_token_split=tp_token_split and tp_size > 1,
+                       sequence_parallel=sequence_parallel,
                        pp_size=pp_size, pp_rank=p)
     degrees = sorted({e for e in layer_ep_sizes if e != ep_size})
     for e in degrees:
@@ -216,7 +223,8 @@ def initialize(parallel_cfg, ep_size: int, before_groups: Optional[Callable[[], 
         before_groups()
     ps = build_groups(rank, world_size, ep_size, device, parallel_cfg.tensor_model_parallel_size,
                       getattr(parallel_cfg, "moe_tp_token_split", True),  # tools pass a namespace without it
-                      getattr(parallel_cfg, "pipeline_model_parallel_size", 1), layer_ep_sizes)
+                      getattr(parallel_cfg, "pipeline_model_parallel_size", 1), layer_ep_sizes,
+                      getattr(parallel_cfg, "sequence_parallel", False))
     ps.local_rank = local_rank
     return ps
 

@@ -22,6 +22,19 @@ TP=1 and at TP=T starts from the same weights; on a model with values the swap c
   Replicated parameters get identical gradients on every TP rank (their inputs are identical and
   the column-parallel entry all-reduces its input gradient), so they need no TP reduction.
 
+Sequence parallelism (``--sequence-parallel``, Korthikanti et al. 2022, Megatron-LM's): between the
+column- and row-parallel ops the residual stream is cut along the sequence, [B, T/TP, H] per rank, so the
+layer norms, dropouts, residual adds and the MoE layers run on 1/TP of the tokens. The embedding's output
+is split after the position embeddings (``SequenceSplit``: backward all-gathers), a column-parallel op
+all-gathers its input along T (backward: reduce-scatter of the gradient), a row-parallel op
+reduce-scatters its output (backward: all-gather), and the output layer all-gathers before the
+vocab-parallel projection. The MoE layer routes its shard's tokens (its experts' gradients are summed over
+TP with the expert-DP reduction, as with the TP token split, which sequence parallelism replaces); its
+balancing losses are its shard's, weighted 1/TP (``TokenDispatcher.loss_share``). Parameters replicated
+over TP but fed by one shard (norms, row-parallel biases, router, shared and Residual-MoE parts) are tagged
+``sequence_parallel``: their gradients are summed over TP after the backward
+(``grad_sync.sum_sequence_parallel_grads``).
+
 Each sharded parameter carries ``tp_dim`` and ``tp_indices`` (the full-tensor indices held by each
 TP rank along that dim), which checkpointing uses to save full tensors and reload any TP layout, and
 this rank (``param_tags.tp_local_layout``), which the initialisation uses. The swapped-in modules keep
@@ -37,9 +50,24 @@ import torch.nn.functional as F
 from megatron.errors import UserError
 from megatron.model.fused import RMSNorm
 from megatron.model.gpt_model import mask_vocab_padding
-from megatron.model.param_tags import is_output_layer, is_tp_sharded, mark_output_layer, mark_tp_shard
+from megatron.model.moe.layer import MoELayer
+from megatron.model.param_tags import (
+    is_expert,
+    is_output_layer,
+    is_tp_sharded,
+    mark_output_layer,
+    mark_sequence_parallel,
+    mark_tp_shard,
+)
 from megatron.model.transformer import DenseMLPBlock
-from megatron.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from megatron.parallel.collectives import (
+    copy_to_tp,
+    gather_from_tp,
+    gather_sequence,
+    reduce_from_tp,
+    reduce_scatter_sequence,
+    split_to_tp,
+)
 
 
 def _shard(param: torch.Tensor, dim: int, indices: list[torch.Tensor], rank: int) -> nn.Parameter:
@@ -65,30 +93,55 @@ def _blocks(n: int, size: int) -> list[torch.Tensor]:
     return [torch.arange(r * step, (r + 1) * step) for r in range(size)]
 
 
+def _enter_tp(x, ps_like):
+    """The input of a column-parallel op: Megatron's f, or under sequence parallelism the all-gather of the
+    [B, T/TP, ...] shards along T."""
+    if ps_like.sequence_parallel:
+        return gather_sequence(x, 1, ps_like.group, ps_like.rank, ps_like.size)
+    return copy_to_tp(x, ps_like.group)
+
+
 class ColumnParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, indices: list[torch.Tensor], ps):
         super().__init__()
-        self.group = ps.tp_group
+        self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
+        self.sequence_parallel = ps.sequence_parallel
         self.weight = _shard(linear.weight, 0, indices, ps.tp_rank)  # [out/T, in]
         self.bias = _shard(linear.bias, 0, indices, ps.tp_rank) if linear.bias is not None else None  # [out/T]
         _keep_output_tag(self, linear)
 
     def forward(self, x):
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return F.linear(_enter_tp(x, self), self.weight, self.bias)  # [B, T, out/T]
 
 
 class RowParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, indices: list[torch.Tensor], ps):
         super().__init__()
-        self.group = ps.tp_group
+        self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
+        self.sequence_parallel = ps.sequence_parallel
         self.weight = _shard(linear.weight, 1, indices, ps.tp_rank)  # [out, in/T]
         # replicated, added after the reduction
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         _keep_output_tag(self, linear)
 
     def forward(self, x):
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        if self.sequence_parallel:  # [B, T, out] partial -> [B, T/TP, out] of the sum
+            y = reduce_scatter_sequence(F.linear(x, self.weight), 1, self.group, self.rank, self.size)
+        else:
+            y = reduce_from_tp(F.linear(x, self.weight), self.group)
         return y + self.bias if self.bias is not None else y
+
+
+class SequenceSplit(nn.Module):
+    """Sequence parallelism's entry: [B, T, H] (identical on every TP rank) -> this rank's [B, T/TP, H];
+    backward all-gathers the gradient (the embeddings get it whole)."""
+
+    def __init__(self, ps):
+        super().__init__()
+        self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
+
+    def forward(self, x):
+        return split_to_tp(x, 1, self.group, self.rank, self.size)
 
 
 class CopyToTP(nn.Module):
@@ -198,12 +251,13 @@ class VocabParallelOutputLayer(nn.Module):
     def __init__(self, ps, untied: nn.Module = None, vocab_limit=None):
         super().__init__()
         self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
+        self.sequence_parallel = ps.sequence_parallel  # the [B, T/TP, H] shards are gathered first
         self.vocab_limit = vocab_limit  # --true-vocab-size: the padding ids' logits are masked
         if untied is not None:
             self.weight = _shard(untied.weight, 0, _blocks(untied.weight.shape[0], ps.tp_size), ps.tp_rank)
 
     def forward(self, h, weight, gather: bool = True):
-        logits = F.linear(copy_to_tp(h, self.group), weight)  # [B, T, V/T]
+        logits = F.linear(_enter_tp(h, self), weight)  # [B, T, V/T]
         logits = mask_vocab_padding(logits, self.vocab_limit, self.rank * logits.shape[-1])
         return gather_from_tp(logits, -1, self.size * logits.shape[-1], self.group, self.rank, self.size) if gather else logits
 
@@ -247,9 +301,25 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
             mlp.fc2 = RowParallelLinear(mlp.fc2, _blocks(F_, T), ps)
     emb = VocabParallelEmbedding(model.word_embeddings, ps)
     model.word_embeddings = emb
+    if ps.sequence_parallel:
+        _apply_sequence_parallel(model, ps)
     untied = model.output_layer if getattr(model.output_layer, "weight", None) is not None else None
     model.output_layer = VocabParallelOutputLayer(ps, untied, model.cfg.true_vocab_size)
     model.loss_fn = VocabParallelCrossEntropy(ps, emb.start)
+
+
+def _apply_sequence_parallel(model: nn.Module, ps) -> None:
+    """Split the residual stream after the embeddings and tag what each rank computes on its shard alone."""
+    model.sequence_split = SequenceSplit(ps)
+    shard_fed = [model.final_layernorm]
+    for layer in model.layer_modules():
+        shard_fed += [layer.input_layernorm, layer.post_attention_layernorm, layer.attention.proj]
+        mlp = layer.mlp
+        shard_fed += [mlp.mlp.fc2] if isinstance(mlp, DenseMLPBlock) else [mlp] if isinstance(mlp, MoELayer) else []
+    for module in shard_fed:
+        for p in module.parameters():
+            if not is_tp_sharded(p) and not is_expert(p):  # a row-parallel weight, the experts: reduced already
+                mark_sequence_parallel(p)
 
 
 def gather_tp(t: torch.Tensor, p: torch.Tensor, ps) -> torch.Tensor:

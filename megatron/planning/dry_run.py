@@ -89,8 +89,12 @@ def activation_bytes(cfg, checkpointing: bool, layers=None, in_flight: float = 1
     # Korthikanti et al.'s split under TP without sequence parallelism: of the attention block's 15 (with both
     # layer norms) 8 are split over TP and 7 are not (LN inputs, the QKV input, a dropout mask); of the MLP's 19,
     # 16 are split and 3 are not. The MoE layer runs its experts on 1/TP of the routed tokens (the TP token split).
-    split_moe = tp if getattr(cfg.parallel, "moe_tp_token_split", True) else 1
-    dense_mlp = (3 + 16 / tp) * ffn_ratio
+    # With sequence parallelism the unsplit parts are split too (34 / TP in all: Korthikanti et al.'s table 2),
+    # and the MoE layer (residual part included) runs on the rank's 1/TP sequence shard.
+    sp = tp > 1 and getattr(cfg.parallel, "sequence_parallel", False)
+    split_moe = tp if sp or getattr(cfg.parallel, "moe_tp_token_split", True) else 1
+    unsplit = tp if sp else 1  # what the attention block and the dense MLP keep whole without it
+    dense_mlp = (3 / unsplit + 16 / tp) * ffn_ratio
     per_layer = []
     for i, e in enumerate(moe.experts_per_layer(m.num_layers)):
         if layers is not None and i not in layers:
@@ -99,11 +103,11 @@ def activation_bytes(cfg, checkpointing: bool, layers=None, in_flight: float = 1
         if e > 1:
             k_cf = min(moe.topk, e) * (moe.train_capacity_factor if moe.token_dropping else 1.0)
             mlp = (19 * ffn_ratio * k_cf + 4 * k_cf) / split_moe + (dense_mlp if moe.mlp_type == "residual" else 0)
-        per_layer.append(s * b * h * (7 + 8 / tp + mlp) * scale)
+        per_layer.append(s * b * h * (7 / unsplit + 8 / tp + mlp) * scale)
     elem = 2 if half else 4
     logits = s * b * V / tp * (elem + 4 + 4) if logits_too else 0
     if checkpointing:
-        kept = in_flight * len(per_layer) * s * b * h * elem + max(per_layer, default=0)
+        kept = in_flight * len(per_layer) * s * b * h * elem / unsplit + max(per_layer, default=0)  # layer inputs
     else:
         kept = in_flight * sum(per_layer)
     return int(kept + logits)

@@ -32,8 +32,8 @@ def gpt2_bpe(files: dict, out_dir: str, model_max_length: int) -> dict:
 def sentencepiece(files: dict, out_dir: str, model_max_length: int) -> dict:
     """tokenizer.model plus a tokenizer.json (PreTrainedTokenizerFast) whose normaliser, like SentencePiece, always
     prepends the dummy-prefix "▁" (transformers' Llama conversion skips it when the text already starts with a
-    space) and does not split at spaces; no BOS/EOS added. Writing it needs transformers (its SentencePiece
-    converter)."""
+    space) and does not split at spaces; no BOS/EOS added; "<s>" in a text is text (``split_special_tokens``).
+    Writing it needs transformers (its SentencePiece converter)."""
     copy_file(files.get("tokenizer_model"), out_dir, "tokenizer.model", "--tokenizer-model")
     try:  # optional dependencies: only an export of a SentencePiece checkpoint needs them
         from tokenizers import normalizers, pre_tokenizers
@@ -45,7 +45,8 @@ def sentencepiece(files: dict, out_dir: str, model_max_length: int) -> dict:
 
     sp = spm.SentencePieceProcessor(model_file=os.path.join(out_dir, "tokenizer.model"))
     piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
-    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
+    eos = sp.eos_id() if sp.eos_id() >= 0 else sp.piece_to_id(EOD)  # the end of document, as SentencePieceTokenizer
+    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(eos), "unk_token": piece(sp.unk_id())}
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:  # replaced by the caller
         json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, **special}, f)
     tok = LlamaTokenizer.from_pretrained(out_dir).backend_tokenizer
@@ -53,7 +54,9 @@ def sentencepiece(files: dict, out_dir: str, model_max_length: int) -> dict:
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
     tok.post_processor = None
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False, **special}
+    # split_special_tokens: "<s>" / "</s>" in a text are characters, as SentencePiece (and so training) reads them
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+            "split_special_tokens": True, **special}
 
 
 def llama2_sentencepiece(files: dict, out_dir: str, model_max_length: int) -> dict:

@@ -52,6 +52,10 @@ class HuggingFaceTokenizer:
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def special_text(self, i: int) -> str:
+        """The text of token ``i`` with special tokens kept (transformers' decode)."""
+        return self.detokenize([i])
+
     def encode_special(self, text: str) -> list[int]:
         """With the special tokens the tokenizer's post-processor adds (transformers' default encoding)."""
         return self._tok.encode(text, add_special_tokens=True).ids

@@ -13,8 +13,18 @@ class SentencePieceTokenizer:
 
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         eos = self.sp.eos_id()
-        self.eod = eos if eos >= 0 else self.sp.piece_to_id("<|endoftext|>")
+        if eos < 0:  # piece_to_id gives the unknown piece's id for a piece the model lacks: not an end of document
+            eos = self.sp.piece_to_id("<|endoftext|>")
+            if self.sp.id_to_piece(eos) != "<|endoftext|>":
+                raise UserError(f"--tokenizer-model {model_file}: this SentencePiece model has neither an EOS piece nor "
+                                f"<|endoftext|>, which separate documents: train it with an EOS (eos_id >= 0)")
+        self.eod = eos
         self.bos = self.sp.bos_id() if self.sp.bos_id() >= 0 else None  # the exported tokenizer's bos_token
+
+    def special_text(self, i: int) -> str:
+        """The text transformers gives token ``i`` (decode keeps special tokens): a control piece's own name
+        ("<s>", "</s>"), which SentencePiece's decode drops."""
+        return self.sp.id_to_piece(int(i)) if self.sp.is_control(int(i)) else self.detokenize([i])
 
     @property
     def vocab_size(self) -> int:

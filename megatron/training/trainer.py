@@ -40,7 +40,13 @@ from megatron.parallel.apply import build_grad_reducer, build_model
 from megatron.parallel.collectives import all_reduce_sum, any_rank
 from megatron.parallel.expert_parallel import time_exchanges
 from megatron.parallel.fsdp import FSDPGradReducer, apply_fsdp2
-from megatron.parallel.grad_sync import clip_gradients, global_grad_norm, local_tensor, scale_gradients
+from megatron.parallel.grad_sync import (
+    clip_gradients,
+    global_grad_norm,
+    local_tensor,
+    scale_gradients,
+    sum_sequence_parallel_grads,
+)
 from megatron.parallel.pipeline.runner import PipelineRunner
 from megatron.parallel.router_balance import update_router_biases
 from megatron.parallel.state import ParallelState, destroy, initialize
@@ -88,11 +94,21 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+# under --sequence-parallel each TP rank logs its sequence shard's share of these (TokenDispatcher.loss_share)
+SHARD_SHARES = ("moe loss",)
+
+
 def _dp_mean(sums: dict, ps, count: int) -> dict:
-    """Average string-keyed sums over DP ranks (TP ranks hold the same values) and ``count``."""
+    """Average string-keyed sums over DP ranks (TP ranks hold the same values, but for the shard shares of
+    sequence parallelism, summed over TP) and ``count``."""
     keys = sorted(sums)
     vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=ps.device)
     all_reduce_sum(vec, ps, ps.dp_group)
+    shares = [i for i, k in enumerate(keys) if k in SHARD_SHARES]
+    if ps.sequence_parallel and shares:
+        part = vec[shares]
+        dist.all_reduce(part, group=ps.tp_group)
+        vec[shares] = part
     return {k: float(v) / (count * ps.dp_size) for k, v in zip(keys, vec.tolist())}
 
 
@@ -136,6 +152,9 @@ class Trainer:
         self.schedule = BatchSchedule(cfg.train, ps.dp_size)
         self.train_iters, train_samples = train_schedule(cfg, self.schedule)
         self.curriculum = build_curriculum(cfg)
+        if self.curriculum is not None and ps.sequence_parallel:
+            raise UserError("--sequence-parallel does not combine with the sequence-length curriculum yet (its "
+                            "lengths must divide over the TP ranks): drop one of the two")
         if self.curriculum is not None and cfg.train.train_tokens is not None:  # shorter steps: more of them
             self.train_iters, train_samples = iterations_for_tokens(
                 self.curriculum, self.schedule.global_batch, cfg.train.train_tokens, cfg.train.train_iters,
@@ -360,6 +379,7 @@ class Trainer:
         else:
             with self.timers("grads-all-reduce"):
                 self.grad_reducer.finish()
+                sum_sequence_parallel_grads(self.model, ps)  # after DP: the two sums commute
                 if self.pipeline is not None:
                     self.pipeline.sum_tied_gradients()
         logs = _dp_mean(sums, ps, 1)  # before the update: the spike check reads the loss

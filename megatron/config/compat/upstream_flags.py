@@ -30,25 +30,9 @@ class UpstreamFlag:
     note: Optional[Callable[[list], Optional[str]]] = None
 
 
-def _tp_above_one(argv: list) -> bool:
-    for i, a in enumerate(argv):
-        value = a.split("=", 1)[1] if a.startswith("--tensor-model-parallel-size=") else (
-            argv[i + 1] if a == "--tensor-model-parallel-size" and i + 1 < len(argv) else None)
-        if value is not None:
-            return value.strip() not in ("1", "")
-    return False
-
-
-def _sequence_parallel_note(argv: list) -> Optional[str]:
-    if not _tp_above_one(argv):
-        return None  # Megatron-LM turns it off at TP 1 too
-    return ("--sequence-parallel: not implemented here; each tensor-parallel rank keeps whole layer-norm and dropout "
-            "activations (more activation memory than Megatron-LM's; --dry-run counts them)")
-
-
 def _only(*allowed: str, what: str) -> Callable[[str], Optional[str]]:
     def check(v: str) -> Optional[str]:
-        return None if v in allowed else what
+        return None if v in allowed else f"{what}, not {v!r}"
     return check
 
 
@@ -86,9 +70,6 @@ UPSTREAM_FLAGS = {f.name: f for f in [
     UpstreamFlag("--overlap-param-gather", "accepted", False,
                  why="with --use-distributed-optimizer the updated parameters are all-gathered right after the "
                      "optimizer step, not overlapped with the next forward"),
-    UpstreamFlag("--sequence-parallel", "accepted", False, why="Megatron-LM's sequence parallelism splits "
-                 "layer-norm and dropout activations over tensor-parallel ranks; it is not implemented here "
-                 "(a no-op at TP 1, as in Megatron-LM)", note=_sequence_parallel_note),
     # Megatron-LM MoE names
     UpstreamFlag("--moe-expert-capacity-factor", "alias", True,
                  ("--moe-train-capacity-factor", "--moe-eval-capacity-factor")),
@@ -187,11 +168,18 @@ def _seq_length(argv: list) -> int:
 _MEGATRON_LM_MOE = ("--moe-router-topk", "--moe-router-load-balancing-type", "--expert-model-parallel-size",
                     "--moe-aux-loss-coeff", "--moe-grouped-gemm", "--moe-ffn-hidden-size")
 _LAYER_LAYOUT = ("--moe-layer-freq", "--expert-interval")
+# Megatron-DeepSpeed's MoE names (as typed, before translation): a command line with any of them keeps its
+# default layout (every other layer), whatever Megatron-LM names it mixes in
+_DEEPSPEED_MOE = ("--topk", "--moe-expert-parallel-size", "--mlp-type", "--moe-loss-coeff", "--moe-min-capacity",
+                  "--moe-noisy-gate-policy", "--disable-moe-token-dropping", "--disable-moe-rts",
+                  "--disable-moe-top2-2nd-expert-sampling", "--create-moe-param-group", "--moe-train-capacity-factor",
+                  "--moe-eval-capacity-factor")
 
 
-def _megatron_lm_layer_default(argv: list, tr: Translation) -> list:
-    names = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    if "--num-experts" not in names or names & set(_LAYER_LAYOUT) or not names & set(_MEGATRON_LM_MOE):
+def _megatron_lm_layer_default(argv: list, tr: Translation, typed: list = ()) -> list:
+    names = {a.split("=", 1)[0] for a in list(argv) + list(typed) if a.startswith("--")}
+    if "--num-experts" not in names or names & set(_LAYER_LAYOUT) or not names & set(_MEGATRON_LM_MOE) \
+            or names & set(_DEEPSPEED_MOE) & {a.split("=", 1)[0] for a in typed}:
         return argv
     tr.notes.append("Megatron-LM MoE flags without --moe-layer-freq: every layer is an MoE layer (Megatron-LM's "
                     "default; give --moe-layer-freq or --expert-interval to choose)")
@@ -200,7 +188,8 @@ def _megatron_lm_layer_default(argv: list, tr: Translation) -> list:
 
 def translate_argv(argv) -> Translation:
     """Upstream flags -> ours (see the module docstring); a refused flag raises a one-line UserError."""
-    argv = _split_eq(list(argv))
+    typed = list(argv)
+    argv = _split_eq(typed)
     tr = Translation(argv=[])
     out, ds_path, i = [], None, 0
     while i < len(argv):
@@ -239,5 +228,5 @@ def translate_argv(argv) -> Translation:
         out = _apply_deepspeed(out, ds_path, tr) + ["--deepspeed_config", ds_path]
     if "--vocab-file" in out and "--merge-file" in out and "--tokenizer-type" not in out and "--mock-data" not in out:
         out = ["--tokenizer-type", "GPT2BPETokenizer"] + out  # Megatron-DeepSpeed's scripts rely on this default
-    tr.argv = _megatron_lm_layer_default(out, tr)
+    tr.argv = _megatron_lm_layer_default(out, tr, typed)
     return tr

@@ -49,6 +49,9 @@ class TokenDispatcher:
     # True when dispatch is a collective with ranks that route other tokens (expert parallelism): every
     # rank must then take the dispatched path on every call (no small-batch shortcut)
     peers_route_other_tokens = False
+    # the weight of this rank's balancing losses (aux, z): 1/TP under sequence parallelism, where each TP rank
+    # routes its own sequence shard and the router's gradients are summed over TP
+    loss_share = 1.0
 
     def plan(self, routing, num_experts: int, capacity: Optional[int], priority, renormalize: bool) -> DispatchPlan:
         if capacity is None:
@@ -106,5 +109,7 @@ class LocalGroupedDispatcher(TokenDispatcher):
         return weighted_combine(expert_out, metadata)  # [N, H] -> [S, H]
 
 
-def local_dispatcher(num_experts: int, token_dropping: bool) -> TokenDispatcher:
-    return LocalCapacityDispatcher(num_experts) if token_dropping else LocalGroupedDispatcher()
+def local_dispatcher(num_experts: int, token_dropping: bool, loss_share: float = 1.0) -> TokenDispatcher:
+    d = LocalCapacityDispatcher(num_experts) if token_dropping else LocalGroupedDispatcher()
+    d.loss_share = loss_share
+    return d

@@ -109,7 +109,8 @@ class MoELayer(nn.Module):
         batch, meta = self.dispatcher.dispatch(x, plan)  # ExpertBatch [E_l, C', H] or [N_l, H]; combine's metadata
         expert_out = self.experts.run(batch)  # batch's layout
         y = self.dispatcher.combine(expert_out, meta).to(x.dtype)  # [S, H]
-        stats = MoEStats(layer=self.layer_number, aux_loss=routing.aux_loss, z_loss=routing.z_loss,
+        share = self.dispatcher.loss_share  # 1/TP under sequence parallelism (each TP rank: its shard's losses)
+        stats = MoEStats(layer=self.layer_number, aux_loss=routing.aux_loss * share, z_loss=routing.z_loss * share,
                          counts=routing.counts.detach().float(), dropped=plan.dropped.detach().float(),
                          assignments=torch.tensor(float(S * self.topk), device=x.device),
                          entropy=router_entropy(routing.probs))

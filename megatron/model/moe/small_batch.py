@@ -54,8 +54,8 @@ class LazyMoEStats(MoEStats):
     """MoEStats whose losses and counts are computed from the routing only when read (decoding never reads them)."""
 
     def __init__(self, layer: int, router, logits: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor,
-                 num_experts: int):
-        self.layer, self._router = layer, router
+                 num_experts: int, loss_share: float = 1.0):
+        self.layer, self._router, self._share = layer, router, loss_share  # share: TokenDispatcher.loss_share
         self._logits, self._probs, self._indices, self._num_experts = logits, probs, indices, num_experts
 
     @property
@@ -68,11 +68,11 @@ class LazyMoEStats(MoEStats):
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        return self._router.balancing_loss(self._probs, self._indices)
+        return self._router.balancing_loss(self._probs, self._indices) * self._share
 
     @property
     def z_loss(self) -> torch.Tensor:
-        return self._router.z_loss(self._logits)
+        return self._router.z_loss(self._logits) * self._share
 
     @property
     def counts(self) -> torch.Tensor:
@@ -112,5 +112,6 @@ def small_batch_forward(layer, x: torch.Tensor, capacity: Optional[int]):
             first += n
         out = torch.cat(outs) * weights.reshape(-1).index_select(0, picks[1]).to(dt)[:, None]  # [N, H]
         y = out.new_zeros(S, x.shape[1]).index_add_(0, picks[0], out)  # [S, H]
-    stats = LazyMoEStats(layer.layer_number, layer.router, logits, probs, indices, layer.num_experts)
+    stats = LazyMoEStats(layer.layer_number, layer.router, logits, probs, indices, layer.num_experts,
+                         layer.dispatcher.loss_share)
     return y.to(x.dtype), stats
