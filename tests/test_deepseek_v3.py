@@ -139,7 +139,8 @@ MLA_RUN = ["--hidden-dropout", "0", "--attention-dropout", "0", "--use-cpu", "--
            "--moe-router-enable-expert-bias", "--disable-moe-token-dropping"]
 
 
-@pytest.mark.parametrize("q_lora", [["--q-lora-rank", "16"], []], ids=["q-lora", "no-q-lora"])
+@pytest.mark.parametrize("q_lora", [["--q-lora-rank", "16"], pytest.param([], marks=pytest.mark.slow)],
+                         ids=["q-lora", "no-q-lora"])
 def test_mla_tp2_equals_tp1(tmp_path, q_lora):
     """Heads split over 2 TP ranks: the replicated down projections, the latent norms and the shared rotary key
     get complete gradients (the losses and grad norms of 3 steps equal TP 1's)."""

@@ -131,19 +131,20 @@ def apply_expert_parallel(model: torch.nn.Module, ps) -> None:
     without the TP split keeps a local dispatcher (no exchange; its other ranks are EDP replicas). Under
     sequence parallelism every dispatcher weighs its balancing losses 1/TP (``TokenDispatcher.loss_share``)."""
     tp = TPSplit(ps.tp_group, ps.tp_rank, ps.tp_size) if ps.tp_token_split else None
-    share = 1.0 / ps.tp_size if ps.sequence_parallel else 1.0  # each TP rank routes its own sequence shard
+    # sequence parallelism: each TP rank routes its own sequence shard
+    share = 1.0 / ps.tp_size if getattr(ps, "sequence_parallel", False) else 1.0
     if ps.ep_size == 1 and tp is None and share == 1.0:
         return
     for module in model.modules():
         if isinstance(module, MoELayer):
-            if ps.expert_groups(module.ep_size).ep_size == 1 and tp is None:
-                module.set_dispatcher(local_dispatcher(module.num_experts, module.cfg.token_dropping, share))
-                continue
             name = module.cfg.token_dispatcher_type
             if name not in TOKEN_DISPATCHERS:
                 raise UserError(f"--moe-token-dispatcher-type must be one of {', '.join(TOKEN_DISPATCHERS)} "
                                 f"(got {name!r})")
             g = ps.expert_groups(module.ep_size)  # this layer's EP degree (PR-MoE: E < EP runs at EP = E)
+            if g.ep_size == 1 and tp is None:  # no exchange: a local dispatcher (sequence parallelism's share)
+                module.set_dispatcher(local_dispatcher(module.num_experts, module.cfg.token_dropping, share))
+                continue
             dispatcher = TOKEN_DISPATCHERS[name](g.ep_group, g.ep_size, module.num_experts, ps.device, tp=tp)
             dispatcher.loss_share = share
             module.set_dispatcher(dispatcher)

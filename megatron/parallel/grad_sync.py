@@ -127,7 +127,7 @@ class BlockingGradReducer(GradReducer):
 def sum_sequence_parallel_grads(model: torch.nn.Module, ps) -> None:
     """Under --sequence-parallel: the gradients of parameters replicated over TP but fed by one sequence shard
     (``param_tags.is_sequence_parallel``) summed over the TP group (one flat all-reduce); a no-op otherwise."""
-    if not ps.sequence_parallel:
+    if not getattr(ps, "sequence_parallel", False):
         return
     params = [p for p in model.parameters() if is_sequence_parallel(p)]
     _ensure_grads(params)

@@ -29,7 +29,7 @@ def update_router_biases(model: torch.nn.Module, ps) -> None:
     loads = torch.cat([r.pending_load for r in routers])  # [sum of E]
     if ps.distributed and ps.dp_size > 1:
         dist.all_reduce(loads, group=ps.dp_group)
-    if ps.sequence_parallel:
+    if getattr(ps, "sequence_parallel", False):
         dist.all_reduce(loads, group=ps.tp_group)
     for r, load in zip(routers, torch.split(loads, [r.pending_load.numel() for r in routers])):
         r.update_bias(load)

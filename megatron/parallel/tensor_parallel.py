@@ -105,7 +105,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, indices: list[torch.Tensor], ps):
         super().__init__()
         self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
-        self.sequence_parallel = ps.sequence_parallel
+        self.sequence_parallel = getattr(ps, "sequence_parallel", False)
         self.weight = _shard(linear.weight, 0, indices, ps.tp_rank)  # [out/T, in]
         self.bias = _shard(linear.bias, 0, indices, ps.tp_rank) if linear.bias is not None else None  # [out/T]
         _keep_output_tag(self, linear)
@@ -118,7 +118,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, indices: list[torch.Tensor], ps):
         super().__init__()
         self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
-        self.sequence_parallel = ps.sequence_parallel
+        self.sequence_parallel = getattr(ps, "sequence_parallel", False)
         self.weight = _shard(linear.weight, 1, indices, ps.tp_rank)  # [out, in/T]
         # replicated, added after the reduction
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
@@ -251,7 +251,8 @@ class VocabParallelOutputLayer(nn.Module):
     def __init__(self, ps, untied: nn.Module = None, vocab_limit=None):
         super().__init__()
         self.group, self.rank, self.size = ps.tp_group, ps.tp_rank, ps.tp_size
-        self.sequence_parallel = ps.sequence_parallel  # the [B, T/TP, H] shards are gathered first
+        # sequence parallelism: the [B, T/TP, H] shards are gathered first
+        self.sequence_parallel = getattr(ps, "sequence_parallel", False)
         self.vocab_limit = vocab_limit  # --true-vocab-size: the padding ids' logits are masked
         if untied is not None:
             self.weight = _shard(untied.weight, 0, _blocks(untied.weight.shape[0], ps.tp_size), ps.tp_rank)
@@ -301,7 +302,7 @@ def apply_tensor_parallel(model: nn.Module, ps) -> None:
             mlp.fc2 = RowParallelLinear(mlp.fc2, _blocks(F_, T), ps)
     emb = VocabParallelEmbedding(model.word_embeddings, ps)
     model.word_embeddings = emb
-    if ps.sequence_parallel:
+    if getattr(ps, "sequence_parallel", False):
         _apply_sequence_parallel(model, ps)
     untied = model.output_layer if getattr(model.output_layer, "weight", None) is not None else None
     model.output_layer = VocabParallelOutputLayer(ps, untied, model.cfg.true_vocab_size)

@@ -105,7 +105,7 @@ def _dp_mean(sums: dict, ps, count: int) -> dict:
     vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=ps.device)
     all_reduce_sum(vec, ps, ps.dp_group)
     shares = [i for i, k in enumerate(keys) if k in SHARD_SHARES]
-    if ps.sequence_parallel and shares:
+    if getattr(ps, "sequence_parallel", False) and shares:
         part = vec[shares]
         dist.all_reduce(part, group=ps.tp_group)
         vec[shares] = part
@@ -152,7 +152,7 @@ class Trainer:
         self.schedule = BatchSchedule(cfg.train, ps.dp_size)
         self.train_iters, train_samples = train_schedule(cfg, self.schedule)
         self.curriculum = build_curriculum(cfg)
-        if self.curriculum is not None and ps.sequence_parallel:
+        if self.curriculum is not None and getattr(ps, "sequence_parallel", False):
             raise UserError("--sequence-parallel does not combine with the sequence-length curriculum yet (its "
                             "lengths must divide over the TP ranks): drop one of the two")
         if self.curriculum is not None and cfg.train.train_tokens is not None:  # shorter steps: more of them

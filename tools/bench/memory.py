@@ -11,7 +11,8 @@ steps (micro-batch 1, so activations are small), the final checkpoint save throu
 (``save_checkpoint``: whatever format it writes) and a load of that checkpoint into the running trainer
 (``load_checkpoint`` through ``Trainer.load``: weights, Adam state, scheduler, RNG). Modes: ``plain`` (torch
 AdamW), ``zero1`` (``--use-distributed-optimizer``), ``zero2`` (``--zero-stage 2``), ``fsdp2``
-(``--use-torch-fsdp2``; skipped with a message where this tree does not have the flag).
+(``--use-torch-fsdp2``; skipped with a message where this tree does not have the flag), ``sp`` (plain AdamW with
+``--sequence-parallel``: compare with ``plain`` at ``--tp 2`` for the activations it saves).
 
 Per rank and per phase the kernel's peak-RSS counter is reset (``5`` into ``/proc/self/clear_refs``) before
 the phase and VmHWM read after it, so each figure is the peak of that phase alone, including what was
@@ -54,7 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 MODES = {"plain": [], "zero1": ["--use-distributed-optimizer"], "zero2": ["--zero-stage", "2"],
-         "fsdp2": ["--use-torch-fsdp2"]}
+         "fsdp2": ["--use-torch-fsdp2"], "sp": ["--sequence-parallel"]}
 STEP_PHASES = ("fwd-bwd", "grad-reduce", "optimizer-step")
 PHASES = ("runtime", "build", "first-step", "steady-step") + STEP_PHASES + ("save", "load")
 PLANNED = {"build": ("build",), "first-step": STEP_PHASES, "steady-step": STEP_PHASES, "fwd-bwd": ("fwd-bwd",),
@@ -400,7 +401,7 @@ def acceptance(results: list, limit: float = 1.15) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=["plain", "zero1", "zero2", "fsdp2"], choices=list(MODES))
     p.add_argument("--dp", type=int, default=2)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --experts)")
