@@ -113,31 +113,25 @@ def upcycle_model(dense, moe, granularity: int = 1) -> None:
 def _top1_uniform(router) -> bool:
     """Whether the one kept weight is the softmax probability (1/E from a zero router): DeepSpeed's top-1, or
     Megatron-LM's un-normalised softmax top-1; otherwise the kept weights must sum to 1 (see
-    :func:`_plain_routing_problem`)."""
+    :func:`_routing_problem`)."""
     if isinstance(router, TopKRouter):
         return router.topk == 1
     return isinstance(router, MegatronRouter) and router.topk == 1 and not router.normalize and not router.sigmoid \
         and router.scaling is None
 
 
-def _plain_routing_problem(router) -> str | None:
-    """Why plain upcycling (G = 1) cannot give the dense function with this router, or None."""
-    if _top1_uniform(router) or isinstance(router, TopKRouter):
-        return None
-    problem = _granular_routing_problem(router)
-    return None if problem is None or "group-limited" in problem else problem
-
-
-def _granular_routing_problem(router) -> str | None:
-    """Why this router's kept top-k weights may not sum to 1 (what granular upcycling needs), or None."""
-    if isinstance(router, TopKRouter):  # DeepSpeed's (and its aux-free variant): renormalised at k > 1
-        return None
+def _routing_problem(router, granular: bool) -> str | None:
+    """Why upcycling cannot give the dense function with this router, or None: its kept top-k weights must sum
+    to 1 (plain upcycling also takes top-1 softmax weights, :func:`_top1_uniform`); granular upcycling also needs
+    a copy's shards chosen together."""
+    if isinstance(router, TopKRouter) or (not granular and _top1_uniform(router)):
+        return None  # DeepSpeed's (and its aux-free variant): renormalised at k > 1
     if isinstance(router, MegatronRouter):
         if not router.normalize:
             return "its top-k weights are not normalised (--moe-router-pre-softmax; --moe-router-norm-topk-prob)"
         if router.scaling is not None:
             return "--moe-router-topk-scaling-factor scales its weights"
-        if router.num_groups is not None:
+        if granular and router.num_groups is not None:
             return "group-limited routing (--moe-router-num-groups) may split a copy's shards"
         return None
     return f"the router {type(router).__name__} is not known to renormalise its top-k weights"
@@ -180,14 +174,11 @@ def upcycle_checkpoint(load: str, save_dir: str, num_experts: list, expert_inter
     cfg.validate()
     moe = GPTModel(cfg)
     for layer in moe.layers:
-        if not isinstance(layer.mlp, MoELayer):
-            continue
-        if G > 1 and _granular_routing_problem(layer.mlp.router):
-            raise UserError(f"{GRANULARITY_FLAG} {G} needs top-k weights that sum to 1, and "
-                            f"{_granular_routing_problem(layer.mlp.router)}")
-        if G == 1 and _plain_routing_problem(layer.mlp.router):
-            raise UserError(f"upcycle --topk {topk}: the dense function needs top-k weights that sum to 1 (or "
-                            f"top-1 softmax weights), and {_plain_routing_problem(layer.mlp.router)}")
+        problem = _routing_problem(layer.mlp.router, G > 1) if isinstance(layer.mlp, MoELayer) else None
+        if problem:
+            raise UserError(f"{GRANULARITY_FLAG} {G} needs top-k weights that sum to 1, and {problem}" if G > 1 else
+                            f"upcycle --topk {topk}: the dense function needs top-k weights that sum to 1 (or top-1 "
+                            f"softmax weights), and {problem}")
     dense = load_model(load, "cpu").model
     upcycle_model(dense, moe, G)
     write_weights_checkpoint(save_dir, moe, config, int(common["iteration"]), int(common.get("consumed_samples") or 0))

@@ -149,16 +149,9 @@ class _GatherFromTP(torch.autograd.Function):
         return full.narrow(ctx.dim, ctx.rank * ctx.c, ctx.c).contiguous(), None, None, None, None, None
 
 
-def _reduce_scatter_along(x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch.Tensor:
+def _reduce_scatter_along(x: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
     """x (identical shape on every TP rank, ``dim`` divisible by size) -> this rank's chunk of the sum over TP."""
-    if dist.get_backend(group) == "gloo":  # no reduce_scatter in gloo: the sum, then this rank's chunk
-        total = x.contiguous().clone()
-        dist.all_reduce(total, group=group)
-        return total.chunk(size, dim)[rank].contiguous()
-    parts = list(x.movedim(dim, 0).contiguous().chunk(size, 0))
-    out = torch.empty_like(parts[rank])
-    dist.reduce_scatter(out, parts, group=group)
-    return out.movedim(0, dim).contiguous()
+    return _reduce_scatter_along0(x.movedim(dim, 0), group, size).movedim(0, dim).contiguous()
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -166,12 +159,12 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, group, rank, size):
-        ctx.dim, ctx.group, ctx.rank, ctx.size = dim, group, rank, size
+        ctx.dim, ctx.group, ctx.size = dim, group, size
         return _all_gather_along(x, dim, group, size)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter_along(grad, ctx.dim, ctx.group, ctx.rank, ctx.size), None, None, None, None
+        return _reduce_scatter_along(grad, ctx.dim, ctx.group, ctx.size), None, None, None, None
 
 
 class _ReduceScatterSequence(torch.autograd.Function):
@@ -180,7 +173,7 @@ class _ReduceScatterSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group, rank, size):
         ctx.dim, ctx.group, ctx.size = dim, group, size
-        return _reduce_scatter_along(x, dim, group, rank, size)
+        return _reduce_scatter_along(x, dim, group, size)
 
     @staticmethod
     def backward(ctx, grad):

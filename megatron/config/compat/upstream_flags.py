@@ -26,8 +26,6 @@ class UpstreamFlag:
     ours: tuple = ()  # alias: our flag(s) receiving the value (a switch: our switch)
     why: str = ""  # accepted: why nothing needs doing; refused: what to use instead
     check: Optional[Callable[[str], Optional[str]]] = None  # value -> error text (None: fine)
-    # accepted: argv -> a warning line to print once (rank 0), or None (e.g. only at TP > 1)
-    note: Optional[Callable[[list], Optional[str]]] = None
 
 
 def _only(*allowed: str, what: str) -> Callable[[str], Optional[str]]:
@@ -177,9 +175,10 @@ _DEEPSPEED_MOE = ("--topk", "--moe-expert-parallel-size", "--mlp-type", "--moe-l
 
 
 def _megatron_lm_layer_default(argv: list, tr: Translation, typed: list = ()) -> list:
-    names = {a.split("=", 1)[0] for a in list(argv) + list(typed) if a.startswith("--")}
+    typed_names = {a.split("=", 1)[0] for a in typed if a.startswith("--")}
+    names = typed_names | {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if "--num-experts" not in names or names & set(_LAYER_LAYOUT) or not names & set(_MEGATRON_LM_MOE) \
-            or names & set(_DEEPSPEED_MOE) & {a.split("=", 1)[0] for a in typed}:
+            or typed_names & set(_DEEPSPEED_MOE):
         return argv
     tr.notes.append("Megatron-LM MoE flags without --moe-layer-freq: every layer is an MoE layer (Megatron-LM's "
                     "default; give --moe-layer-freq or --expert-interval to choose)")
@@ -217,10 +216,6 @@ def translate_argv(argv) -> Translation:
                 raise UserError(problem)
         if spec.kind == "refused":
             raise UserError(spec.why or f"{a} is not supported here")
-        if spec.note is not None:
-            line = spec.note(argv)
-            if line and line not in tr.notes:
-                tr.notes.append(line)
         if spec.kind == "alias":
             for target in spec.ours:
                 out += [target] if value is None else [target, value]
